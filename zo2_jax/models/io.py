@@ -1,0 +1,312 @@
+"""Loading from Hugging Face folders and GGUF files, and export to Hugging Face safetensors.
+
+Loading goes tensor by tensor: the safetensors files are memory-mapped, each block is assembled in
+its target dtype and handed to `place_block` (for example a pinned-host sharding) before the next
+one is read, so the whole model is never held twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Any, Callable, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from zo2_jax.models import hf
+from zo2_jax.models.config import DecoderConfig
+from zo2_jax.models.model import Model
+
+_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
+              "BF16": jnp.bfloat16, "I64": np.int64, "I32": np.int32, "I16": np.int16,
+              "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+Placement = Union[None, jax.sharding.Sharding, Callable[[int, Any], Any]]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, malformed, or does not match its config."""
+
+
+class _Safetensors:
+    """Memory-mapped reader of one or more .safetensors files (no copy until asked)."""
+
+    def __init__(self, files: list[str]):
+        self.index: dict[str, tuple[str, dict, int]] = {}
+        self._maps: dict[str, np.memmap] = {}
+        for f in files:
+            if not os.path.exists(f):
+                raise CheckpointError(f"{f}: file not found (named by the shard index)")
+            with open(f, "rb") as fh:
+                raw = fh.read(8)
+                if len(raw) < 8:
+                    raise CheckpointError(f"{f}: not a safetensors file (too short)")
+                (n,) = struct.unpack("<Q", raw)
+                try:
+                    header = json.loads(fh.read(n))
+                except (ValueError, UnicodeDecodeError) as e:
+                    raise CheckpointError(f"{f}: not a safetensors file ({e})") from None
+            header.pop("__metadata__", None)
+            for name, info in header.items():
+                self.index[name] = (f, info, 8 + n)
+
+    def names(self) -> list[str]:
+        return list(self.index)
+
+    def has(self, name) -> bool:
+        return name in self.index
+
+    def shape(self, name) -> tuple:
+        return tuple(self.index[name][1]["shape"])
+
+    def where(self, name) -> str:
+        return self.index[name][0]
+
+    def get(self, name) -> np.ndarray:
+        f, info, base = self.index[name]
+        if info["dtype"] not in _ST_DTYPES:
+            raise CheckpointError(f"{f}: tensor {name!r} has dtype {info['dtype']}, expected one "
+                                  f"of {sorted(_ST_DTYPES)}")
+        if f not in self._maps:
+            self._maps[f] = np.memmap(f, dtype=np.uint8, mode="r")
+        start, end = info["data_offsets"]
+        buf = self._maps[f][base + start: base + end]
+        return buf.view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+
+
+class _GGUFSource:
+    def __init__(self, ckpt):
+        self.ckpt = ckpt
+        self._names = set(ckpt.tensor_names())
+
+    def names(self):
+        return self.ckpt.tensor_names()
+
+    def has(self, name):
+        return name in self._names
+
+    def shape(self, name):
+        return tuple(self.ckpt.tensor_shape(name))
+
+    def where(self, name):
+        return self.ckpt.path
+
+    def get(self, name):
+        return self.ckpt.get_tensor(name)
+
+
+def _open(path: str):
+    """(hf config dict, tensor source, description) for a folder or a .gguf file."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file or folder; expected a Hugging Face model "
+                                f"folder (config.json + *.safetensors) or a .gguf file")
+    if os.path.isfile(path):
+        if not path.endswith(".gguf"):
+            raise CheckpointError(f"{path}: a file must be a .gguf; for safetensors give the "
+                                  f"folder holding config.json")
+        from zo2_jax.models.gguf import read_gguf
+
+        ckpt = read_gguf(path)
+        return ckpt.hf_config, _GGUFSource(ckpt), path
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_path):
+        raise CheckpointError(f"{path}: no config.json in this folder")
+    with open(cfg_path) as fh:
+        try:
+            config = json.load(fh)
+        except ValueError as e:
+            raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
+    index = os.path.join(path, "model.safetensors.index.json")
+    single = os.path.join(path, "model.safetensors")
+    if os.path.exists(index):
+        with open(index) as fh:
+            weight_map = json.load(fh).get("weight_map", {})
+        files = sorted({os.path.join(path, f) for f in weight_map.values()})
+    elif os.path.exists(single):
+        files = [single]
+    else:
+        found = sorted(os.listdir(path))
+        raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json "
+                              f"(found {found}); convert .bin checkpoints to safetensors first")
+    return config, _Safetensors(files), path
+
+
+def _convert(source, hf_name: str, how, expected_shape: tuple, dtype, where: str):
+    if not source.has(hf_name):
+        raise CheckpointError(f"{where}: missing tensor {hf_name!r} (expected shape "
+                              f"{_hf_shape(how, expected_shape)})")
+    x = source.get(hf_name)
+    if how == "T":
+        x = x.T
+    elif isinstance(how, tuple) and how[0] == "qkv":
+        n = x.shape[-1] // 3
+        x = x[..., how[1] * n:(how[1] + 1) * n]
+    if tuple(x.shape) != tuple(expected_shape):
+        raise CheckpointError(f"{source.where(hf_name)}: tensor {hf_name!r} has shape "
+                              f"{source.shape(hf_name)}, expected {_hf_shape(how, expected_shape)}")
+    return np.asarray(x, dtype=dtype)
+
+
+def _hf_shape(how, shape):
+    if how == "T":
+        return tuple(reversed(shape))
+    if isinstance(how, tuple):
+        return tuple(shape[:-1]) + (3 * shape[-1],)
+    return tuple(shape)
+
+
+def _fill(spec, shapes, source, dtype, where, used: set):
+    if isinstance(spec, dict):
+        return {k: _fill(spec[k], shapes[k], source, dtype, where, used) for k in spec}
+    name, how = spec
+    used.add(name)
+    return _convert(source, name, how, shapes.shape, dtype, where)
+
+
+def _place(placement: Placement, i, tree):
+    if placement is None:
+        return jax.device_put(tree)
+    if callable(placement) and not isinstance(placement, jax.sharding.Sharding):
+        return placement(i, tree)
+    return jax.device_put(tree, placement)
+
+
+def load(path: str, dtype=jnp.float32, *, compute_dtype=None, attn_impl: str = "xla",
+         place_block: Placement = None, place_outer: Placement = None):
+    """Load a model and its parameters from a Hugging Face folder or a GGUF file.
+
+    Args:
+      path: folder with config.json and model.safetensors (or a sharded index), or a .gguf file.
+      dtype: dtype the parameters are stored in.
+      compute_dtype: dtype the stages compute in (defaults to `dtype`).
+      attn_impl: "xla" or "cudnn" (see Model).
+      place_block: where each block goes: a Sharding, or a function (index, tree) -> tree.
+      place_outer: where the outer parameters go (Sharding or function (-1, tree) -> tree).
+
+    Returns:
+      (model, params) with params = {"outer": dict, "blocks": [dict, ...]}.
+    """
+    config, source, where = _open(path)
+    cfg = hf.config_from_hf(config, where)
+    adapter = hf.ADAPTERS[cfg.model_type]
+    names = set(source.names())
+    prefix = next((p for p in adapter.prefixes if any(n.startswith(p) for n in names
+                                                        if "embed" in n or "wte" in n)),
+                  adapter.prefixes[0])
+    outer_spec, block_spec = adapter.tables(cfg, prefix)
+    model = Model(cfg, compute_dtype or dtype, attn_impl)
+    used: set[str] = set()
+    outer = _fill(outer_spec, model.outer_shapes(), source, dtype, where, used)
+    if cfg.tie_embeddings:  # some checkpoints also store the tied head; it must be the same
+        used.update(n for n in names if n in ("lm_head.weight",))
+    outer = _place(place_outer, -1, outer)
+    shapes = model.block_shapes()
+    blocks = [_place(place_block, i, _fill(block_spec(i), shapes, source, dtype, where, used))
+              for i in range(cfg.num_layers)]
+    unexpected = sorted(n for n in names - used if not any(s in n for s in adapter.ignored))
+    if unexpected:
+        raise CheckpointError(f"{where}: unexpected tensors for {cfg.model_type} with "
+                              f"{cfg.num_layers} layers: {unexpected[:10]}"
+                              f"{' ...' if len(unexpected) > 10 else ''}")
+    return model, {"outer": outer, "blocks": blocks}
+
+
+def load_tokenizer(path: str):
+    """The tokenizer of a Hugging Face folder (AutoTokenizer, local files only) or GGUF file."""
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        from zo2_jax.models.gguf import read_gguf
+
+        return read_gguf(path).tokenizer()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def _write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata=None):
+    header, offset = {}, 0
+    for name, x in tensors.items():
+        n = x.nbytes
+        header[name] = {"dtype": _ST_NAMES[x.dtype], "shape": list(x.shape),
+                        "data_offsets": [offset, offset + n]}
+        offset += n
+    if metadata:
+        header["__metadata__"] = metadata
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as fh:
+        fh.write(struct.pack("<Q", len(blob)))
+        fh.write(blob)
+        for x in tensors.values():
+            fh.write(np.ascontiguousarray(x).tobytes())
+    os.replace(tmp, path)  # a killed export never leaves a truncated file under the real name
+
+
+def hf_state_dict(model: Model, params, dtype=None) -> dict[str, np.ndarray]:
+    """Our parameters as Hugging Face-named numpy arrays (host copies, one at a time)."""
+    cfg = model.config
+    adapter = hf.ADAPTERS[cfg.model_type]
+    outer_spec, block_spec = adapter.tables(cfg, adapter.prefixes[0])
+    out: dict[str, Any] = {}
+
+    def add(spec, tree):
+        for path, (name, how) in hf._flatten(spec):
+            x = tree
+            for p in path:
+                x = x[p]
+            x = np.asarray(jax.device_get(x))
+            if dtype is not None:
+                x = x.astype(dtype)
+            if how == "T":
+                out[name] = np.ascontiguousarray(x.T)
+            elif isinstance(how, tuple):
+                out.setdefault(name, [None] * 3)[how[1]] = x
+            else:
+                out[name] = x
+
+    add(outer_spec, params["outer"])
+    for i, bp in enumerate(params["blocks"]):
+        add(block_spec(i), bp)
+    return {k: (np.concatenate(v, axis=-1) if isinstance(v, list) else v) for k, v in out.items()}
+
+
+def save_pretrained(model: Model, params, out_dir: str, *, dtype=None,
+                    max_shard_bytes: int = 5 * 2 ** 30, tokenizer=None):
+    """Write config.json and safetensors (sharded past `max_shard_bytes`) for transformers.
+
+    Call `engine.flush()` first when the parameters come from a training engine.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    tensors = hf_state_dict(model, params, dtype)
+    config = hf.config_to_hf(model.config)
+    first = next(iter(tensors.values()))
+    config["torch_dtype"] = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16",
+                             np.dtype(jnp.bfloat16): "bfloat16"}.get(first.dtype, "float32")
+    shards, cur, size = [], {}, 0
+    for k, v in tensors.items():
+        if cur and size + v.nbytes > max_shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k] = v
+        size += v.nbytes
+    shards.append(cur)
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        _write_safetensors(os.path.join(out_dir, "model.safetensors"), shards[0], meta)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            _write_safetensors(os.path.join(out_dir, fname), shard, meta)
+            weight_map.update({k: fname for k in shard})
+        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as fh:
+            json.dump({"metadata": {"total_size": sum(v.nbytes for v in tensors.values())},
+                       "weight_map": weight_map}, fh, indent=2)
+    with open(os.path.join(out_dir, "config.json"), "w") as fh:
+        json.dump(config, fh, indent=2)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    return out_dir
