@@ -122,6 +122,12 @@ class DecoderConfig:
         return outer + self.num_layers * block
 
     def replace(self, **kw) -> "DecoderConfig":
+        """A copy with fields replaced; derived widths follow unless given or set explicitly."""
+        derived = {"num_kv_heads": self.num_heads, "head_dim": self.hidden_size // self.num_heads,
+                   "embed_dim": self.hidden_size}
+        for name, default in derived.items():
+            if name not in kw and getattr(self, name) == default:
+                kw[name] = None
         return dataclasses.replace(self, **kw)
 
 
