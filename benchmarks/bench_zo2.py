@@ -1,0 +1,186 @@
+"""Throughput and memory of ZO2 (offloaded) and MeZO (resident) on one GPU, in one process.
+
+One row per invocation: a model shape with random weights made where they live (blocks on the
+device, then written to pinned host memory for ZO2; never a CPU initialisation), a batch shape,
+a host storage dtype and a compute dtype. ZO2 runs first, so its peak device memory is read
+before MeZO's larger footprint exists. The pinned bandwidths are measured in the same process and
+give T_limit = max(C, P_s/B_up, P_s/B_down, 2 P_s/B_bi) (DESIGN.md), with C the MeZO step time
+where MeZO fits.
+
+    python benchmarks/bench_zo2.py --model opt_1_3b --batch 1 --seq 2048 \
+        --storage bfloat16 --compute bfloat16 --json-out results.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import zo2_jax.models as zm  # noqa: E402
+from zo2_jax.offload import Storage, ZO2Engine  # noqa: E402
+from zo2_jax.zo import MeZOEngine, mezo_sgd  # noqa: E402
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def nanogpt_shape(name: str, seq: int) -> zm.DecoderConfig:
+    """The reference's nanoGPT shapes: GPT-2 blocks (GELU, 4x MLP, pre-LN, learned positions,
+    biases) at OPT sizes, vocab 50304, untied head."""
+    base = zm.preset(name)
+    return zm.DecoderConfig(model_type="gpt2", vocab_size=50304, hidden_size=base.hidden_size,
+                            num_layers=base.num_layers, num_heads=base.num_heads,
+                            intermediate_size=4 * base.hidden_size,
+                            max_positions=max(seq, 1024), activation="gelu_new",
+                            tie_embeddings=False)
+
+
+def bandwidth(nbytes: int = 1 << 30, reps: int = 5) -> dict:
+    """Pinned host <-> device bandwidths (GB/s) with jax.device_put, as the engine uses them."""
+    dev = jax.devices()[0]
+    d_s = jax.sharding.SingleDeviceSharding(dev)
+    h_s = jax.sharding.SingleDeviceSharding(dev, memory_kind="pinned_host")
+    n = nbytes // 4
+    x_dev = jax.device_put(jnp.ones((n,), jnp.float32), d_s)
+    x_host = jax.device_put(x_dev, h_s)
+    y_dev = jax.device_put(jnp.zeros((n,), jnp.float32), d_s)
+    for _ in range(2):  # warm the pinned pool
+        jax.block_until_ready(jax.device_put(x_dev, h_s))
+        jax.block_until_ready(jax.device_put(x_host, d_s))
+
+    def timed(fn):
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            jax.block_until_ready(fn())
+            ts.append(time.perf_counter() - t)
+        return float(np.median(ts))
+
+    up = timed(lambda: jax.device_put(x_host, d_s))
+    down = timed(lambda: jax.device_put(x_dev, h_s))
+    both = timed(lambda: (jax.device_put(x_host, d_s), jax.device_put(y_dev, h_s)))
+    return {"B_up": nbytes / up / 1e9, "B_down": nbytes / down / 1e9,
+            "B_bi": 2 * nbytes / both / 1e9}
+
+
+def make_batch(cfg, batch: int, seq: int, seed: int = 0) -> dict:
+    ids = jax.random.randint(jax.random.key(seed), (batch, seq), 0, cfg.vocab_size, jnp.int32)
+    return {"input_ids": ids, "attention_mask": jnp.ones_like(ids)}
+
+
+def time_engine(engine, batch, steps: int, warmup: int) -> dict:
+    """Median step time with metrics read one step late (as the trainer does), and the share of
+    wall time the host spent inside `step` (dispatch; near 1.0 would mean host-bound)."""
+    key = jax.random.key(1)
+    prev = None
+    for s in range(warmup):
+        prev = engine.step(batch, jax.random.fold_in(key, s))
+    jax.block_until_ready(prev)
+    t0 = time.perf_counter()
+    dispatch, marks = 0.0, []
+    for s in range(steps):
+        t = time.perf_counter()
+        m = engine.step(batch, jax.random.fold_in(key, warmup + s))
+        dispatch += time.perf_counter() - t
+        if prev is not None:
+            float(prev["loss"])  # step s-1's scalars, as a training loop reads them
+        marks.append(time.perf_counter())
+        prev = m
+    jax.block_until_ready(prev)
+    total = time.perf_counter() - t0
+    finite = bool(np.isfinite(float(prev["loss"])))
+    return {"step_s": total / steps, "dispatch_share": dispatch / total, "loss_finite": finite}
+
+
+def peak_bytes() -> int:
+    stats = jax.devices()[0].memory_stats() or {}
+    return int(stats.get("peak_bytes_in_use", 0))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="opt_1_3b", help="preset name (reference nanoGPT shape)")
+    p.add_argument("--layers", type=int, help="override the number of layers")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--storage", default="bfloat16", choices=["float32", "bfloat16", "int8"])
+    p.add_argument("--rounding", default="stochastic", choices=["nearest", "stochastic"])
+    p.add_argument("--compute", default="bfloat16", choices=list(DTYPES))
+    p.add_argument("--engines", default="zo2,mezo")
+    p.add_argument("--attn", default="cudnn", choices=["xla", "cudnn"])
+    p.add_argument("--resident-blocks", type=int, default=0)
+    p.add_argument("--max-inflight", type=int, default=2)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--json-out")
+    a = p.parse_args(argv)
+
+    cfg = nanogpt_shape(a.model, a.seq)
+    if a.layers:
+        cfg = cfg.replace(num_layers=a.layers)
+    compute = DTYPES[a.compute]
+    attn = a.attn if compute != jnp.float32 else "xla"
+    model = zm.Model(cfg, compute, attn)
+    storage = Storage(a.storage, rounding=a.rounding)
+    batch = make_batch(cfg, a.batch, a.seq)
+    row = {"impl": "zo2_jax", "model": a.model, "layers": cfg.num_layers, "batch": a.batch,
+           "seq": a.seq, "storage": a.storage, "rounding": a.rounding, "compute": a.compute,
+           "attn": attn, "params": cfg.num_params, "device": jax.devices()[0].device_kind,
+           "jax": jax.__version__, "date": time.strftime("%Y-%m-%d")}
+    row.update(bandwidth())
+    dev = jax.devices()[0]
+    host = jax.sharding.SingleDeviceSharding(dev, memory_kind="pinned_host")
+    init_dtype = jnp.float32 if a.storage == "float32" else jnp.bfloat16
+    tx = mezo_sgd(1e-6, weight_decay=0.0)
+    for name in a.engines.split(","):
+        t = time.perf_counter()
+        try:
+            if name == "zo2":
+                params = model.init(jax.random.key(0), init_dtype, block_sharding=host)
+                eng = ZO2Engine(model, params, tx=tx, eps=1e-3, compute_dtype=compute,
+                                storage=storage, resident_blocks=a.resident_blocks,
+                                max_inflight=a.max_inflight)
+            else:
+                params = model.init(jax.random.key(0), init_dtype)
+                eng = MeZOEngine(model, params, tx=tx, eps=1e-3, compute_dtype=compute,
+                                 storage=storage)
+            del params
+            row[f"{name}_init_s"] = time.perf_counter() - t
+            r = time_engine(eng, batch, a.steps, a.warmup)
+            row[f"{name}_step_s"] = r["step_s"]
+            row[f"{name}_tok_s"] = a.batch * a.seq / r["step_s"]
+            row[f"{name}_dispatch_share"] = r["dispatch_share"]
+            row[f"{name}_loss_finite"] = r["loss_finite"]
+            row[f"{name}_peak_bytes"] = peak_bytes()
+            if name == "zo2":
+                row["streamed_bytes"] = eng.streamed_bytes() if hasattr(eng, "streamed_bytes") \
+                    else None
+            del eng
+        except Exception as e:  # an OOM for MeZO at large shapes is a result, not a crash
+            row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        jax.clear_caches()
+    ps = row.get("streamed_bytes")
+    if ps:
+        bus = max(ps / (row["B_up"] * 1e9), ps / (row["B_down"] * 1e9),
+                  2 * ps / (row["B_bi"] * 1e9))
+        c = row.get("mezo_step_s", 0.0)
+        row["T_bus"] = bus
+        row["T_limit"] = max(c, bus)
+        if "zo2_step_s" in row:
+            row["zo2_over_T_limit"] = row["zo2_step_s"] / row["T_limit"]
+    print(json.dumps(row), flush=True)
+    if a.json_out:
+        with open(a.json_out, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
