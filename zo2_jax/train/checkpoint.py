@@ -25,6 +25,12 @@ def _abstract(tree: PyTree) -> PyTree:
                         if isinstance(x, jax.Array) else x, tree)
 
 
+def _split(state: dict) -> tuple[dict, Optional[dict]]:
+    """Arrays (saved by orbax's array handler) apart from the engine's JSON metadata."""
+    state = dict(state)
+    return state, state.pop("meta", None)
+
+
 class Checkpointer:
     """Asynchronous save / restore of (engine state, data state, metadata) by step.
 
@@ -51,9 +57,10 @@ class Checkpointer:
 
     def save(self, step: int, state: PyTree, data_state: dict, meta: dict) -> None:
         """Start saving; returns once the arrays are safe to change (device work may go on)."""
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+        arrays, engine_meta = _split(state)
+        args = ocp.args.Composite(state=ocp.args.StandardSave(arrays),
                                   data=ocp.args.JsonSave(data_state),
-                                  meta=ocp.args.JsonSave(meta))
+                                  meta=ocp.args.JsonSave({**meta, "engine_meta": engine_meta}))
         self._manager.save(step, args=args, force=True)
 
     def restore(self, step: Optional[int], like: PyTree) -> tuple[PyTree, dict, dict]:
@@ -61,10 +68,23 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"{self.directory}: no complete checkpoint to restore")
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(like)),
+        arrays, _ = _split(like)
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(arrays)),
                                   data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
         out = self._manager.restore(step, args=args)
-        return out["state"], dict(out["data"]), dict(out["meta"])
+        meta = dict(out["meta"])
+        # Orbax hands back lists and dicts where the state had tuples and named tuples: rebuild
+        # the exact containers of `like` from the restored leaves (same order, same count).
+        leaves = jax.tree.leaves(out["state"])
+        structure = jax.tree.structure(arrays)
+        if len(leaves) != structure.num_leaves:
+            raise ValueError(f"{self.directory}/{step}: checkpoint has {len(leaves)} arrays, the "
+                             f"engine state expects {structure.num_leaves}; was it written by a "
+                             f"different engine or model?")
+        state = dict(jax.tree.unflatten(structure, leaves))
+        if meta.get("engine_meta") is not None:
+            state["meta"] = meta.pop("engine_meta")
+        return state, dict(out["data"]), meta
 
     def wait(self) -> None:
         """Block until background saves have finished."""

@@ -1,0 +1,47 @@
+"""Print a markdown table from bench_zo2.py / reference_zo2.py JSONL rows."""
+
+import json
+import sys
+
+
+def fmt(v, nd=2):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def main(paths):
+    rows = [json.loads(line) for p in paths for line in open(p) if line.strip()]
+    ours = [r for r in rows if r.get("impl") == "zo2_jax"]
+    ref = [r for r in rows if r.get("impl") == "reference_zo2"]
+    if ours:
+        print("| model | layers | B x T | compute | storage | MeZO tok/s | ZO2 tok/s | ZO2/MeZO "
+              "| ZO2 peak GB | MeZO peak GB | T_bus ms | ZO2 / T_limit | dispatch share |")
+        print("|" + "---|" * 13)
+        for r in ours:
+            m, z = r.get("mezo_tok_s"), r.get("zo2_tok_s")
+            print(f"| {r['model']} | {r['layers']} | {r['batch']}x{r['seq']} | {r['compute']} | "
+                  f"{r['storage']} | {fmt(m, 0) if m else r.get('mezo_error', '-')[:30]} | "
+                  f"{fmt(z, 0) if z else r.get('zo2_error', '-')[:30]} | "
+                  f"{fmt(z / m) if m and z else '-'} | "
+                  f"{fmt(r.get('zo2_peak_bytes', 0) / 1e9)} | "
+                  f"{fmt(r.get('mezo_peak_bytes', 0) / 1e9) if m else '-'} | "
+                  f"{fmt(r.get('T_bus', 0) * 1e3, 1)} | {fmt(r.get('zo2_over_T_limit'))} | "
+                  f"{fmt(r.get('zo2_dispatch_share'))} |")
+        b = ours[0]
+        print(f"\npinned bandwidths (GB/s): up {b['B_up']:.1f}, down {b['B_down']:.1f}, "
+              f"both {b['B_bi']:.1f}; device {b['device']}, jax {b['jax']}, {b['date']}")
+    if ref:
+        print("\n| reference | method | precision | B x T | tok/s | step s | peak GB | error |")
+        print("|" + "---|" * 8)
+        for r in ref:
+            print(f"| {r.get('model')} | {r.get('method')} | {r.get('precision')} | "
+                  f"{r.get('batch')}x{r.get('seq')} | {fmt(r.get('tokens_per_s'), 0)} | "
+                  f"{fmt(r.get('step_s'), 3)} | {fmt((r.get('peak_gpu_bytes') or 0) / 1e9)} | "
+                  f"{(r.get('error') or '')[:40]} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

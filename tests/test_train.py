@@ -1,0 +1,162 @@
+"""The trainer: exact resume, a run killed mid-checkpoint, metrics and plot, CLI errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from zo2_jax import cli
+from zo2_jax.train.config import TrainConfig
+from zo2_jax.train.trainer import train
+
+from _tiny import make_tiny_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def _cfg(tiny, tmp, **kw):
+    base = dict(model=tiny, steps=6, batch_size=4, lr=1e-3, eps=1e-2, eval_examples=16,
+                out_dir=str(tmp / "out"), progress=False, seed=3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _leaves(engine):
+    return [np.asarray(x) for x in jax.tree.leaves(engine.params())]
+
+
+def _assert_same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("engine,optimizer,storage", [("mezo", "sgd", "float32"),
+                                                      ("zo2", "adam", "bfloat16")])
+def test_resume_is_bit_exact(tiny, tmp_path, engine, optimizer, storage):
+    kw = dict(engine=engine, optimizer=optimizer, storage_dtype=storage)
+    full = train(_cfg(tiny, tmp_path / "a", **kw), log=lambda s: None)
+    # Same run, stopped at step 4 (checkpointed), then resumed to 6 from the checkpoint.
+    ck = str(tmp_path / "ck")
+    part = _cfg(tiny, tmp_path / "b", steps=4, checkpoint_dir=ck, checkpoint_every=2, **kw)
+    train(part, log=lambda s: None)
+    resumed = train(part.replace(steps=6), log=lambda s: None)
+    assert resumed.steps == 2
+    _assert_same(_leaves(full.engine), _leaves(resumed.engine))
+    recs = [json.loads(line) for line in open(resumed.metrics_path)]
+    steps = [r["step"] for r in recs if r["kind"] == "train"]
+    assert steps == list(range(6))  # the log continues: earlier steps kept, none doubled
+
+
+def test_metrics_and_plot(tiny, tmp_path):
+    res = train(_cfg(tiny, tmp_path, eval_every=3), log=lambda s: None)
+    recs = [json.loads(line) for line in open(res.metrics_path)]
+    train_recs = [r for r in recs if r["kind"] == "train"]
+    assert len(train_recs) == 6
+    for key in ("loss", "projected_grad", "tokens_per_s", "step_s", "skipped_total",
+                "host_rss_bytes"):
+        assert key in train_recs[0], key
+    assert [r["step"] for r in recs if r["kind"] == "eval"] == [0, 3, 6]
+    assert os.path.getsize(res.plot_path) > 1000
+
+
+_KILL_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from zo2_jax.train.config import TrainConfig
+from zo2_jax.train.trainer import train
+cfg = TrainConfig(model={model!r}, steps=400, batch_size=4, lr=1e-3, eps=1e-2, eval_examples=8,
+                  out_dir={out!r}, progress=False, seed=3, checkpoint_dir={ck!r},
+                  checkpoint_every=1, keep_checkpoints=2)
+train(cfg, log=lambda s: print(s, flush=True))
+"""
+
+
+def test_killed_during_checkpointing_resumes_exactly(tiny, tmp_path):
+    ck = str(tmp_path / "ck")
+    script = _KILL_SCRIPT.format(tests=os.path.dirname(__file__), model=tiny,
+                                 out=str(tmp_path / "o1"), ck=ck)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:  # checkpoints are written every step, so a kill lands in or near a save
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            done = [d for d in os.listdir(ck) if d.isdigit()] if os.path.isdir(ck) else []
+            if len(done) >= 2 and int(max(done, key=int)) >= 3:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the training subprocess wrote no checkpoints in time")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    # Resume to step 8 from whatever survived, and compare with an uninterrupted run.
+    base = _cfg(tiny, tmp_path / "x", steps=8, eval_examples=8, batch_size=4)
+    resumed = train(base.replace(checkpoint_dir=ck, checkpoint_every=1, keep_checkpoints=2,
+                                 out_dir=str(tmp_path / "o2")), log=lambda s: None)
+    full = train(base, log=lambda s: None)
+    _assert_same(_leaves(full.engine), _leaves(resumed.engine))
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--engine", "zo3"], "invalid choice: 'zo3'"),
+    (["train", "--lr", "nan"], "lr must be a finite number > 0"),
+    (["train", "--eps", "0"], "eps must be a finite number > 0"),
+    (["train", "--steps", "-1"], "steps must be a finite number > 0"),
+    (["train", "--model", "/nonexistent/model"], "no such file or folder"),
+    (["train", "--train-file", "/nonexistent.jsonl"], "train_file"),
+    (["train", "--engine", "mezo", "--resident-blocks", "2"], "apply to engine='zo2' only"),
+    (["train", "--checkpoint-every", "5"], "checkpoint_dir is not"),
+    (["train", "--storage-dtype", "int4"], "invalid choice: 'int4'"),
+    (["train", "--schedule", "cosine", "--warmup-steps", "500", "--steps", "100"],
+     "warmup_steps"),
+    (["train", "--task", "lm"], "task='lm' needs a train_file"),
+    (["generate", "--max-new-tokens", "0"], "max-new-tokens must be >= 1"),
+])
+def test_cli_rejects_bad_flags_before_loading(argv, message, capsys):
+    t = time.time()
+    with pytest.raises(SystemExit) if "invalid choice" in message else _nullcontext():
+        code = cli.main(argv)
+        assert code == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert time.time() - t < 5  # nothing heavy was started
+
+
+def test_cli_config_file(tmp_path, capsys):
+    p = tmp_path / "c.yaml"
+    p.write_text("lr: 0.0\n")
+    assert cli.main(["train", "--config", str(p)]) == 2
+    assert "lr must be a finite number > 0" in capsys.readouterr().err
+    p.write_text("learning_rate: 1.0\n")
+    assert cli.main(["train", "--config", str(p)]) == 2
+    assert "unknown config keys ['learning_rate']" in capsys.readouterr().err
+    assert cli.main(["train", "--config", str(tmp_path / "none.json")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_cli_flags_override_config_file(tmp_path):
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps({"lr": 0.5, "steps": 7}))
+    args = cli.build_parser().parse_args(["train", "--config", str(p), "--steps", "9"])
+    cfg = cli.config_from_args(args)
+    assert (cfg.lr, cfg.steps) == (0.5, 9)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
