@@ -1,0 +1,170 @@
+"""ZO2 engine: placement in pinned host memory, training, evaluation, resume, budget, pipeline."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from _toy import MODEL, PARAMS, counting_batch, shared_sgd
+from test_offload_exactness import CONFIGS, assert_trees_identical
+from zo2_jax.offload import ZO2Engine
+from zo2_jax.offload._stream import BlockStore, BlockStream
+from zo2_jax.zo import MeZOEngine
+
+
+def kinds(tree):
+    return {x.sharding.memory_kind for x in jax.tree.leaves(tree)}
+
+
+def test_streamed_blocks_and_optimizer_state_live_in_pinned_host():
+    shared, zo2_only = CONFIGS["chain-adam-schedule-bf16sr-bf16compute-clip"]  # adam: real state
+    engine = ZO2Engine(MODEL, PARAMS, **shared, **zo2_only)
+    for t in range(2):
+        engine.step(counting_batch(jax.random.key(t)), jax.random.key(t))
+        s = engine.state()
+        assert engine.resident_blocks == {1}
+        for i in range(MODEL.num_blocks):
+            want = {"device"} if i in engine.resident_blocks else {"pinned_host"}
+            assert kinds(s["blocks"][i]) == want, (t, i)
+            assert jax.tree.leaves(s["opt_blocks"][i]) and kinds(s["opt_blocks"][i]) == want
+        assert kinds(s["outer"]) == kinds(s["opt_outer"]) == {"device"}
+        assert {x.dtype for x in jax.tree.leaves(s["blocks"])} == {jnp.dtype(jnp.bfloat16)}
+    assert kinds(engine.params()["blocks"][0]) == {"pinned_host"}
+
+
+@pytest.mark.parametrize("engine_cls", [MeZOEngine, ZO2Engine])
+def test_training_reduces_the_loss(engine_cls):
+    engine = engine_cls(MODEL, PARAMS, tx=shared_sgd())
+    held_out = counting_batch(jax.random.key(10_000))
+    before = float(engine.eval_loss(held_out))
+    prev, losses = None, []
+    for t in range(300):
+        metrics = engine.step(counting_batch(jax.random.key(t)), jax.random.key(50_000 + t))
+        if prev is not None:  # read the previous step's metrics: the host never waits on this one
+            losses.append(float(prev["loss"]))
+        prev = metrics
+    after = float(engine.eval_loss(held_out))
+    assert after < before - 0.7, (before, after)
+    assert np.mean(losses[-50:]) < np.mean(losses[:50]) - 0.5
+    assert int(prev["skipped_total"]) == 0
+
+
+def test_eval_logits_and_per_example_loss_match_the_model():
+    engine = ZO2Engine(MODEL, PARAMS, tx=shared_sgd(), resident_blocks=1)
+    batch = counting_batch(jax.random.key(3))
+    engine.step(batch, jax.random.key(0))
+    params = engine.params()
+    ref_loss, ref_logits = MODEL.head(params["outer"], _forward(params, batch), batch)
+    np.testing.assert_allclose(engine.eval_loss(batch, per_example=True), ref_loss, rtol=1e-5)
+    np.testing.assert_allclose(engine.logits(batch), ref_logits, rtol=1e-5, atol=1e-5)
+
+
+def _forward(params, batch):
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="device")
+    ctx = MODEL.context(batch)
+    h = MODEL.embed(params["outer"], batch)
+    for b in params["blocks"]:
+        h = MODEL.block(jax.device_put(b, dev), h, ctx)
+    return h
+
+
+@pytest.mark.parametrize("src,dst", [(ZO2Engine, ZO2Engine), (MeZOEngine, ZO2Engine),
+                                     (ZO2Engine, MeZOEngine)])
+def test_state_restore_resumes_exactly(src, dst):
+    """Stop after 2 steps with an update pending, save to numpy, resume in a fresh engine (of
+    either kind): 2 more steps give the parameters of 4 uninterrupted steps, bit for bit."""
+    batches = [counting_batch(jax.random.key(t)) for t in range(4)]
+    straight = ZO2Engine(MODEL, PARAMS, tx=shared_sgd())
+    first = src(MODEL, PARAMS, tx=shared_sgd())
+    for t in range(4):
+        straight.step(batches[t], jax.random.key(t))
+    for t in range(2):
+        first.step(batches[t], jax.random.key(t))
+    state = first.state()
+    saved = {k: (v if k == "meta" else jax.device_get(v)) for k, v in state.items()}
+    resumed = dst(MODEL, jax.tree.map(jnp.zeros_like, PARAMS), tx=shared_sgd())
+    resumed.restore(saved)
+    for t in range(2, 4):
+        m = resumed.step(batches[t], jax.random.key(t))
+    assert int(m["skipped_total"]) == 0
+    assert_trees_identical(straight.params(), resumed.params(), "resumed vs uninterrupted")
+
+
+def test_device_budget_chooses_resident_blocks():
+    kw = dict(tx=shared_sgd(), batch_shape=(4, 8), max_inflight=2)
+    probe = ZO2Engine(MODEL, PARAMS, device_budget_bytes=10**9, **kw)
+    fp = probe.footprint
+    assert probe.resident_blocks == {0, 1, 2}  # plenty of room: everything resident
+    assert fp["block"] > 0 and fp["activations"] > 0 and fp["outer"] > 0
+    # max_inflight=1: k resident blocks need k + min(1, 3 - k) block slots; two fit => k = 1
+    tight = fp["outer"] + fp["activations"] + 2 * fp["block"]
+    engine = ZO2Engine(MODEL, PARAMS, device_budget_bytes=tight, **{**kw, "max_inflight": 1})
+    assert engine.resident_blocks == {1}  # spread: the middle block
+    minimum = fp["outer"] + fp["activations"] + 2 * fp["block"]
+    with pytest.raises(ValueError, match="does not fit") as err:
+        ZO2Engine(MODEL, PARAMS, device_budget_bytes=minimum - 1, **kw)
+    assert f"{minimum:,}" in str(err.value) and "max_inflight=2" in str(err.value)
+    with pytest.raises(ValueError, match=r"batch has shape \(2, 8\).*batch_shape=\(4, 8\)"):
+        engine.step(counting_batch(jax.random.key(0), batch_size=2), jax.random.key(0))
+
+
+class LoggingStream(BlockStream):
+    """Records uploads, computes and waits, and the device slots in use after each."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.events, self.peak = [], 0
+
+    def _upload(self, j, with_opt):
+        self.events.append(("up", j))
+        return super()._upload(j, with_opt)
+
+    def _wait(self, i, token):
+        self.events.append(("wait", i))
+        super()._wait(i, token)
+
+    def note(self, kind, i):
+        self.events.append((kind, i))
+        self.peak = max(self.peak, len(self._window))
+
+
+@pytest.mark.parametrize("window", [1, 2, 3])
+def test_pipeline_bounds_blocks_in_flight_and_prefetches(window):
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="device")
+    host = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
+    n = 6
+    where = [dev if i == 2 else host for i in range(n)]  # block 2 resident
+    store = BlockStore([jax.device_put(jnp.full((4,), float(i)), where[i]) for i in range(n)],
+                       [jax.device_put(jnp.zeros(()), where[i]) for i in range(n)], frozenset({2}))
+    stream = LoggingStream(store, dev, host, window)
+
+    def fn(i, blk, opt):
+        assert blk.sharding.memory_kind == "device" and opt.sharding.memory_kind == "device"
+        stream.note("compute", i)
+        return blk + 1.0, opt + 1.0
+
+    for _ in range(2):  # two passes: the second starts from the first one's prefetch
+        stream.update_pass(fn)
+        stream.note("head", -1)
+        stream.prefetch(with_opt=True)
+    assert stream.peak <= window
+    ev = stream.events
+    computes = [k for k, e in enumerate(ev) if e[0] == "compute"]
+    for c in computes:  # every streamed block was uploaded before its compute in the same pass
+        i = ev[c][1]
+        if i != 2:
+            ups = [k for k in range(c) if ev[k] == ("up", i)]
+            assert ups, (i, ev)
+    # never wait for the block dispatched just before (that would idle the device), unless one
+    # slot forces it (max_inflight=1 serialises transfers and compute)
+    for k, e in enumerate(ev):
+        if e[0] == "wait" and window > 1:
+            last = [x for x in ev[:k] if x[0] == "compute" and x[1] != 2][-1]
+            assert e[1] != last[1], ev
+    if window >= 2:  # steady state: block i+1 is uploaded while block i computes
+        second = ev[ev.index(("head", -1)) + 1:]
+        for i in (3, 4, 5):
+            assert second.index(("up", i)) < second.index(("compute", i)), second
+        assert second.index(("up", 1)) < second.index(("compute", 0)) or window == 2
+    np.testing.assert_array_equal(np.asarray(store.blocks[5]), np.full((4,), 7.0))
+    assert [b.sharding.memory_kind for b in store.blocks] == [w.memory_kind for w in where]

@@ -1,0 +1,97 @@
+"""Device-memory planning: which blocks stay resident under a byte budget.
+
+Peak device memory of a ZO2 step, estimated as
+
+    outer (stored + optimiser state)
+  + resident blocks (stored + optimiser state each)
+  + min(W, streamed) streamed blocks in flight (stored + optimiser state each)
+  + activations: the 2q hidden states (in and out of a block), the context, and the largest
+    scratch space XLA reports for the compiled outer / block / head functions.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from zo2_jax.offload.codecs import tree_nbytes
+from zo2_jax.zo import _parts as parts
+
+PyTree = Any
+
+
+def spread(k: int, n: int) -> frozenset:
+    """k block indices spread evenly over n, so the bus can catch up between streamed blocks."""
+    return frozenset(int((j + 0.5) * n / k) for j in range(k)) if k else frozenset()
+
+
+def _abstract(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype), tree)
+
+
+def _temp_bytes(fn, spec, *args) -> Optional[int]:
+    try:
+        stats = fn.lower(spec, *args).compile().memory_analysis()
+    except Exception:  # a backend without memory analysis: fall back to the caller's estimate
+        return None
+    return None if stats is None else int(stats.temp_size_in_bytes)
+
+
+def footprint(spec: parts.Spec, params: PyTree, batch_shape, fns: dict) -> dict:
+    """Bytes of each ingredient of the peak, from abstract shapes and compiled-memory statistics.
+
+    `fns` holds the engine's jitted 'outer', 'block' and 'head' functions (Spec first)."""
+    o_s, o_o = jax.eval_shape(lambda p: parts.init_part(spec, "outer", p),
+                              _abstract(params["outer"]))
+    b_s, b_o = jax.eval_shape(lambda p: parts.init_part(spec, "block", p),
+                              _abstract(params["blocks"][0]))
+    B, T = batch_shape
+    batch = {k: jax.ShapeDtypeStruct((B, T), jnp.int32)
+             for k in ("input_ids", "attention_mask", "loss_mask")}
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    pend = jax.eval_shape(lambda: parts.empty_pending(spec.num_directions))
+    count, pid = jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.uint32)
+    _, _, hs, ctx, g = jax.eval_shape(lambda *a: parts.outer_embed(spec, *a),
+                                      o_s, o_o, pend, count, key, batch)
+    temps = [_temp_bytes(fns["outer"], spec, o_s, o_o, pend, count, key, batch),
+             _temp_bytes(fns["block"], spec, b_s, b_o, pend, count, pid, key, hs, ctx, g),
+             _temp_bytes(fns["head"], spec, o_s, key, hs, batch, g, pend, count, count)]
+    # Without statistics: decoded weights, z and two perturbed copies of a block (float32), and
+    # the hidden states once more.
+    block_f32 = 4 * sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(params["blocks"][0]))
+    fallback = 4 * block_f32 + 2 * tree_nbytes(hs)
+    scratch = max([t for t in temps if t is not None], default=fallback)
+    return {"outer": tree_nbytes(o_s) + tree_nbytes(o_o),
+            "block": tree_nbytes(b_s) + tree_nbytes(b_o),
+            "activations": 2 * tree_nbytes(hs) + tree_nbytes(ctx) + tree_nbytes(batch) + scratch}
+
+
+def _need(fp: dict, n: int, k: int, w: int) -> int:
+    return fp["outer"] + fp["activations"] + (k + min(w, n - k)) * fp["block"]
+
+
+def plan_resident(fp: dict, n: int, max_inflight: int, budget: int,
+                  resident: Optional[frozenset]) -> frozenset:
+    """The resident set: `resident` checked against the budget, or the most blocks that fit
+    (spread evenly). Raises a ValueError naming the numbers when the minimum does not fit."""
+    if resident is not None:
+        need = _need(fp, n, len(resident), max_inflight)
+        if need > budget:
+            raise ValueError(
+                f"device_budget_bytes={budget:,} is too small for {len(resident)} resident "
+                f"blocks: needs ~{need:,} (outer {fp['outer']:,} + {len(resident)} resident and "
+                f"{min(max_inflight, n - len(resident))} in-flight blocks x {fp['block']:,} + "
+                f"activations ~{fp['activations']:,})")
+        return resident
+    minimum = _need(fp, n, 0, max_inflight)
+    if minimum > budget:
+        raise ValueError(
+            f"the model does not fit device_budget_bytes={budget:,}: the minimum is ~{minimum:,} "
+            f"= outer {fp['outer']:,} + max_inflight={max_inflight} streamed blocks x "
+            f"{fp['block']:,} (stored + optimiser state) + activations ~{fp['activations']:,}. "
+            f"Lower max_inflight, the batch shape, or the storage precision.")
+    k = max(k for k in range(n + 1) if _need(fp, n, k, max_inflight) <= budget)
+    return spread(k, n)

@@ -1,0 +1,193 @@
+"""Validation and state plumbing shared by the MeZO and ZO2 engines."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from collections.abc import Mapping
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from zo2_jax.offload.codecs import Int8Leaf, Storage
+from zo2_jax.zo._parts import Pending, Spec, freeze_mask
+from zo2_jax.zo._transforms import MeZOSGD, check_block_transform, mezo_sgd, resolve_mask
+
+PyTree = Any
+COMPUTE_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def _describe(x) -> str:
+    return f"{tuple(np.shape(x))} {np.dtype(x.dtype).name}"
+
+
+def check_params(model, params: PyTree) -> None:
+    """Raises a ValueError naming what is wrong unless `params` is {'outer': pytree, 'blocks':
+    [pytree, ...]} with model.num_blocks float blocks of one structure, shapes and dtypes."""
+    if not isinstance(params, Mapping) or set(params) != {"outer", "blocks"}:
+        keys = sorted(params) if isinstance(params, Mapping) else type(params).__name__
+        raise ValueError(f"params must be a dict {{'outer': ..., 'blocks': [...]}}, got {keys}")
+    blocks = params["blocks"]
+    if not isinstance(blocks, (list, tuple)) or not blocks:
+        raise ValueError(f"params['blocks'] must be a non-empty list of block pytrees, got "
+                         f"{type(blocks).__name__}")
+    n = getattr(model, "num_blocks", len(blocks))
+    if len(blocks) != n:
+        raise ValueError(f"params has {len(blocks)} blocks, the model expects {n}")
+    parts = [("outer", params["outer"])] + [(f"block {i}", b) for i, b in enumerate(blocks)]
+    for name, tree in parts:
+        leaves = jax.tree_util.tree_leaves_with_path(tree)
+        if not leaves:
+            raise ValueError(f"params {name} has no arrays")
+        for path, x in leaves:
+            if not jnp.issubdtype(getattr(x, "dtype", np.asarray(x).dtype), jnp.floating):
+                raise ValueError(f"params {name} leaf {jax.tree_util.keystr(path)} has dtype "
+                                 f"{np.asarray(x).dtype}; only floating-point parameters can be "
+                                 f"trained (keep integer buffers out of params)")
+    ref = jax.tree.structure(blocks[0])
+    ref_leaves = jax.tree_util.tree_leaves_with_path(blocks[0])
+    for i, b in enumerate(blocks[1:], start=1):
+        if jax.tree.structure(b) != ref:
+            raise ValueError(f"block {i} has tree structure {jax.tree.structure(b)}, block 0 has "
+                             f"{ref}: every block must have the same structure")
+        for (path, x), (_, x0) in zip(jax.tree_util.tree_leaves_with_path(b), ref_leaves):
+            if np.shape(x) != np.shape(x0) or x.dtype != x0.dtype:
+                raise ValueError(f"block {i} leaf {jax.tree_util.keystr(path)} is {_describe(x)}, "
+                                 f"block 0 has {_describe(x0)}: blocks must share shapes and "
+                                 f"dtypes (one compiled block function serves them all)")
+
+
+def check_batch(batch, expected_shape: Optional[tuple] = None) -> tuple[int, int]:
+    """Raises a ValueError unless `batch` is a dict of int [B, T] arrays of one shape (and
+    `expected_shape`, when given). Returns (B, T)."""
+    if not isinstance(batch, Mapping) or "input_ids" not in batch:
+        got = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
+        raise ValueError(f"batch must be a dict with 'input_ids' (and optionally "
+                         f"'attention_mask', 'loss_mask'), got {got}")
+    shape = tuple(np.shape(batch["input_ids"]))
+    if len(shape) != 2:
+        raise ValueError(f"batch['input_ids'] must be [batch, seq], got shape {shape}")
+    for k, v in batch.items():
+        if tuple(np.shape(v)) != shape:
+            raise ValueError(f"batch[{k!r}] has shape {tuple(np.shape(v))}, expected {shape} "
+                             f"like batch['input_ids']")
+        dtype = getattr(v, "dtype", None) or np.asarray(v).dtype
+        if not (jnp.issubdtype(dtype, jnp.integer) or dtype == bool):
+            raise ValueError(f"batch[{k!r}] has dtype {dtype}, expected integers")
+    if expected_shape is not None and shape != tuple(expected_shape):
+        raise ValueError(f"batch has shape {shape}, but this engine was set up for batch_shape="
+                         f"{tuple(expected_shape)} (its device budget was computed for it)")
+    return shape
+
+
+def check_eps(eps) -> float:
+    eps = float(eps)
+    if not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+    return eps
+
+
+def _block_mask(mask_spec, blocks, model):
+    if isinstance(mask_spec, Mapping) and set(mask_spec) == {"outer", "blocks"}:
+        masks = [resolve_mask(m, b) for m, b in zip(mask_spec["blocks"], blocks)]
+    else:
+        masks = [resolve_mask(mask_spec, b, model) for b in blocks]
+    for i, m in enumerate(masks[1:], start=1):
+        if m != masks[0]:
+            raise ValueError(f"the weight-decay mask of block {i} differs from block 0's; one "
+                             f"compiled block function serves all blocks, so it must be the same")
+    return masks[0]
+
+
+def build_spec(model, params, tx, *, eps, num_directions, compute_dtype, storage,
+               outer_storage, clip_norm) -> Spec:
+    """Validates the engine arguments and returns the static Spec of the run."""
+    for stage in ("context", "embed", "block", "head"):
+        if not callable(getattr(model, stage, None)):
+            raise TypeError(f"model must implement the seam (context, embed, block, head); "
+                            f"{type(model).__name__} has no {stage}()")
+    check_params(model, params)
+    eps = check_eps(eps)
+    if not isinstance(num_directions, (int, np.integer)) or num_directions < 1:
+        raise ValueError(f"num_directions must be an int >= 1, got {num_directions!r}")
+    if not any(jnp.dtype(compute_dtype) == d for d in COMPUTE_DTYPES):
+        raise ValueError(f"compute_dtype must be float32, bfloat16 or float16, got {compute_dtype}")
+    if clip_norm is not None and not (math.isfinite(float(clip_norm)) and clip_norm > 0):
+        raise ValueError(f"clip_norm must be None or a finite number > 0, got {clip_norm!r}")
+    for name, st in (("storage", storage), ("outer_storage", outer_storage)):
+        if st is not None and not isinstance(st, Storage):
+            raise TypeError(f"{name} must be a zo2_jax.offload.Storage, got {type(st).__name__}")
+    tx = mezo_sgd(1e-6) if tx is None else tx
+    outer_mask = block_mask = None
+    if isinstance(tx, MeZOSGD):
+        lr0 = tx.learning_rate(jnp.zeros([], jnp.int32)) if callable(tx.learning_rate) \
+            else tx.learning_rate
+        if not math.isfinite(float(lr0)):
+            raise ValueError(f"the learning rate must be finite, got {float(lr0)} at step 0")
+        m = tx.mask
+        outer_mask = freeze_mask(resolve_mask(m["outer"] if isinstance(m, Mapping) and set(m) == {
+            "outer", "blocks"} else m, params["outer"], model))
+        block_mask = freeze_mask(_block_mask(m, params["blocks"], model))
+    else:
+        check_block_transform(tx)
+    model_dtype = getattr(model, "dtype", None)
+    if model_dtype is not None and jnp.dtype(model_dtype) != jnp.dtype(compute_dtype):
+        warnings.warn(f"the model computes in {jnp.dtype(model_dtype).name} but compute_dtype is "
+                      f"{jnp.dtype(compute_dtype).name}: the perturbed weights are cast to "
+                      f"compute_dtype, then by the model to its own dtype", stacklevel=3)
+    storage = storage or Storage()
+    return Spec(model=model, eps=eps, num_directions=int(num_directions),
+                compute_dtype=jnp.dtype(compute_dtype), storage=storage,
+                outer_storage=outer_storage or storage, tx=tx, outer_mask=outer_mask,
+                block_mask=block_mask, clip_norm=None if clip_norm is None else float(clip_norm))
+
+
+# ---- state() / restore() -----------------------------------------------------------------------
+
+def meta(spec: Spec, engine: str, num_blocks: int, key_impl: str) -> dict:
+    """Small metadata stored next to the arrays of a state (checked on restore)."""
+    return {"engine": engine, "num_blocks": num_blocks, "num_directions": spec.num_directions,
+            "storage": dataclasses.asdict(spec.storage),
+            "outer_storage": dataclasses.asdict(spec.outer_storage),
+            "fused": spec.fused, "key_impl": key_impl}
+
+
+def pending_to_tree(p: Pending) -> dict:
+    return {"key": jax.random.key_data(p.key), "coef": p.coef, "valid": p.valid}
+
+
+def pending_from_tree(d: Mapping, key_impl: str) -> Pending:
+    key = jax.random.wrap_key_data(jnp.asarray(d["key"]), impl=key_impl)
+    return Pending(key, jnp.asarray(d["coef"], jnp.float32), jnp.asarray(d["valid"], bool))
+
+
+def check_meta(spec: Spec, num_blocks: int, m: Mapping) -> None:
+    want = meta(spec, "", num_blocks, "")
+    for k in ("num_blocks", "num_directions", "storage", "outer_storage", "fused"):
+        if m.get(k) != want[k]:
+            raise ValueError(f"state was saved with {k}={m.get(k)!r}, this engine has "
+                             f"{k}={want[k]!r}")
+
+
+def check_like(name: str, got: PyTree, want: PyTree) -> None:
+    """Raises unless `got` has the structure, shapes and dtypes of `want`."""
+    is_leaf = lambda x: isinstance(x, Int8Leaf)  # noqa: E731
+    if jax.tree.structure(got, is_leaf=is_leaf) != jax.tree.structure(want, is_leaf=is_leaf):
+        raise ValueError(f"state[{name!r}] has structure {jax.tree.structure(got)}, expected "
+                         f"{jax.tree.structure(want)}")
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+        if np.shape(a) != np.shape(b) or np.dtype(a.dtype) != np.dtype(b.dtype):
+            raise ValueError(f"state[{name!r}] leaf {jax.tree_util.keystr(path)} is "
+                             f"{_describe(a)}, expected {_describe(b)}")
+
+
+def unstack(tree: PyTree, n: int) -> list:
+    return [jax.tree.map(lambda x: x[i], tree) for i in range(n)]
+
+
+def is_stacked(blocks) -> bool:
+    return not isinstance(blocks, (list, tuple))
+

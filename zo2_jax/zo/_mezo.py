@@ -1,0 +1,250 @@
+"""MeZO: the resident engine. Every parameter on the device, one jitted step with donated state.
+
+The step is written once against the seam (model.context / embed / block / head) and shares its
+per-part math (`_parts.py`) with the offloaded ZO2 engine; it also applies the same deferred-update
+schedule (the update of step t is applied at the start of step t+1, or by `flush`), so both engines
+give bit-identical parameters for the same keys. Blocks are stored stacked along a leading axis and
+visited by a `fori_loop` that updates them in place (dynamic_update_slice on the donated carry), so
+the step compiles once whatever the depth and needs one copy of the parameters.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from zo2_jax.offload.codecs import Storage
+from zo2_jax.zo import _common as common
+from zo2_jax.zo import _parts as parts
+from zo2_jax.zo._noise import OUTER_PART, as_key
+
+PyTree = Any
+
+
+def _take(tree, i):
+    return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False), tree)
+
+
+def _put(tree, sub, i):
+    return jax.tree.map(lambda x, y: jax.lax.dynamic_update_index_in_dim(x, y, i, 0), tree, sub)
+
+
+def _depth(state) -> int:
+    return jax.tree.leaves(state["blocks"])[0].shape[0]
+
+
+# Module-level jitted functions with the (hashable) Spec static: engines with equal specs share
+# compiled code.
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
+def _step(spec: parts.Spec, state, batch, key):
+    pend, count = state["pending"], state["count"]
+    outer, opt_outer, hs, ctx, g = parts.outer_embed(
+        spec, state["outer"], state["opt_outer"], pend, count, key, batch)
+
+    def body(i, carry):
+        blocks, opts, hs, g = carry
+        b, o, hs, g = parts.block_step(spec, _take(blocks, i), _take(opts, i), pend, count,
+                                       i.astype(jnp.uint32), key, hs, ctx, g)
+        return _put(blocks, b, i), _put(opts, o, i), hs, g
+
+    blocks, opts, hs, g = jax.lax.fori_loop(
+        0, _depth(state), body, (state["blocks"], state["opt_blocks"], hs, g))
+    pend, count, skipped_total, metrics = parts.head_finish(
+        spec, outer, key, hs, batch, g, pend, count, state["skipped_total"])
+    new = {"outer": outer, "opt_outer": opt_outer, "blocks": blocks, "opt_blocks": opts,
+           "pending": pend, "count": count, "skipped_total": skipped_total}
+    return new, metrics
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
+def _flush(spec: parts.Spec, state):
+    pend, count = state["pending"], state["count"]
+    outer, opt_outer = parts.update_part(spec, "outer", state["outer"], state["opt_outer"],
+                                         pend, count, OUTER_PART)
+
+    def body(i, carry):
+        blocks, opts = carry
+        b, o = parts.update_part(spec, "block", _take(blocks, i), _take(opts, i), pend, count,
+                                 i.astype(jnp.uint32))
+        return _put(blocks, b, i), _put(opts, o, i)
+
+    blocks, opts = jax.lax.fori_loop(0, _depth(state), body,
+                                     (state["blocks"], state["opt_blocks"]))
+    return {**state, "outer": outer, "opt_outer": opt_outer, "blocks": blocks,
+            "opt_blocks": opts, "count": count + pend.valid.astype(jnp.int32),
+            "pending": parts.empty_pending(spec.num_directions, pend.key)}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(spec: parts.Spec, state, batch):
+    h, ctx = parts.eval_embed(spec, state["outer"], batch)
+    h = jax.lax.fori_loop(0, _depth(state), lambda i, h: parts.eval_block(
+        spec, _take(state["blocks"], i), h, ctx), h)
+    return parts.eval_head(spec, state["outer"], h, batch)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _decode(spec: parts.Spec, state):
+    # jnp.copy: a fresh buffer even where decoding is the identity (float32 storage), so the
+    # result is not an alias of the state that the next step donates.
+    outer = jax.tree.map(jnp.copy, spec.outer_storage.decode(state["outer"]))
+    blocks = jax.tree.map(jnp.copy, spec.storage.decode(state["blocks"]))
+    return {"outer": outer, "blocks": common.unstack(blocks, _depth(state))}
+
+
+_init_part = jax.jit(parts.init_part, static_argnums=(0, 1))
+_set_block = jax.jit(lambda blocks, opts, b, o, i: (_put(blocks, b, i), _put(opts, o, i)),
+                     donate_argnums=(0, 1))
+
+
+class MeZOEngine:
+    """Zeroth-order training with every parameter on the device (MeZO, arXiv 2305.17333).
+
+    Per step, with key k_t and directions z_j regenerated from it (see `zo2_jax.zo`):
+
+        L_j^+- = mean_batch loss(theta +- eps z_j),  g_j = (L_j^+ - L_j^-) / (2 eps)
+        theta <- tx(theta, (1/q) sum_j g_j z_j)          # applied at the start of step t+1
+
+    Args:
+      model: implements the seam (`zo2_jax.models.Seam`).
+      params: {'outer': pytree, 'blocks': [pytree, ...]} of float arrays (copied by the engine).
+      tx: any optax GradientTransformation. It is applied per part, `tx.update(g*z, state,
+        params)` for outer and for each block, each with its own state (`tx.init(part)`), so a
+        transform that needs the whole gradient would see one part at a time: the engines refuse
+        `optax.clip_by_global_norm` where they find it (in chain, inject_hyperparams, ...; a
+        custom transform hiding it would clip each part by its own norm): use `clip_norm`.
+        `mezo_sgd(...)` (the default, lr 1e-6) is fused into one elementwise update.
+      eps: perturbation scale (> 0).
+      num_directions: q, SPSA directions per step (2q forward passes).
+      compute_dtype: dtype of the perturbed weights fed to the model (float32 or bfloat16).
+      storage: how parameters are kept between steps (`Storage`); updates are computed in float32.
+      outer_storage: storage of `outer` (defaults to `storage`).
+      clip_norm: clip the estimate (1/q) sum_j g_j z_j to this global L2 norm before `tx`, exactly:
+        ||sum_j c_j z_j||^2 = c^T G c, with the Gram matrix G_jk = <z_j, z_k> accumulated part by
+        part while z is generated for the forward pass, so it is complete when the deferred
+        update runs. Adds metrics['grad_norm'] (before clipping).
+
+    Example:
+      >>> engine = MeZOEngine(model, params, mezo_sgd(1e-6), eps=1e-3)
+      >>> metrics = engine.step(batch, jax.random.key(0))  # device scalars; read them later
+      >>> params = engine.params()
+    """
+
+    def __init__(self, model, params: PyTree, tx: Optional[optax.GradientTransformation] = None,
+                 *, eps: float = 1e-3, num_directions: int = 1,
+                 compute_dtype: Any = jnp.float32, storage: Optional[Storage] = None,
+                 outer_storage: Optional[Storage] = None, clip_norm: Optional[float] = None):
+        self.spec = spec = common.build_spec(
+            model, params, tx, eps=eps, num_directions=num_directions,
+            compute_dtype=compute_dtype, storage=storage, outer_storage=outer_storage,
+            clip_norm=clip_norm)
+        self.num_blocks = len(params["blocks"])
+        self._dev = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="device")
+        put = lambda t: jax.device_put(t, self._dev)  # noqa: E731
+        outer, opt_outer = _init_part(spec, "outer", put(params["outer"]))
+        # Blocks are encoded one at a time and written into preallocated stacked buffers (in
+        # place, donated), so loading needs one extra block, not a second copy of the model.
+        blocks = opts = None
+        for i, b in enumerate(params["blocks"]):
+            s, o = _init_part(spec, "block", put(b))
+            if blocks is None:
+                zeros = lambda t: jax.tree.map(  # noqa: E731
+                    lambda x: jnp.zeros((self.num_blocks,) + x.shape, x.dtype, device=self._dev), t)
+                blocks, opts = zeros(s), zeros(o)
+            blocks, opts = _set_block(blocks, opts, s, o, i)
+        # Committed to the device, like every later state, so step 2 reuses step 1's executable.
+        self._state = put({
+            "outer": outer, "opt_outer": opt_outer, "blocks": blocks, "opt_blocks": opts,
+            "pending": parts.empty_pending(spec.num_directions),
+            "count": jnp.zeros([], jnp.int32), "skipped_total": jnp.zeros([], jnp.int32)})
+        self._dirty = False  # a valid update may be pending (host-side hint, avoids idle flushes)
+
+    # ---- public API ----------------------------------------------------------------------------
+
+    def step(self, batch: dict, key) -> dict:
+        """One ZO step on `batch` with step key `key`; returns a dict of device scalars:
+        loss (mean of L+ and L-), loss_plus, loss_minus, projected_grad ([q] if q > 1),
+        skipped (1 if a loss was not finite: no update from this step), skipped_total
+        (and grad_norm with clip_norm). Nothing here waits for the device."""
+        common.check_batch(batch)
+        self._state, metrics = _step(self.spec, self._state, batch, as_key(key))
+        self._dirty = True
+        return metrics
+
+    def flush(self) -> None:
+        """Applies the pending update (call before evaluating, saving or exporting)."""
+        if self._dirty:
+            self._state = _flush(self.spec, self._state)
+            self._dirty = False
+
+    def eval_loss(self, batch: dict, per_example: bool = False) -> jax.Array:
+        """Loss at the current parameters (after flushing), no perturbation: the mean over the
+        batch, or per example ([B], float32)."""
+        common.check_batch(batch)
+        self.flush()
+        loss_b, _ = _forward(self.spec, self._state, batch)
+        return loss_b if per_example else jnp.mean(loss_b)
+
+    def logits(self, batch: dict) -> jax.Array:
+        """The model's logits at the current parameters (after flushing)."""
+        common.check_batch(batch)
+        self.flush()
+        return _forward(self.spec, self._state, batch)[1]
+
+    def params(self) -> PyTree:
+        """Flushes, then returns {'outer', 'blocks': [...]} decoded to float32 on the device
+        (new arrays, unaffected by later steps)."""
+        self.flush()
+        return _decode(self.spec, self._state)
+
+    def state(self) -> dict:
+        """Everything an exact resume needs: parameters as stored (blocks stacked on a leading
+        axis), optimiser states, the pending update, counters, and 'meta' (plain Python values).
+        The arrays are the engine's own: save them before the next step, which donates them."""
+        s = self._state
+        return {"outer": s["outer"], "blocks": s["blocks"], "opt_outer": s["opt_outer"],
+                "opt_blocks": s["opt_blocks"], "pending": common.pending_to_tree(s["pending"]),
+                "count": s["count"], "skipped_total": s["skipped_total"],
+                "meta": common.meta(self.spec, "MeZOEngine", self.num_blocks,
+                                    str(jax.random.key_impl(s["pending"].key)))}
+
+    def restore(self, state: dict) -> None:
+        """Loads a `state()` of this engine, or of a ZO2Engine with the same storage and q
+        (blocks as a list); host, numpy or device arrays. Device arrays it is given become the
+        engine's own (later steps donate them)."""
+        common.check_meta(self.spec, self.num_blocks, state["meta"])
+        for name in ("outer", "opt_outer", "count", "skipped_total"):
+            common.check_like(name, state[name], self._state[name])
+        pending = common.pending_from_tree(state["pending"], state["meta"]["key_impl"])
+        common.check_like("pending", pending.coef, self._state["pending"].coef)
+        blocks, opts = state["blocks"], state["opt_blocks"]
+        stacked = common.is_stacked(blocks)
+        if stacked:
+            common.check_like("blocks", blocks, self._state["blocks"])
+            common.check_like("opt_blocks", opts, self._state["opt_blocks"])
+        else:
+            one = lambda t: jax.tree.map(  # noqa: E731
+                lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), t)
+            want_b, want_o = one(self._state["blocks"]), one(self._state["opt_blocks"])
+            for i in range(self.num_blocks):
+                common.check_like(f"blocks[{i}]", blocks[i], want_b)
+                common.check_like(f"opt_blocks[{i}]", opts[i], want_o)
+        # An explicit memory kind: a Device target would keep pinned-host arrays (a ZO2 state)
+        # where they are.
+        put = lambda t: jax.device_put(t, self._dev)  # noqa: E731
+        new = put({k: state[k] for k in ("outer", "opt_outer", "count", "skipped_total")})
+        new["pending"] = put(pending)
+        if stacked:
+            new["blocks"], new["opt_blocks"] = put(blocks), put(opts)
+        else:  # block by block into the engine's own stacked buffers (donated): no second copy
+            b, o = self._state.pop("blocks"), self._state.pop("opt_blocks")
+            for i in range(self.num_blocks):
+                b, o = _set_block(b, o, put(blocks[i]), put(opts[i]), i)
+            new["blocks"], new["opt_blocks"] = b, o
+        self._state = new
+        self._dirty = True

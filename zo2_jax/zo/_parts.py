@@ -1,0 +1,218 @@
+"""Per-part math shared by the resident (MeZO) and offloaded (ZO2) engines.
+
+A *part* is `outer` (embeddings, final norm, head) or one block. Both engines call exactly these
+functions, in the same order, so for the same keys they produce bit-identical parameters.
+
+Step t with key k_t, pending (k_{t-1}, c_{t-1}, valid_{t-1}) from step t-1, for each part P:
+
+    theta   = decode(P)
+    theta'  = update(theta, sum_j c_{t-1,j} z_j(k_{t-1}))        # the deferred update of step t-1
+    P       = valid_{t-1} ? encode(theta', rounding key) : P      # exact identity when skipped
+    W_j^+-  = cast(decode(P) +- eps * z_j(k_t), compute_dtype)    # j = 0..q-1, both branches
+    h_j^+-  = stage(W_j^+-, h_j^+-)
+
+then at the head  L_j^+- = mean_b loss_b(W_j^+-),  g_j = (L_j^+ - L_j^-) / (2 eps)  and
+c_{t,j} = g_j / q (times min(1, clip / ||sum_j c_j z_j||) with clip_norm), so the update is
+theta <- theta - lr * (1/q) sum_j g_j z_j for MeZO's rule, or any optax transform of that estimate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from zo2_jax.offload.codecs import Storage
+from zo2_jax.zo._noise import OUTER_PART, gram, part_noise, rounding_key
+from zo2_jax.zo._transforms import MeZOSGD, fused_sgd_leaf, learning_rate_at
+
+PyTree = Any
+
+
+class Pending(NamedTuple):
+    """The update of the last step, not yet applied to the parameters.
+
+    Attributes:
+      key: the step key whose directions z_j the update uses.
+      coef: [q] float32, c_j = g_j / q (clipped with clip_norm); zeros when not valid.
+      valid: bool scalar; False before the first step, after a flush and after a skipped step.
+    """
+
+    key: jax.Array
+    coef: jax.Array
+    valid: jax.Array
+
+
+def empty_pending(num_directions: int, key: Optional[jax.Array] = None) -> Pending:
+    key = jax.random.key(0) if key is None else key
+    return Pending(key, jnp.zeros([num_directions], jnp.float32), jnp.zeros([], bool))
+
+
+def freeze_mask(mask: PyTree) -> tuple:
+    """A hashable form of a pytree of Python bools: (treedef, leaves)."""
+    leaves, treedef = jax.tree.flatten(mask)
+    return treedef, tuple(bool(m) for m in leaves)
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """Everything static about a ZO run. Hashable: the engines pass it to module-level jitted
+    functions as a static argument, so engines with equal specs share compiled code.
+
+    `outer_mask` / `block_mask` are frozen (`freeze_mask`) MeZO weight-decay masks, used only
+    when `tx` is fused (`MeZOSGD`).
+    """
+
+    model: Any
+    eps: float
+    num_directions: int
+    compute_dtype: Any
+    storage: Storage
+    outer_storage: Storage
+    tx: optax.GradientTransformation
+    outer_mask: Optional[tuple]
+    block_mask: Optional[tuple]
+    clip_norm: Optional[float]
+
+    @property
+    def fused(self) -> bool:
+        return isinstance(self.tx, MeZOSGD)
+
+    def storage_of(self, part: str) -> Storage:
+        return self.outer_storage if part == "outer" else self.storage
+
+    def mask_of(self, part: str) -> PyTree:
+        treedef, leaves = self.outer_mask if part == "outer" else self.block_mask
+        return jax.tree.unflatten(treedef, leaves)
+
+
+# ---- parameters and optimiser state of one part ----------------------------------------------
+
+def init_opt(spec: Spec, part: str, stored):
+    """Optimiser state of a part (none for the fused MeZO-SGD: the engine keeps its count)."""
+    return () if spec.fused else spec.tx.init(spec.storage_of(part).decode(stored))
+
+
+def init_part(spec: Spec, part: str, params: PyTree):
+    """(stored, opt_state) of a part from float parameters (round-to-nearest encoding)."""
+    stored = spec.storage_of(part).encode(params)
+    return stored, init_opt(spec, part, stored)
+
+
+def update_part(spec: Spec, part: str, stored, opt, pend: Pending, count, part_id):
+    """Applies the pending update to one part; an exact identity when `pend.valid` is False."""
+    st = spec.storage_of(part)
+    theta = st.decode(stored)
+    gz = None
+    for j in range(spec.num_directions):
+        z = part_noise(pend.key, j, part_id, theta)
+        term = jax.tree.map(lambda z_: pend.coef[j] * z_, z)
+        gz = term if gz is None else jax.tree.map(jnp.add, gz, term)
+    if spec.fused:
+        lr = learning_rate_at(spec.tx.learning_rate, count)
+        wd = spec.tx.weight_decay
+        new = jax.tree.map(lambda t, u, m: fused_sgd_leaf(t, u, lr, wd, m),
+                           theta, gz, spec.mask_of(part))
+        new_opt = opt
+    else:
+        updates, new_opt = spec.tx.update(gz, opt, theta)
+        new = optax.apply_updates(theta, updates)
+    encoded = st.encode(new, rounding_key(pend.key, part_id))
+    # A select on a device flag, not lax.cond or a Python branch: no host synchronisation, and
+    # the old stored bits (not a re-encoding of them, which could re-round) survive a skip.
+    stored = st.select(pend.valid, encoded, stored)
+    opt = jax.tree.map(lambda a, b: jnp.where(pend.valid, a, b), new_opt, opt)
+    return stored, opt
+
+
+def perturbed(spec: Spec, part: str, stored, key, part_id):
+    """[(W_j^+, W_j^-)] in the compute dtype, and the directions [z_j], for j < q.
+
+    The perturbation is added in float32 to the decoded weights and only then cast, so the z of
+    the branches is exactly the z of the update (also with bfloat16 compute)."""
+    theta = spec.storage_of(part).decode(stored)
+    cd, eps = spec.compute_dtype, spec.eps
+    pairs, zs = [], []
+    for j in range(spec.num_directions):
+        z = part_noise(key, j, part_id, theta)
+        pairs.append((jax.tree.map(lambda t, z_: (t + eps * z_).astype(cd), theta, z),
+                      jax.tree.map(lambda t, z_: (t - eps * z_).astype(cd), theta, z)))
+        zs.append(z)
+    return pairs, zs
+
+
+# ---- the three stages of a training step -------------------------------------------------------
+
+def outer_embed(spec: Spec, stored, opt, pend: Pending, count, key, batch):
+    """Updates `outer`, embeds the 2q branches: (stored, opt, hs, ctx, gram or None)."""
+    stored, opt = update_part(spec, "outer", stored, opt, pend, count, OUTER_PART)
+    pairs, zs = perturbed(spec, "outer", stored, key, OUTER_PART)
+    ctx = spec.model.context(batch)
+    hs = tuple(spec.model.embed(w, batch) for pair in pairs for w in pair)
+    return stored, opt, hs, ctx, (gram(zs) if spec.clip_norm is not None else None)
+
+
+def block_step(spec: Spec, stored, opt, pend: Pending, count, part_id, key, hs, ctx, gram_acc):
+    """Updates block `part_id` and runs the 2q branches through it: (stored, opt, hs, gram)."""
+    stored, opt = update_part(spec, "block", stored, opt, pend, count, part_id)
+    pairs, zs = perturbed(spec, "block", stored, key, part_id)
+    hs = tuple(spec.model.block(w, hs[2 * j + b], ctx)
+               for j, pair in enumerate(pairs) for b, w in enumerate(pair))
+    if gram_acc is not None:
+        gram_acc = gram_acc + gram(zs)
+    return stored, opt, hs, gram_acc
+
+
+def head_finish(spec: Spec, stored, key, hs, batch, gram_acc, pend: Pending, count, skipped_total):
+    """Losses of the 2q branches, the projected gradients, the new pending update and metrics.
+
+    Returns (pending, count, skipped_total, metrics); count counts applied updates, so it grows
+    by one if the update applied during this step (the previous pending one) was valid.
+    """
+    pairs, _ = perturbed(spec, "outer", stored, key, OUTER_PART)
+    losses = [jnp.mean(spec.model.head(w, hs[2 * j + b], batch)[0].astype(jnp.float32))
+              for j, pair in enumerate(pairs) for b, w in enumerate(pair)]
+    loss_p, loss_m = jnp.stack(losses[0::2]), jnp.stack(losses[1::2])
+    g = (loss_p - loss_m) / (2.0 * spec.eps)
+    valid = jnp.all(jnp.isfinite(loss_p) & jnp.isfinite(loss_m) & jnp.isfinite(g))
+    coef = g / spec.num_directions
+    if spec.clip_norm is not None:
+        # ||sum_j c_j z_j||^2 = c^T G c with G the Gram matrix accumulated over all parts.
+        norm = jnp.sqrt(jnp.maximum(jnp.sum(coef[:, None] * gram_acc * coef[None, :]), 0.0))
+        coef = coef * jnp.where(norm > spec.clip_norm, spec.clip_norm / norm, 1.0)
+    coef = jnp.where(valid, coef, 0.0)
+    skipped = jnp.logical_not(valid).astype(jnp.int32)
+    skipped_total = skipped_total + skipped
+    metrics = {
+        "loss": jnp.mean((loss_p + loss_m) / 2.0),
+        "loss_plus": jnp.mean(loss_p),
+        "loss_minus": jnp.mean(loss_m),
+        "projected_grad": g[0] if spec.num_directions == 1 else g,
+        "skipped": skipped,
+        "skipped_total": skipped_total,
+    }
+    if spec.clip_norm is not None:
+        metrics["grad_norm"] = norm
+    return Pending(key, coef, valid), count + pend.valid.astype(jnp.int32), skipped_total, metrics
+
+
+# ---- evaluation (no perturbation) ---------------------------------------------------------------
+
+def eval_embed(spec: Spec, stored, batch):
+    w = jax.tree.map(lambda t: t.astype(spec.compute_dtype), spec.outer_storage.decode(stored))
+    return spec.model.embed(w, batch), spec.model.context(batch)
+
+
+def eval_block(spec: Spec, stored, h, ctx):
+    w = jax.tree.map(lambda t: t.astype(spec.compute_dtype), spec.storage.decode(stored))
+    return spec.model.block(w, h, ctx)
+
+
+def eval_head(spec: Spec, stored, h, batch):
+    """(per-example loss [B] float32, logits)."""
+    w = jax.tree.map(lambda t: t.astype(spec.compute_dtype), spec.outer_storage.decode(stored))
+    loss_b, logits = spec.model.head(w, h, batch)
+    return loss_b.astype(jnp.float32), logits
