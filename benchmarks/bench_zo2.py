@@ -117,7 +117,7 @@ def main(argv=None):
     p.add_argument("--engines", default="zo2,mezo")
     p.add_argument("--attn", default="cudnn", choices=["xla", "cudnn"])
     p.add_argument("--resident-blocks", type=int, default=0)
-    p.add_argument("--max-inflight", type=int, default=2)
+    p.add_argument("--max-inflight", type=int, default=4)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--json-out")
@@ -135,7 +135,6 @@ def main(argv=None):
            "seq": a.seq, "storage": a.storage, "rounding": a.rounding, "compute": a.compute,
            "attn": attn, "params": cfg.num_params, "device": jax.devices()[0].device_kind,
            "jax": jax.__version__, "date": time.strftime("%Y-%m-%d")}
-    row.update(bandwidth())
     dev = jax.devices()[0]
     host = jax.sharding.SingleDeviceSharding(dev, memory_kind="pinned_host")
     init_dtype = jnp.float32 if a.storage == "float32" else jnp.bfloat16
@@ -161,12 +160,15 @@ def main(argv=None):
             row[f"{name}_loss_finite"] = r["loss_finite"]
             row[f"{name}_peak_bytes"] = peak_bytes()
             if name == "zo2":
-                row["streamed_bytes"] = eng.streamed_bytes() if hasattr(eng, "streamed_bytes") \
-                    else None
+                row["streamed_bytes"] = sum(
+                    x.nbytes for i, b in enumerate(eng._store.blocks)
+                    if i not in eng._store.resident for x in jax.tree.leaves(b))
+                row["max_inflight"] = a.max_inflight
             del eng
         except Exception as e:  # an OOM for MeZO at large shapes is a result, not a crash
             row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
         jax.clear_caches()
+    row.update(bandwidth())  # after the engines: its 1 GiB buffers would set the peak
     ps = row.get("streamed_bytes")
     if ps:
         bus = max(ps / (row["B_up"] * 1e9), ps / (row["B_down"] * 1e9),
