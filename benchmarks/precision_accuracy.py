@@ -13,6 +13,18 @@ step, wall time, skipped steps, and how far the parameters moved compared with t
 Writes under --out: `summary.json` (rewritten after each setting, so a run cut short keeps what it
 finished), `precision_accuracy.png` (running-mean loss curves on one axes, accuracies beside) and
 one trainer folder per setting (`metrics.jsonl`, `training.png`); prints a markdown table last.
+
+DEFAULTS (lr 1e-5, eps 1e-3, batch 16, 500 steps), from CPU measurements on this model and task:
+the SPSA update is unbiased, so T MeZO steps move theta by lr*T*grad on average plus a random walk
+of size ~lr*|g|*sqrt(T) per coordinate. Along the full-batch float32 gradient (|grad| = 45 at the
+start, train loss 5.87, eval accuracy 0.705), theta - a*grad gave eval accuracy 0.745 / 0.845 /
+0.915 / 0.485 for a = 1e-3 / 3e-3 / 1e-2 / 3e-2. lr*T = 5e-3 sits in the rising part, well short
+of the overshoot. A larger lr with fewer steps is noisier for the same lr*T (the random walk
+grows like lr*sqrt(T)): lr 1e-4 for 30 steps (lr*T = 3e-3) moved the parameters by 14% of their
+norm and dropped accuracy to 0.575 though the training loss fell. At lr 1e-5 a per-element update
+(lr*|g|*|z| ~ 1e-4..4e-4) is comparable to half a bf16 step of a typical weight, so the storage
+settings really differ: round-to-nearest keeps part of the updates, stochastic rounding all of
+them in expectation.
 """
 
 from __future__ import annotations
@@ -61,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"comma list, run in this order, of {list(SETTINGS)}; NAME@LR runs NAME "
                         "with its own learning rate (e.g. fp32@1e-5)")
     p.add_argument("--steps", type=int, default=500)
-    p.add_argument("--lr", type=float, default=3e-5)
+    p.add_argument("--lr", type=float, default=1e-5, help="see DEFAULTS in the module docstring")
     p.add_argument("--eps", type=float, default=1e-3)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
@@ -216,9 +228,9 @@ def plot(rows: list[dict], out_png: str, title: str) -> str:
     for b, a in zip(bars, after):
         ax2.text(b.get_x() + b.get_width() / 2, a + 0.01, f"{a:.3f}", ha="center", fontsize=8)
     ax2.set_xticks(x, [r["setting"] for r in rows], rotation=30, ha="right")
-    ax2.set_ylim(0, 1.08)
+    ax2.set_ylim(0, 1.18)
     ax2.set_ylabel("evaluation accuracy")
-    ax2.legend(loc="lower right")
+    ax2.legend(loc="upper center", ncol=2)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
