@@ -20,7 +20,6 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import zo2_jax.models as zm

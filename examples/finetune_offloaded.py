@@ -2,8 +2,8 @@
 
 By default an OPT-125m-shaped model with random weights is made where it will live: each block is
 created by a jitted initialiser straight into pinned host memory in bfloat16 (the storage dtype, so
-the engine keeps those arrays as they are), and only the embeddings and the streamed block being
-worked on ever occupy the device. Every step streams each block up once, applies the previous
+the engine keeps those arrays as they are); the device holds only the embeddings and the streamed
+blocks in flight (two at a time). Every step streams each block up once, applies the previous
 step's update to it, runs both perturbed forward passes on it, and writes it back in bfloat16 with
 stochastic rounding (round-to-nearest would lose MeZO's ~1e-7 relative updates).
 
@@ -11,10 +11,10 @@ The batches are synthetic "counting" sequences (token t+1 = token t + 1 mod a sm
 loss has something to learn; loss and step time are printed one step late, as a training loop
 should read them (reading step t's loss right away would make the host wait for the device).
 
-    python examples/finetune_offloaded.py                       # opt_125m shape (~1 min on CPU)
-    python examples/finetune_offloaded.py --tiny                # a few seconds on CPU
-    python examples/finetune_offloaded.py --preset opt_1_3b --layers 8 --batch 8 --seq 512
-    python examples/finetune_offloaded.py --model path/to/opt-125m   # HF folder or .gguf
+    python examples/finetune_offloaded.py                       # opt_125m shape (~1.5 min on CPU)
+    python examples/finetune_offloaded.py --tiny                # ~25 s on CPU, mostly compiling
+    python examples/finetune_offloaded.py --preset opt_1_3b --batch 8 --seq 512 --compute bfloat16
+    python examples/finetune_offloaded.py --model path/to/opt-125m   # HF folder or .gguf file
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import zo2_jax.models as zm
 from zo2_jax.offload import Storage, ZO2Engine
@@ -50,20 +49,20 @@ def build(args, host):
     block in pinned host memory."""
     # Blocks made or loaded in the storage dtype are adopted by the engine without a copy.
     store = jnp.float32 if args.storage == "int8" else _DTYPES[args.storage]
+    compute = _DTYPES[args.compute]
     if args.model:
-        model, params = zm.load(args.model, store, compute_dtype=jnp.float32, place_block=host)
-        return model, params
+        return zm.load(args.model, store, compute_dtype=compute, place_block=host)
     over = dict(_TINY) if args.tiny else {}
     over["max_positions"] = max(over.get("max_positions", 2048), args.seq)
     if args.layers:
         over["num_layers"] = args.layers
-    model = zm.Model(zm.preset(args.preset, **over))
+    model = zm.Model(zm.preset(args.preset, **over), compute)
     return model, model.init(jax.random.key(args.seed), store, block_sharding=host)
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", help="a Hugging Face folder or .gguf file to load instead of a preset")
+    p.add_argument("--model", help="a Hugging Face folder or .gguf file (instead of a preset)")
     p.add_argument("--preset", default="opt_125m", choices=sorted(zm.PRESETS))
     p.add_argument("--layers", type=int, help="override the preset's number of blocks")
     p.add_argument("--tiny", action="store_true", help="a narrow preset and short run (CPU smoke)")
@@ -73,12 +72,16 @@ def parse(argv=None):
     p.add_argument("--storage", default="bfloat16", choices=["float32", "bfloat16", "float16",
                                                              "int8"])
     p.add_argument("--rounding", default="stochastic", choices=["nearest", "stochastic"])
+    p.add_argument("--compute", default="float32", choices=["float32", "bfloat16"],
+                   help="dtype the perturbed weights are computed in")
     p.add_argument("--resident-blocks", type=int, default=0,
                    help="blocks kept on the device (spread over the depth); the rest stream")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--eps", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
+    if a.model and (a.tiny or a.layers):
+        p.error("--tiny and --layers shape a preset; they do not apply to --model")
     small = dict(steps=6, batch=2, seq=16) if a.tiny else dict(steps=5, batch=2, seq=32)
     for k, v in small.items():
         if getattr(a, k) is None:
@@ -97,6 +100,7 @@ def main(argv=None):
           f"{cfg.num_params / 1e6:.1f}M parameters ({time.perf_counter() - t0:.1f}s to make)")
 
     engine = ZO2Engine(model, params, mezo_sgd(args.lr), eps=args.eps,
+                       compute_dtype=_DTYPES[args.compute],
                        storage=Storage(args.storage, rounding=args.rounding),
                        resident_blocks=args.resident_blocks)
     del params  # the engine owns them now (streamed blocks stay where they were made)

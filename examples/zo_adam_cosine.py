@@ -19,7 +19,7 @@ estimate is one random direction per step, so even 30k parameters take thousands
 `--model smollm2` (or a Hugging Face folder / .gguf) for a pretrained model (slow on a CPU:
 ZO-Adam materialises the estimate for every parameter).
 
-    python examples/zo_adam_cosine.py                     # tiny model, ~2.5 min on a 2-core CPU
+    python examples/zo_adam_cosine.py                     # tiny model, ~1.5 min on a 2-core CPU
     python examples/zo_adam_cosine.py --steps 20          # smoke run (~45 s, mostly compiling)
     python examples/zo_adam_cosine.py --model smollm2 --lr 1e-5 --eps 1e-3 --steps 300
 """
@@ -99,7 +99,8 @@ def parse(argv=None):
     p.add_argument("--eps", type=float, default=1e-2)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--eval-examples", type=int, default=200)
-    p.add_argument("--max-len", type=int, default=48, help="every batch is padded to this length")
+    p.add_argument("--max-len", type=int, default=48,
+                   help="every batch is padded to this length (longer prompts lose their start)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -124,8 +125,8 @@ def main(argv=None):
     train = D.load_examples(D.shipped_path("sentiment_train.jsonl"), task.num_classes)
     ev = D.load_examples(D.shipped_path("sentiment_eval.jsonl"), task.num_classes)
     ev = D.kshot(ev, a.eval_examples // 2, a.seed) if a.eval_examples < len(ev) else ev
-    loader = task.loader(train, tok, a.batch, seed=a.seed, padding=pad)
-    eval_batches = task.eval_batches(ev, tok, 50, padding=pad)
+    loader = task.loader(train, tok, a.batch, seed=a.seed, max_len=a.max_len, padding=pad)
+    eval_batches = task.eval_batches(ev, tok, 50, max_len=a.max_len, padding=pad)
 
     tx = zo_adam(model, a.steps, a.lr, a.steps // 10 if a.warmup is None else a.warmup,
                  a.weight_decay)

@@ -36,7 +36,7 @@ def test_finetune_offloaded(tmp_path):
     assert "blocks by memory kind: {'pinned_host': 1, 'device': 1}" in out, out
     losses = _floats(r"step \d+: loss ([-\d.naninf]+)", out)
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses), out
-    assert abs(losses[0] - math.log(64)) < 1.0, out  # random weights: ~uniform over the tokens
+    assert abs(losses[0] - math.log(512)) < 0.5, out  # random weights: ~uniform over the vocab
     assert "mean step time after the first" in out, out
 
 
@@ -52,8 +52,9 @@ def test_zo_adam_cosine(tmp_path):
     want = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps, lr / 10)(steps - 1)
     (got,) = _floats(r"last learning rate ([\d.e+-]+)", out)
     assert got == pytest.approx(float(want), rel=1e-2), out
-    first, last = _floats(r"train loss: first \d+ steps ([\d.]+), last \d+ ([\d.]+)", out)
-    assert math.isfinite(first) and math.isfinite(last), out
+    first = _floats(r"train loss: first \d+ steps ([\d.]+),", out)
+    last = _floats(r"train loss: .*, last \d+ ([\d.]+);", out)
+    assert len(first) == len(last) == 1 and math.isfinite(first[0] + last[0]), out
 
 
 def test_custom_loop(tmp_path):

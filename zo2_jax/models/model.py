@@ -175,6 +175,12 @@ def logits(model: Model, params: PyTree, input_ids, attention_mask=None):
     if attention_mask is not None:
         batch["attention_mask"] = jnp.asarray(attention_mask, jnp.int32)
     check_batch(batch)
+    # Parameters may sit in pinned host memory (ZO2Engine.params()); compute needs them on the
+    # device, and jit refuses operands from two memory spaces.
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="device")
+    if any(getattr(getattr(x, "sharding", None), "memory_kind", "device") != "device"
+           for x in jax.tree.leaves(params)):
+        params = jax.device_put(params, dev)
     return _jit_apply(model, params, batch)
 
 
