@@ -60,7 +60,7 @@ def test_resume_is_bit_exact(tiny, tmp_path, engine, optimizer, storage):
 
 
 def test_metrics_and_plot(tiny, tmp_path):
-    res = train(_cfg(tiny, tmp_path, eval_every=3), log=lambda s: None)
+    res = train(_cfg(tiny, tmp_path, eval_every=3, num_directions=2), log=lambda s: None)
     recs = [json.loads(line) for line in open(res.metrics_path)]
     train_recs = [r for r in recs if r["kind"] == "train"]
     assert len(train_recs) == 6

@@ -132,7 +132,8 @@ class Result:
 
 def _to_host(step, m, t0, tokens):
     rec = {"kind": "train", "step": step}
-    rec.update({k: float(v) for k, v in m.items()})
+    # projected_grad is [q] with q > 1 directions: keep every direction in the log.
+    rec.update({k: float(v) if np.ndim(v) == 0 else np.asarray(v).tolist() for k, v in m.items()})
     dt = time.perf_counter() - t0
     rec.update(step_s=dt, tokens_per_s=tokens / dt if dt > 0 else float("nan"))
     rec.update(M.device_memory())
@@ -214,7 +215,8 @@ def _report(rec, mlog, bar):
     if not math.isfinite(rec.get("loss", 0.0)):
         warnings.warn(f"step {rec['step']}: non-finite loss; its update was skipped")
     if bar is not None:
-        bar.set_postfix(loss=f"{rec['loss']:.4f}", g=f"{rec.get('projected_grad', 0):.3g}",
+        bar.set_postfix(loss=f"{rec['loss']:.4f}",
+                        g=f"{float(np.mean(rec.get('projected_grad', 0))):.3g}",
                         refresh=False)
         bar.update(1)
 
