@@ -103,7 +103,7 @@ def _block_mask(mask_spec, blocks, model):
 
 
 def build_spec(model, params, tx, *, eps, num_directions, compute_dtype, storage,
-               outer_storage, clip_norm) -> Spec:
+               outer_storage, clip_norm, sequential_branches=False) -> Spec:
     """Validates the engine arguments and returns the static Spec of the run."""
     for stage in ("context", "embed", "block", "head"):
         if not callable(getattr(model, stage, None)):
@@ -120,6 +120,8 @@ def build_spec(model, params, tx, *, eps, num_directions, compute_dtype, storage
     for name, st in (("storage", storage), ("outer_storage", outer_storage)):
         if st is not None and not isinstance(st, Storage):
             raise TypeError(f"{name} must be a zo2_jax.offload.Storage, got {type(st).__name__}")
+    if not isinstance(sequential_branches, (bool, np.bool_)):
+        raise ValueError(f"sequential_branches must be True or False, got {sequential_branches!r}")
     tx = mezo_sgd(1e-6) if tx is None else tx
     outer_mask = block_mask = None
     if isinstance(tx, MeZOSGD):
@@ -142,7 +144,8 @@ def build_spec(model, params, tx, *, eps, num_directions, compute_dtype, storage
     return Spec(model=model, eps=eps, num_directions=int(num_directions),
                 compute_dtype=jnp.dtype(compute_dtype), storage=storage,
                 outer_storage=outer_storage or storage, tx=tx, outer_mask=outer_mask,
-                block_mask=block_mask, clip_norm=None if clip_norm is None else float(clip_norm))
+                block_mask=block_mask, clip_norm=None if clip_norm is None else float(clip_norm),
+                sequential_branches=bool(sequential_branches))
 
 
 # ---- state() / restore() -----------------------------------------------------------------------

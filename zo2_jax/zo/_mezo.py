@@ -128,6 +128,9 @@ class MeZOEngine:
         ||sum_j c_j z_j||^2 = c^T G c, with the Gram matrix G_jk = <z_j, z_k> accumulated part by
         part while z is generated for the forward pass, so it is complete when the deferred
         update runs. Adds metrics['grad_norm'] (before clipping).
+      sequential_branches: run the 2q perturbed branches of each part one after the other, so
+        one perturbed copy of a part is alive at a time instead of 2q (lower peak memory at
+        large hidden sizes; z is regenerated per branch). Results are bit-identical.
 
     Example:
       >>> engine = MeZOEngine(model, params, mezo_sgd(1e-6), eps=1e-3)
@@ -138,11 +141,12 @@ class MeZOEngine:
     def __init__(self, model, params: PyTree, tx: Optional[optax.GradientTransformation] = None,
                  *, eps: float = 1e-3, num_directions: int = 1,
                  compute_dtype: Any = jnp.float32, storage: Optional[Storage] = None,
-                 outer_storage: Optional[Storage] = None, clip_norm: Optional[float] = None):
+                 outer_storage: Optional[Storage] = None, clip_norm: Optional[float] = None,
+                 sequential_branches: bool = False):
         self.spec = spec = common.build_spec(
             model, params, tx, eps=eps, num_directions=num_directions,
             compute_dtype=compute_dtype, storage=storage, outer_storage=outer_storage,
-            clip_norm=clip_norm)
+            clip_norm=clip_norm, sequential_branches=sequential_branches)
         self.num_blocks = len(params["blocks"])
         self._dev = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="device")
         put = lambda t: jax.device_put(t, self._dev)  # noqa: E731
