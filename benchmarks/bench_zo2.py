@@ -71,6 +71,16 @@ def bandwidth(nbytes: int = 1 << 30, reps: int = 5) -> dict:
             "B_bi": 2 * nbytes / both / 1e9}
 
 
+def lazy_params(model, dtype, seed: int = 0) -> dict:
+    """Random parameters with the blocks as callables: each block is created on the device by
+    one jitted function when the engine calls it (see the engines' `params`)."""
+    key = jax.random.key(seed)
+    init_b = jax.jit(lambda k: model.init_block(k, dtype))
+    outer = jax.jit(lambda k: model.init_outer(k, dtype))(jax.random.fold_in(key, 2 ** 31 - 1))
+    return {"outer": outer, "blocks": [lambda i=i: init_b(jax.random.fold_in(key, i))
+                                       for i in range(model.num_blocks)]}
+
+
 def make_batch(cfg, batch: int, seq: int, seed: int = 0) -> dict:
     ids = jax.random.randint(jax.random.key(seed), (batch, seq), 0, cfg.vocab_size, jnp.int32)
     return {"input_ids": ids, "attention_mask": jnp.ones_like(ids)}
@@ -100,6 +110,59 @@ def time_engine(engine, batch, steps: int, warmup: int) -> dict:
     return {"step_s": total / steps, "dispatch_share": dispatch / total, "loss_finite": finite}
 
 
+def _timed(fn, reps: int) -> float:
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts))
+
+
+def profile_blocks(eng, batch, reps: int = 5) -> dict:
+    """Per-block costs of a ZO2 step, each measured alone (nothing overlapping), in ms: the
+    upload of a stored block, the jitted block function (update + 2q branches), the write-back,
+    and the same bytes moved as one contiguous buffer (the per-leaf transfer overhead is the
+    difference). The pipelined step can at best hide all but the largest of the three sums."""
+    from zo2_jax.offload._zo2 import _head_fn, _outer_fn
+    from zo2_jax.zo import _parts as parts
+
+    spec, dev, host = eng.spec, eng._dev, eng._host
+    block_fn = jax.jit(parts.block_step, static_argnums=0)  # no donation: inputs are reused
+    i = next(j for j in range(eng.num_blocks) if j not in eng._store.resident)
+    stored, opt = eng._store.blocks[i], eng._store.opts[i]
+    nbytes = sum(x.nbytes for x in jax.tree.leaves((stored, opt)))
+    flat_host = jax.device_put(jnp.zeros((nbytes,), jnp.uint8), host)
+    b = jax.device_put(dict(batch), dev)
+    key = jax.device_put(jax.random.key(7), dev)
+    pend, count = eng._pending, eng._count
+    outer = jax.tree.map(jnp.copy, (eng._outer, eng._opt_outer))
+    _, _, hs, ctx, g = _outer_fn(spec, *jax.tree.map(jnp.copy, outer), pend, count, key, b)
+    blk_dev, opt_dev = jax.device_put((stored, opt), dev)
+    new_blk, new_opt, hs2, _ = block_fn(spec, blk_dev, opt_dev, pend, count, eng._ids[i], key,
+                                        hs, ctx, g)
+    flat_dev = jax.device_put(flat_host, dev)
+    jax.block_until_ready((new_blk, flat_dev, hs2))
+    out = {
+        "n_streamed": len(eng._stream.streamed), "block_bytes": nbytes,
+        "leaves": len(jax.tree.leaves((stored, opt))),
+        "up_ms": 1e3 * _timed(lambda: jax.device_put((stored, opt), dev), reps),
+        "up_flat_ms": 1e3 * _timed(lambda: jax.device_put(flat_host, dev), reps),
+        "compute_ms": 1e3 * _timed(lambda: block_fn(spec, blk_dev, opt_dev, pend, count,
+                                                    eng._ids[i], key, hs, ctx, g), reps),
+        "down_ms": 1e3 * _timed(lambda: jax.device_put((new_blk, new_opt), host), reps),
+        "down_flat_ms": 1e3 * _timed(lambda: jax.device_put(flat_dev, host), reps),
+        "outer_ms": 1e3 * _timed(lambda: _outer_fn(
+            spec, *jax.tree.map(jnp.copy, outer), pend, count, key, b), reps),
+        "head_ms": 1e3 * _timed(lambda: _head_fn(spec, outer[0], key, hs2, b, g, pend, count,
+                                                 eng._skipped_total), reps),
+    }
+    n = out["n_streamed"]
+    out["sum_up_ms"], out["sum_compute_ms"], out["sum_down_ms"] = (
+        n * out["up_ms"], n * out["compute_ms"], n * out["down_ms"])
+    return out
+
+
 def peak_bytes() -> int:
     stats = jax.devices()[0].memory_stats() or {}
     return int(stats.get("peak_bytes_in_use", 0))
@@ -118,6 +181,12 @@ def main(argv=None):
     p.add_argument("--attn", default="cudnn", choices=["xla", "cudnn"])
     p.add_argument("--resident-blocks", type=int, default=0)
     p.add_argument("--max-inflight", type=int, default=4)
+    p.add_argument("--outer-storage", choices=["float32", "bfloat16", "int8"],
+                   help="host storage of embeddings/head (default: as --storage)")
+    p.add_argument("--sequential-branches", action="store_true",
+                   help="run the +eps and -eps branches one after the other (lower peak memory)")
+    p.add_argument("--profile", action="store_true",
+                   help="after timing ZO2, measure each per-block cost alone (profile_blocks)")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--json-out")
@@ -130,27 +199,30 @@ def main(argv=None):
     attn = a.attn if compute != jnp.float32 else "xla"
     model = zm.Model(cfg, compute, attn)
     storage = Storage(a.storage, rounding=a.rounding)
+    outer_storage = Storage(a.outer_storage, rounding=a.rounding) if a.outer_storage else None
     batch = make_batch(cfg, a.batch, a.seq)
     row = {"impl": "zo2_jax", "model": a.model, "layers": cfg.num_layers, "batch": a.batch,
            "seq": a.seq, "storage": a.storage, "rounding": a.rounding, "compute": a.compute,
-           "attn": attn, "params": cfg.num_params, "device": jax.devices()[0].device_kind,
+           "attn": attn, "params": cfg.num_params, "outer_storage": a.outer_storage or a.storage,
+           "sequential_branches": a.sequential_branches, "device": jax.devices()[0].device_kind,
            "jax": jax.__version__, "date": time.strftime("%Y-%m-%d")}
     dev = jax.devices()[0]
-    host = jax.sharding.SingleDeviceSharding(dev, memory_kind="pinned_host")
     init_dtype = jnp.float32 if a.storage == "float32" else jnp.bfloat16
     tx = mezo_sgd(1e-6, weight_decay=0.0)
     for name in a.engines.split(","):
         t = time.perf_counter()
         try:
+            common = dict(tx=tx, eps=1e-3, compute_dtype=compute, storage=storage,
+                          outer_storage=outer_storage,
+                          sequential_branches=a.sequential_branches)
+            # Each block is made on the device when the engine asks for it and encoded there
+            # (ZO2 then writes it to pinned host memory): no second copy of the model anywhere.
+            params = lazy_params(model, init_dtype)
             if name == "zo2":
-                params = model.init(jax.random.key(0), init_dtype, block_sharding=host)
-                eng = ZO2Engine(model, params, tx=tx, eps=1e-3, compute_dtype=compute,
-                                storage=storage, resident_blocks=a.resident_blocks,
-                                max_inflight=a.max_inflight)
+                eng = ZO2Engine(model, params, resident_blocks=a.resident_blocks,
+                                max_inflight=a.max_inflight, **common)
             else:
-                params = model.init(jax.random.key(0), init_dtype)
-                eng = MeZOEngine(model, params, tx=tx, eps=1e-3, compute_dtype=compute,
-                                 storage=storage)
+                eng = MeZOEngine(model, params, **common)
             del params
             row[f"{name}_init_s"] = time.perf_counter() - t
             r = time_engine(eng, batch, a.steps, a.warmup)
@@ -159,6 +231,8 @@ def main(argv=None):
             row[f"{name}_dispatch_share"] = r["dispatch_share"]
             row[f"{name}_loss_finite"] = r["loss_finite"]
             row[f"{name}_peak_bytes"] = peak_bytes()
+            if name == "zo2" and a.profile:
+                row["profile"] = profile_blocks(eng, batch)
             if name == "zo2":
                 row["streamed_bytes"] = sum(
                     x.nbytes for i, b in enumerate(eng._store.blocks)

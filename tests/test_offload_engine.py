@@ -185,12 +185,16 @@ def test_blocks_given_as_callables_are_made_one_at_a_time():
 
     kw = dict(tx=shared_sgd(), storage=Storage("int8", rounding="stochastic"))
     lazy = {"outer": PARAMS["outer"], "blocks": [maker(i) for i in range(len(PARAMS["blocks"]))]}
+    n = len(PARAMS["blocks"])
     a, b = ZO2Engine(MODEL, PARAMS, **kw), ZO2Engine(MODEL, lazy, **kw)
-    assert calls == list(range(len(PARAMS["blocks"])))
+    assert calls == list(range(n))
+    c = MeZOEngine(MODEL, lazy, **kw)
+    assert calls == list(range(n)) * 2
     for t in range(2):
         batch, key = counting_batch(jax.random.key(t)), jax.random.key(100 + t)
-        a.step(batch, key), b.step(batch, key)
+        a.step(batch, key), b.step(batch, key), c.step(batch, key)
     assert_trees_identical(a.params(), b.params(), "lazy blocks")
+    assert_trees_identical(a.params(), c.params(), "lazy blocks, MeZO")
 
     bad = dict(lazy, blocks=list(lazy["blocks"]))
     bad["blocks"][1] = lambda: jax.tree.map(lambda x: x[..., :1], PARAMS["blocks"][1])

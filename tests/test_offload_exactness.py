@@ -116,9 +116,26 @@ def test_sequential_branches_bit_for_bit(name):
         assert_trees_identical(ref.params(), e.params(), f"{name}: sequential branches")
 
 
-def test_sequential_branches_validated():
+def test_sequential_branches_and_directions_validated():
     with pytest.raises(ValueError, match="sequential_branches must be True or False"):
         MeZOEngine(MODEL, PARAMS, sequential_branches="yes")
+    with pytest.raises(ValueError, match="directions must be one of"):
+        ZO2Engine(MODEL, PARAMS, directions="normal")
+
+
+def test_rademacher_zo2_matches_mezo_and_state_records_it():
+    kw = dict(tx=shared_sgd(), directions="rademacher",
+              storage=Storage("bfloat16", rounding="stochastic"))
+    mezo, zo2 = MeZOEngine(MODEL, PARAMS, **kw), ZO2Engine(MODEL, PARAMS, max_inflight=2, **kw)
+    gauss = MeZOEngine(MODEL, PARAMS, tx=shared_sgd(), storage=kw["storage"])
+    for t in range(3):
+        batch, key = counting_batch(jax.random.key(t)), jax.random.key(100 + t)
+        m1, m2, m3 = mezo.step(batch, key), zo2.step(batch, key), gauss.step(batch, key)
+        assert np.array_equal(np.asarray(m1["loss"]), np.asarray(m2["loss"]))
+    assert not np.array_equal(np.asarray(m1["loss"]), np.asarray(m3["loss"]))
+    assert_trees_identical(mezo.params(), zo2.params(), "rademacher")
+    with pytest.raises(ValueError, match="directions"):
+        gauss.restore(mezo.state())  # a trajectory must not switch its noise silently
 
 
 def test_flush_midway_changes_nothing():

@@ -71,6 +71,22 @@ def test_noise_is_keyed_by_step_direction_part_and_leaf():
     np.testing.assert_array_equal(part_noise(k, 0, 3, {"x": tree["x"]})["x"], z["x"])
 
 
+def test_rademacher_directions_are_fair_independent_signs():
+    k = jax.random.key(3)
+    z = part_noise(k, 0, 1, {"w": jnp.zeros((333, 301))}, "rademacher")["w"]  # not 32-aligned
+    assert z.shape == (333, 301) and z.dtype == jnp.float32
+    assert set(np.unique(np.asarray(z))) == {-1.0, 1.0}
+    flat = np.asarray(z).ravel()
+    assert abs(flat.mean()) < 0.01
+    # neighbouring elements (bits of one word) and elements 32 apart are uncorrelated
+    for lag in (1, 31, 32, 33):
+        assert abs(np.corrcoef(flat[:-lag], flat[lag:])[0, 1]) < 0.02, lag
+    np.testing.assert_array_equal(z, part_noise(k, 0, 1, {"w": jnp.zeros((333, 301))},
+                                                "rademacher")["w"])
+    with pytest.raises(ValueError, match="directions must be one of"):
+        part_noise(k, 0, 1, {"w": jnp.zeros((3,))}, "uniform")
+
+
 def test_apply_zo_grad_fused_and_optax_rules():
     params = {"w": jnp.ones((3, 4)), "b": jnp.ones((4,))}
     grad = ZOGrad(jnp.array([2.0, -1.0]), jax.random.key(3))

@@ -55,41 +55,6 @@ _eval_head = jax.jit(parts.eval_head, static_argnums=0)
 _decode = jax.jit(lambda storage, stored: _copy(storage.decode(stored)), static_argnums=0)
 
 
-def _lazy_blocks(params):
-    """(params with every block concrete, make_block(i)) where blocks may be zero-argument
-    callables that return the block: each is called once, when the engine encodes and offloads
-    that block, so a model can be loaded (or created) one block at a time, e.g. straight into
-    int8 host storage without a full-precision copy of the whole model anywhere. Block 0 stands
-    in for the others in the argument checks; every later block is checked against it."""
-    blocks = params.get("blocks") if isinstance(params, dict) else None
-    if not isinstance(blocks, (list, tuple)) or not any(callable(b) for b in blocks):
-        return params, lambda i: params["blocks"][i]
-
-    def call(i):
-        b = blocks[i]() if callable(blocks[i]) else blocks[i]
-        if callable(b) or not jax.tree.leaves(b):
-            raise ValueError(f"params['blocks'][{i}]() returned {type(b).__name__}, expected a "
-                             f"block pytree of arrays")
-        return b
-
-    first = call(0)
-    ref = [(jnp.shape(x), jnp.dtype(x.dtype)) for x in jax.tree.leaves(first)]
-    ref_tree = jax.tree.structure(first)
-
-    def make_block(i):
-        if i == 0:
-            return first
-        b = call(i)
-        got = [(jnp.shape(x), jnp.dtype(x.dtype)) for x in jax.tree.leaves(b)]
-        if jax.tree.structure(b) != ref_tree or got != ref:
-            raise ValueError(f"params['blocks'][{i}]() returned a block unlike block 0 "
-                             f"(structure, shapes or dtypes differ): every block must have the "
-                             f"same structure, shapes and dtypes")
-        return b
-
-    return {"outer": params["outer"], "blocks": [first] * len(blocks)}, make_block
-
-
 class ZO2Engine:
     """ZO training of a model larger than device memory (ZO2, arXiv 2503.12668).
 
@@ -108,9 +73,10 @@ class ZO2Engine:
         estimated peak fits; needs `batch_shape`. Raises if even the minimum does not fit.
       batch_shape: (B, T) of every batch (required with a budget; then enforced).
       device: the device (default: the first).
-      params: as for MeZOEngine, except that blocks may also be zero-argument callables that
-        return the block; each is called once, when its block is encoded and offloaded (load or
-        create a model one block at a time, e.g. straight into int8 host storage).
+      params: as for MeZOEngine, blocks possibly zero-argument callables, each called once when
+        its block is encoded and offloaded (load or create a model one block at a time, e.g.
+        straight into int8 host storage, with no full-precision copy of the whole model).
+      directions: see MeZOEngine.
       sequential_branches: see MeZOEngine; for the largest blocks (e.g. OPT-175B's 3.6 GB in
         bf16) it saves one perturbed block copy of device memory per extra branch.
 
@@ -126,15 +92,16 @@ class ZO2Engine:
                  *, eps: float = 1e-3, num_directions: int = 1,
                  compute_dtype: Any = jnp.float32, storage: Optional[Storage] = None,
                  outer_storage: Optional[Storage] = None, clip_norm: Optional[float] = None,
-                 sequential_branches: bool = False,
+                 sequential_branches: bool = False, directions: str = "gaussian",
                  resident_blocks: Union[int, Iterable[int]] = 0, max_inflight: int = 3,
                  device_budget_bytes: Optional[int] = None, batch_shape: Optional[tuple] = None,
                  device: Optional[jax.Device] = None):
-        params, make_block = _lazy_blocks(params)
+        params, make_block = common.lazy_blocks(params)
         self.spec = spec = common.build_spec(
             model, params, tx, eps=eps, num_directions=num_directions,
             compute_dtype=compute_dtype, storage=storage, outer_storage=outer_storage,
-            clip_norm=clip_norm, sequential_branches=sequential_branches)
+            clip_norm=clip_norm, sequential_branches=sequential_branches,
+            directions=directions)
         n = self.num_blocks = len(params["blocks"])
         dev = device or jax.devices()[0]
         if "pinned_host" not in _memory_kinds(dev):

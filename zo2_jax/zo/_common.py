@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from zo2_jax.offload.codecs import Int8Leaf, Storage
+from zo2_jax.zo._noise import DIRECTIONS
 from zo2_jax.zo._parts import Pending, Spec, freeze_mask
 from zo2_jax.zo._transforms import MeZOSGD, check_block_transform, mezo_sgd, resolve_mask
 
@@ -103,7 +104,8 @@ def _block_mask(mask_spec, blocks, model):
 
 
 def build_spec(model, params, tx, *, eps, num_directions, compute_dtype, storage,
-               outer_storage, clip_norm, sequential_branches=False) -> Spec:
+               outer_storage, clip_norm, sequential_branches=False,
+               directions="gaussian") -> Spec:
     """Validates the engine arguments and returns the static Spec of the run."""
     for stage in ("context", "embed", "block", "head"):
         if not callable(getattr(model, stage, None)):
@@ -122,6 +124,8 @@ def build_spec(model, params, tx, *, eps, num_directions, compute_dtype, storage
             raise TypeError(f"{name} must be a zo2_jax.offload.Storage, got {type(st).__name__}")
     if not isinstance(sequential_branches, (bool, np.bool_)):
         raise ValueError(f"sequential_branches must be True or False, got {sequential_branches!r}")
+    if directions not in DIRECTIONS:
+        raise ValueError(f"directions must be one of {DIRECTIONS}, got {directions!r}")
     tx = mezo_sgd(1e-6) if tx is None else tx
     outer_mask = block_mask = None
     if isinstance(tx, MeZOSGD):
@@ -145,7 +149,42 @@ def build_spec(model, params, tx, *, eps, num_directions, compute_dtype, storage
                 compute_dtype=jnp.dtype(compute_dtype), storage=storage,
                 outer_storage=outer_storage or storage, tx=tx, outer_mask=outer_mask,
                 block_mask=block_mask, clip_norm=None if clip_norm is None else float(clip_norm),
-                sequential_branches=bool(sequential_branches))
+                sequential_branches=bool(sequential_branches), directions=directions)
+
+
+def lazy_blocks(params):
+    """(params with every block concrete, make_block(i)) where blocks may be zero-argument
+    callables that return the block: each is called once, when the engine encodes and offloads
+    that block, so a model can be loaded (or created) one block at a time, e.g. straight into
+    int8 host storage without a full-precision copy of the whole model anywhere. Block 0 stands
+    in for the others in the argument checks; every later block is checked against it."""
+    blocks = params.get("blocks") if isinstance(params, dict) else None
+    if not isinstance(blocks, (list, tuple)) or not any(callable(b) for b in blocks):
+        return params, lambda i: params["blocks"][i]
+
+    def call(i):
+        b = blocks[i]() if callable(blocks[i]) else blocks[i]
+        if callable(b) or not jax.tree.leaves(b):
+            raise ValueError(f"params['blocks'][{i}]() returned {type(b).__name__}, expected a "
+                             f"block pytree of arrays")
+        return b
+
+    first = call(0)
+    ref = [(jnp.shape(x), jnp.dtype(x.dtype)) for x in jax.tree.leaves(first)]
+    ref_tree = jax.tree.structure(first)
+
+    def make_block(i):
+        if i == 0:
+            return first
+        b = call(i)
+        got = [(jnp.shape(x), jnp.dtype(x.dtype)) for x in jax.tree.leaves(b)]
+        if jax.tree.structure(b) != ref_tree or got != ref:
+            raise ValueError(f"params['blocks'][{i}]() returned a block unlike block 0 "
+                             f"(structure, shapes or dtypes differ): every block must have the "
+                             f"same structure, shapes and dtypes")
+        return b
+
+    return {"outer": params["outer"], "blocks": [first] * len(blocks)}, make_block
 
 
 # ---- state() / restore() -----------------------------------------------------------------------
@@ -155,7 +194,7 @@ def meta(spec: Spec, engine: str, num_blocks: int, key_impl: str) -> dict:
     return {"engine": engine, "num_blocks": num_blocks, "num_directions": spec.num_directions,
             "storage": dataclasses.asdict(spec.storage),
             "outer_storage": dataclasses.asdict(spec.outer_storage),
-            "fused": spec.fused, "key_impl": key_impl}
+            "fused": spec.fused, "key_impl": key_impl, "directions": spec.directions}
 
 
 def pending_to_tree(p: Pending) -> dict:
@@ -169,7 +208,8 @@ def pending_from_tree(d: Mapping, key_impl: str) -> Pending:
 
 def check_meta(spec: Spec, num_blocks: int, m: Mapping) -> None:
     want = meta(spec, "", num_blocks, "")
-    for k in ("num_blocks", "num_directions", "storage", "outer_storage", "fused"):
+    m = {"directions": "gaussian", **m}  # states saved before the option existed
+    for k in ("num_blocks", "num_directions", "storage", "outer_storage", "fused", "directions"):
         if m.get(k) != want[k]:
             raise ValueError(f"state was saved with {k}={m.get(k)!r}, this engine has "
                              f"{k}={want[k]!r}")

@@ -113,6 +113,9 @@ class MeZOEngine:
     Args:
       model: implements the seam (`zo2_jax.models.Seam`).
       params: {'outer': pytree, 'blocks': [pytree, ...]} of float arrays (copied by the engine).
+        A block may also be a zero-argument callable returning it, called once when the engine
+        encodes that block: the model is then never held twice (the caller's copy and the
+        engine's), which matters when it fills most of the device.
       tx: any optax GradientTransformation. It is applied per part, `tx.update(g*z, state,
         params)` for outer and for each block, each with its own state (`tx.init(part)`), so a
         transform that needs the whole gradient would see one part at a time: the engines refuse
@@ -128,6 +131,9 @@ class MeZOEngine:
         ||sum_j c_j z_j||^2 = c^T G c, with the Gram matrix G_jk = <z_j, z_k> accumulated part by
         part while z is generated for the forward pass, so it is complete when the deferred
         update runs. Adds metrics['grad_norm'] (before clipping).
+      directions: 'gaussian' (MeZO's z ~ N(0, I)) or 'rademacher' (z in {-1, +1}^d, Spall's
+        SPSA: also E[z z^T] = I, a lower-variance estimate, and ~30x cheaper to generate, which
+        matters where the noise, not the forward pass, bounds the step, e.g. small models on CPU).
       sequential_branches: run the 2q perturbed branches of each part one after the other, so
         one perturbed copy of a part is alive at a time instead of 2q (lower peak memory at
         large hidden sizes; z is regenerated per branch). Results are bit-identical.
@@ -142,11 +148,13 @@ class MeZOEngine:
                  *, eps: float = 1e-3, num_directions: int = 1,
                  compute_dtype: Any = jnp.float32, storage: Optional[Storage] = None,
                  outer_storage: Optional[Storage] = None, clip_norm: Optional[float] = None,
-                 sequential_branches: bool = False):
+                 sequential_branches: bool = False, directions: str = "gaussian"):
+        params, make_block = common.lazy_blocks(params)
         self.spec = spec = common.build_spec(
             model, params, tx, eps=eps, num_directions=num_directions,
             compute_dtype=compute_dtype, storage=storage, outer_storage=outer_storage,
-            clip_norm=clip_norm, sequential_branches=sequential_branches)
+            clip_norm=clip_norm, sequential_branches=sequential_branches,
+            directions=directions)
         self.num_blocks = len(params["blocks"])
         self._dev = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="device")
         put = lambda t: jax.device_put(t, self._dev)  # noqa: E731
@@ -154,8 +162,8 @@ class MeZOEngine:
         # Blocks are encoded one at a time and written into preallocated stacked buffers (in
         # place, donated), so loading needs one extra block, not a second copy of the model.
         blocks = opts = None
-        for i, b in enumerate(params["blocks"]):
-            s, o = _init_part(spec, "block", put(b))
+        for i in range(self.num_blocks):
+            s, o = _init_part(spec, "block", put(make_block(i)))
             if blocks is None:
                 zeros = lambda t: jax.tree.map(  # noqa: E731
                     lambda x: jnp.zeros((self.num_blocks,) + x.shape, x.dtype, device=self._dev), t)

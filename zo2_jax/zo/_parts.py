@@ -79,6 +79,7 @@ class Spec:
     block_mask: Optional[tuple]
     clip_norm: Optional[float]
     sequential_branches: bool = False
+    directions: str = "gaussian"
 
     @property
     def fused(self) -> bool:
@@ -111,7 +112,7 @@ def update_part(spec: Spec, part: str, stored, opt, pend: Pending, count, part_i
     theta = st.decode(stored)
     gz = None
     for j in range(spec.num_directions):
-        z = part_noise(pend.key, j, part_id, theta)
+        z = part_noise(pend.key, j, part_id, theta, spec.directions)
         term = jax.tree.map(lambda z_: pend.coef[j] * z_, z)
         gz = term if gz is None else jax.tree.map(jnp.add, gz, term)
     if spec.fused:
@@ -135,7 +136,7 @@ def _branch(spec: Spec, theta, key, k, part_id):
     """W_k in the compute dtype for branch k = 2j + b (b = 0: +eps, 1: -eps); k may be traced.
     The same float32 expressions as `perturbed`, so the weights are bit-identical."""
     cd, eps = spec.compute_dtype, spec.eps
-    z = part_noise(key, k // 2, part_id, theta)
+    z = part_noise(key, k // 2, part_id, theta, spec.directions)
     plus = (k % 2) == 0
     return jax.tree.map(lambda t, z_: jnp.where(plus, (t + eps * z_).astype(cd),
                                                 (t - eps * z_).astype(cd)), theta, z)
@@ -166,7 +167,7 @@ def perturbed(spec: Spec, part: str, stored, key, part_id):
     cd, eps = spec.compute_dtype, spec.eps
     pairs, zs = [], []
     for j in range(spec.num_directions):
-        z = part_noise(key, j, part_id, theta)
+        z = part_noise(key, j, part_id, theta, spec.directions)
         pairs.append((jax.tree.map(lambda t, z_: (t + eps * z_).astype(cd), theta, z),
                       jax.tree.map(lambda t, z_: (t - eps * z_).astype(cd), theta, z)))
         zs.append(z)
@@ -175,7 +176,8 @@ def perturbed(spec: Spec, part: str, stored, key, part_id):
 
 def _directions(spec: Spec, part: str, stored, key, part_id):
     theta = spec.storage_of(part).decode(stored)
-    return [part_noise(key, j, part_id, theta) for j in range(spec.num_directions)]
+    return [part_noise(key, j, part_id, theta, spec.directions)
+            for j in range(spec.num_directions)]
 
 
 # ---- the three stages of a training step -------------------------------------------------------
