@@ -163,6 +163,18 @@ def profile_blocks(eng, batch, reps: int = 5) -> dict:
     return out
 
 
+def host_peak_gb() -> float:
+    """Peak resident host memory of this process (VmHWM; pinned buffers count once touched)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1e6
+    except OSError:
+        pass
+    return 0.0
+
+
 def peak_bytes() -> int:
     stats = jax.devices()[0].memory_stats() or {}
     return int(stats.get("peak_bytes_in_use", 0))
@@ -231,6 +243,7 @@ def main(argv=None):
             row[f"{name}_dispatch_share"] = r["dispatch_share"]
             row[f"{name}_loss_finite"] = r["loss_finite"]
             row[f"{name}_peak_bytes"] = peak_bytes()
+            row[f"{name}_host_peak_gb"] = host_peak_gb()
             if name == "zo2" and a.profile:
                 row["profile"] = profile_blocks(eng, batch)
             if name == "zo2":

@@ -23,13 +23,21 @@ def main(paths):
         for r in ours:
             m, z = r.get("mezo_tok_s"), r.get("zo2_tok_s")
             print(f"| {r['model']} | {r['layers']} | {r['batch']}x{r['seq']} | {r['compute']} | "
-                  f"{r['storage']} | {fmt(m, 0) if m else r.get('mezo_error', '-')[:30]} | "
+                  f"{r['storage']}{' seq' if r.get('sequential_branches') else ''} W{r.get('max_inflight')} | {fmt(m, 0) if m else r.get('mezo_error', '-')[:30]} | "
                   f"{fmt(z, 0) if z else r.get('zo2_error', '-')[:30]} | "
                   f"{fmt(z / m) if m and z else '-'} | "
                   f"{fmt(r.get('zo2_peak_bytes', 0) / 1e9)} | "
                   f"{fmt(r.get('mezo_peak_bytes', 0) / 1e9) if m else '-'} | "
                   f"{fmt(r.get('T_bus', 0) * 1e3, 1)} | {fmt(r.get('zo2_over_T_limit'))} | "
                   f"{fmt(r.get('zo2_dispatch_share'))} |")
+        for r in ours:
+            if r.get("profile"):
+                pr = r["profile"]
+                print(f"\nprofile {r['model']} {r['batch']}x{r['seq']} {r['storage']}: per block "
+                      f"up {pr['up_ms']:.2f} (flat {pr['up_flat_ms']:.2f}) ms, compute "
+                      f"{pr['compute_ms']:.2f} ms, down {pr['down_ms']:.2f} (flat "
+                      f"{pr['down_flat_ms']:.2f}) ms, {pr['leaves']} leaves, x{pr['n_streamed']}; "
+                      f"outer {pr['outer_ms']:.1f} ms, head {pr['head_ms']:.1f} ms")
         b = ours[0]
         print(f"\npinned bandwidths (GB/s): up {b['B_up']:.1f}, down {b['B_down']:.1f}, "
               f"both {b['B_bi']:.1f}; device {b['device']}, jax {b['jax']}, {b['date']}")
