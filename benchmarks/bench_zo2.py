@@ -195,8 +195,6 @@ def main(argv=None):
     p.add_argument("--max-inflight", type=int, default=4)
     p.add_argument("--outer-storage", choices=["float32", "bfloat16", "int8"],
                    help="host storage of embeddings/head (default: as --storage)")
-    p.add_argument("--sequential-branches", action="store_true",
-                   help="run the +eps and -eps branches one after the other (lower peak memory)")
     p.add_argument("--profile", action="store_true",
                    help="after timing ZO2, measure each per-block cost alone (profile_blocks)")
     p.add_argument("--steps", type=int, default=6)
@@ -216,7 +214,7 @@ def main(argv=None):
     row = {"impl": "zo2_jax", "model": a.model, "layers": cfg.num_layers, "batch": a.batch,
            "seq": a.seq, "storage": a.storage, "rounding": a.rounding, "compute": a.compute,
            "attn": attn, "params": cfg.num_params, "outer_storage": a.outer_storage or a.storage,
-           "sequential_branches": a.sequential_branches, "device": jax.devices()[0].device_kind,
+           "device": jax.devices()[0].device_kind,
            "jax": jax.__version__, "date": time.strftime("%Y-%m-%d")}
     dev = jax.devices()[0]
     init_dtype = jnp.float32 if a.storage == "float32" else jnp.bfloat16
@@ -225,8 +223,7 @@ def main(argv=None):
         t = time.perf_counter()
         try:
             common = dict(tx=tx, eps=1e-3, compute_dtype=compute, storage=storage,
-                          outer_storage=outer_storage,
-                          sequential_branches=a.sequential_branches)
+                          outer_storage=outer_storage)
             # Each block is made on the device when the engine asks for it and encoded there
             # (ZO2 then writes it to pinned host memory): no second copy of the model anywhere.
             params = lazy_params(model, init_dtype)

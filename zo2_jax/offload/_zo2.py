@@ -77,8 +77,6 @@ class ZO2Engine:
         its block is encoded and offloaded (load or create a model one block at a time, e.g.
         straight into int8 host storage, with no full-precision copy of the whole model).
       directions: see MeZOEngine.
-      sequential_branches: see MeZOEngine; for the largest blocks (e.g. OPT-175B's 3.6 GB in
-        bf16) it saves one perturbed block copy of device memory per extra branch.
 
     Example:
       >>> engine = ZO2Engine(model, params, mezo_sgd(1e-6),
@@ -92,7 +90,7 @@ class ZO2Engine:
                  *, eps: float = 1e-3, num_directions: int = 1,
                  compute_dtype: Any = jnp.float32, storage: Optional[Storage] = None,
                  outer_storage: Optional[Storage] = None, clip_norm: Optional[float] = None,
-                 sequential_branches: bool = False, directions: str = "gaussian",
+                 directions: str = "gaussian",
                  resident_blocks: Union[int, Iterable[int]] = 0, max_inflight: int = 3,
                  device_budget_bytes: Optional[int] = None, batch_shape: Optional[tuple] = None,
                  device: Optional[jax.Device] = None):
@@ -100,8 +98,7 @@ class ZO2Engine:
         self.spec = spec = common.build_spec(
             model, params, tx, eps=eps, num_directions=num_directions,
             compute_dtype=compute_dtype, storage=storage, outer_storage=outer_storage,
-            clip_norm=clip_norm, sequential_branches=sequential_branches,
-            directions=directions)
+            clip_norm=clip_norm, directions=directions)
         n = self.num_blocks = len(params["blocks"])
         dev = device or jax.devices()[0]
         if "pinned_host" not in _memory_kinds(dev):

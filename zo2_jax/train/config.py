@@ -47,7 +47,6 @@ class TrainConfig:
       optimizer, lr, schedule, warmup_steps, weight_decay, momentum: the update (optax).
       eps, num_directions, directions: the SPSA estimate ("gaussian" z as MeZO, or "rademacher"
         +-1 z, much cheaper to generate: see MeZOEngine).
-      sequential_branches: run the perturbed branches one after the other (less device memory).
       steps, batch_size, max_len, seq_len: the loop and batch shapes (seq_len for lm).
       eval_every: evaluate every n steps (0 = only before and after).
       checkpoint_dir / checkpoint_every / keep_checkpoints: orbax checkpoints (resume if present).
@@ -70,7 +69,6 @@ class TrainConfig:
     compute_dtype: ComputeDtype = "float32"
     resident_blocks: int = 0
     max_inflight: int = 3
-    sequential_branches: bool = False
     device_budget_gb: Optional[float] = None
     optimizer: Optimizer = "sgd"
     lr: float = 1e-5
@@ -112,9 +110,6 @@ class TrainConfig:
                 raise ValueError(f"{name} must be an int >= 0, got {v!r}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(f"weight_decay must be finite and >= 0, got {self.weight_decay!r}")
-        if not isinstance(self.sequential_branches, bool):
-            raise ValueError(f"sequential_branches must be true or false, got "
-                             f"{self.sequential_branches!r}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
         if self.max_len is not None and self.max_len < 2:

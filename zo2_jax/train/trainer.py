@@ -91,7 +91,7 @@ def make_engine(cfg: TrainConfig, model, params):
     storage = Storage(cfg.storage_dtype, rounding=cfg.rounding)
     common = dict(tx=cfg.optimizer_transform(), eps=cfg.eps, num_directions=cfg.num_directions,
                   compute_dtype=_DTYPES[cfg.compute_dtype], storage=storage,
-                  directions=cfg.directions, sequential_branches=cfg.sequential_branches)
+                  directions=cfg.directions)
     if cfg.engine == "mezo":
         return MeZOEngine(model, params, **common)
     budget = None if cfg.device_budget_gb is None else int(cfg.device_budget_gb * 2 ** 30)

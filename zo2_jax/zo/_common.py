@@ -104,8 +104,7 @@ def _block_mask(mask_spec, blocks, model):
 
 
 def build_spec(model, params, tx, *, eps, num_directions, compute_dtype, storage,
-               outer_storage, clip_norm, sequential_branches=False,
-               directions="gaussian") -> Spec:
+               outer_storage, clip_norm, directions="gaussian") -> Spec:
     """Validates the engine arguments and returns the static Spec of the run."""
     for stage in ("context", "embed", "block", "head"):
         if not callable(getattr(model, stage, None)):
@@ -122,8 +121,6 @@ def build_spec(model, params, tx, *, eps, num_directions, compute_dtype, storage
     for name, st in (("storage", storage), ("outer_storage", outer_storage)):
         if st is not None and not isinstance(st, Storage):
             raise TypeError(f"{name} must be a zo2_jax.offload.Storage, got {type(st).__name__}")
-    if not isinstance(sequential_branches, (bool, np.bool_)):
-        raise ValueError(f"sequential_branches must be True or False, got {sequential_branches!r}")
     if directions not in DIRECTIONS:
         raise ValueError(f"directions must be one of {DIRECTIONS}, got {directions!r}")
     tx = mezo_sgd(1e-6) if tx is None else tx
@@ -149,7 +146,7 @@ def build_spec(model, params, tx, *, eps, num_directions, compute_dtype, storage
                 compute_dtype=jnp.dtype(compute_dtype), storage=storage,
                 outer_storage=outer_storage or storage, tx=tx, outer_mask=outer_mask,
                 block_mask=block_mask, clip_norm=None if clip_norm is None else float(clip_norm),
-                sequential_branches=bool(sequential_branches), directions=directions)
+                directions=directions)
 
 
 def lazy_blocks(params):

@@ -134,9 +134,6 @@ class MeZOEngine:
       directions: 'gaussian' (MeZO's z ~ N(0, I)) or 'rademacher' (z in {-1, +1}^d, Spall's
         SPSA: also E[z z^T] = I, a lower-variance estimate, and ~30x cheaper to generate, which
         matters where the noise, not the forward pass, bounds the step, e.g. small models on CPU).
-      sequential_branches: run the 2q perturbed branches of each part one after the other, so
-        one perturbed copy of a part is alive at a time instead of 2q (lower peak memory at
-        large hidden sizes; z is regenerated per branch). Results are bit-identical.
 
     Example:
       >>> engine = MeZOEngine(model, params, mezo_sgd(1e-6), eps=1e-3)
@@ -148,13 +145,12 @@ class MeZOEngine:
                  *, eps: float = 1e-3, num_directions: int = 1,
                  compute_dtype: Any = jnp.float32, storage: Optional[Storage] = None,
                  outer_storage: Optional[Storage] = None, clip_norm: Optional[float] = None,
-                 sequential_branches: bool = False, directions: str = "gaussian"):
+                 directions: str = "gaussian"):
         params, make_block = common.lazy_blocks(params)
         self.spec = spec = common.build_spec(
             model, params, tx, eps=eps, num_directions=num_directions,
             compute_dtype=compute_dtype, storage=storage, outer_storage=outer_storage,
-            clip_norm=clip_norm, sequential_branches=sequential_branches,
-            directions=directions)
+            clip_norm=clip_norm, directions=directions)
         self.num_blocks = len(params["blocks"])
         self._dev = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="device")
         put = lambda t: jax.device_put(t, self._dev)  # noqa: E731

@@ -63,9 +63,7 @@ class Spec:
     functions as a static argument, so engines with equal specs share compiled code.
 
     `outer_mask` / `block_mask` are frozen (`freeze_mask`) MeZO weight-decay masks, used only
-    when `tx` is fused (`MeZOSGD`). With `sequential_branches` the 2q branches of a part run one
-    after the other in a loop, each regenerating its z, so one perturbed copy of a part exists at
-    a time instead of 2q (same results, bit for bit; more noise generation).
+    when `tx` is fused (`MeZOSGD`).
     """
 
     model: Any
@@ -78,7 +76,6 @@ class Spec:
     outer_mask: Optional[tuple]
     block_mask: Optional[tuple]
     clip_norm: Optional[float]
-    sequential_branches: bool = False
     directions: str = "gaussian"
 
     @property
@@ -132,32 +129,6 @@ def update_part(spec: Spec, part: str, stored, opt, pend: Pending, count, part_i
     return stored, opt
 
 
-def _branch(spec: Spec, theta, key, k, part_id):
-    """W_k in the compute dtype for branch k = 2j + b (b = 0: +eps, 1: -eps); k may be traced.
-    The same float32 expressions as `perturbed`, so the weights are bit-identical."""
-    cd, eps = spec.compute_dtype, spec.eps
-    z = part_noise(key, k // 2, part_id, theta, spec.directions)
-    plus = (k % 2) == 0
-    return jax.tree.map(lambda t, z_: jnp.where(plus, (t + eps * z_).astype(cd),
-                                                (t - eps * z_).astype(cd)), theta, z)
-
-
-def _sequential(spec: Spec, part: str, stored, key, part_id, fn, hs):
-    """[fn(W_k, hs[k]) for k < 2q], one branch at a time (a loop: one perturbed copy alive)."""
-    theta = spec.storage_of(part).decode(stored)
-    n = 2 * spec.num_directions
-    stacked = jnp.stack(hs) if hs is not None else None
-    w0 = jax.eval_shape(lambda t: _branch(spec, t, key, 0, part_id), theta)
-    shape = jax.eval_shape(fn, w0, None if hs is None else hs[0])
-
-    def body(k, out):
-        h = None if stacked is None else stacked[k]
-        return out.at[k].set(fn(_branch(spec, theta, key, k, part_id), h))
-
-    out = jax.lax.fori_loop(0, n, body, jnp.zeros((n,) + shape.shape, shape.dtype))
-    return tuple(out[k] for k in range(n))
-
-
 def perturbed(spec: Spec, part: str, stored, key, part_id):
     """[(W_j^+, W_j^-)] in the compute dtype, and the directions [z_j], for j < q.
 
@@ -174,24 +145,12 @@ def perturbed(spec: Spec, part: str, stored, key, part_id):
     return pairs, zs
 
 
-def _directions(spec: Spec, part: str, stored, key, part_id):
-    theta = spec.storage_of(part).decode(stored)
-    return [part_noise(key, j, part_id, theta, spec.directions)
-            for j in range(spec.num_directions)]
-
-
 # ---- the three stages of a training step -------------------------------------------------------
 
 def outer_embed(spec: Spec, stored, opt, pend: Pending, count, key, batch):
     """Updates `outer`, embeds the 2q branches: (stored, opt, hs, ctx, gram or None)."""
     stored, opt = update_part(spec, "outer", stored, opt, pend, count, OUTER_PART)
     ctx = spec.model.context(batch)
-    if spec.sequential_branches:
-        hs = _sequential(spec, "outer", stored, key, OUTER_PART,
-                         lambda w, _: spec.model.embed(w, batch), None)
-        g = (gram(_directions(spec, "outer", stored, key, OUTER_PART))
-             if spec.clip_norm is not None else None)
-        return stored, opt, hs, ctx, g
     pairs, zs = perturbed(spec, "outer", stored, key, OUTER_PART)
     hs = tuple(spec.model.embed(w, batch) for pair in pairs for w in pair)
     return stored, opt, hs, ctx, (gram(zs) if spec.clip_norm is not None else None)
@@ -200,12 +159,6 @@ def outer_embed(spec: Spec, stored, opt, pend: Pending, count, key, batch):
 def block_step(spec: Spec, stored, opt, pend: Pending, count, part_id, key, hs, ctx, gram_acc):
     """Updates block `part_id` and runs the 2q branches through it: (stored, opt, hs, gram)."""
     stored, opt = update_part(spec, "block", stored, opt, pend, count, part_id)
-    if spec.sequential_branches:
-        hs = _sequential(spec, "block", stored, key, part_id,
-                         lambda w, h: spec.model.block(w, h, ctx), hs)
-        if gram_acc is not None:
-            gram_acc = gram_acc + gram(_directions(spec, "block", stored, key, part_id))
-        return stored, opt, hs, gram_acc
     pairs, zs = perturbed(spec, "block", stored, key, part_id)
     hs = tuple(spec.model.block(w, hs[2 * j + b], ctx)
                for j, pair in enumerate(pairs) for b, w in enumerate(pair))
@@ -221,11 +174,8 @@ def head_finish(spec: Spec, stored, key, hs, batch, gram_acc, pend: Pending, cou
     by one if the update applied during this step (the previous pending one) was valid.
     """
     loss = lambda w, h: jnp.mean(spec.model.head(w, h, batch)[0].astype(jnp.float32))  # noqa
-    if spec.sequential_branches:
-        losses = list(_sequential(spec, "outer", stored, key, OUTER_PART, loss, hs))
-    else:
-        pairs, _ = perturbed(spec, "outer", stored, key, OUTER_PART)
-        losses = [loss(w, hs[2 * j + b]) for j, pair in enumerate(pairs) for b, w in enumerate(pair)]
+    pairs, _ = perturbed(spec, "outer", stored, key, OUTER_PART)
+    losses = [loss(w, hs[2 * j + b]) for j, pair in enumerate(pairs) for b, w in enumerate(pair)]
     loss_p, loss_m = jnp.stack(losses[0::2]), jnp.stack(losses[1::2])
     g = (loss_p - loss_m) / (2.0 * spec.eps)
     valid = jnp.all(jnp.isfinite(loss_p) & jnp.isfinite(loss_m) & jnp.isfinite(g))
