@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Call 3a (2026-11-28): OPT-175B block shape memory (sequential vs parallel branches, bf16 and
 # int8, 4/8/16 layers), then ZO2 beside MeZO at W=3 with per-block profiles. Output in $OUT.
+# The --sequential-branches rows used an engine option that was removed after this call (it
+# raised the peak; BENCHMARKS.md, call 3): run this at commit 76c1a90 to reproduce them, or drop them.
 set -u
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB=200
 mkdir -p /tmp/keep && cp .assets/*.part* /tmp/keep/ 2>/dev/null

