@@ -129,7 +129,10 @@ def profile_blocks(eng, batch, reps: int = 5) -> dict:
 
     spec, dev, host = eng.spec, eng._dev, eng._host
     block_fn = jax.jit(parts.block_step, static_argnums=0)  # no donation: inputs are reused
-    i = next(j for j in range(eng.num_blocks) if j not in eng._store.resident)
+    streamed = [j for j in range(eng.num_blocks) if j not in eng._store.resident]
+    if not streamed:
+        return {"error": "every block is resident: nothing streams"}
+    i = streamed[0]
     stored, opt = eng._store.blocks[i], eng._store.opts[i]
     nbytes = sum(x.nbytes for x in jax.tree.leaves((stored, opt)))
     flat_host = jax.device_put(jnp.zeros((nbytes,), jnp.uint8), host)
@@ -163,8 +166,18 @@ def profile_blocks(eng, batch, reps: int = 5) -> dict:
     return out
 
 
+def reset_host_peak() -> None:
+    """Resets VmHWM to the current RSS (Linux), so each engine's host peak is its own."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
 def host_peak_gb() -> float:
-    """Peak resident host memory of this process (VmHWM; pinned buffers count once touched)."""
+    """Peak resident host memory of this process since the last reset_host_peak() (VmHWM;
+    pinned buffers count once touched)."""
     try:
         with open("/proc/self/status") as fh:
             for line in fh:
@@ -221,6 +234,7 @@ def main(argv=None):
     tx = mezo_sgd(1e-6, weight_decay=0.0)
     for name in a.engines.split(","):
         t = time.perf_counter()
+        reset_host_peak()
         try:
             common = dict(tx=tx, eps=1e-3, compute_dtype=compute, storage=storage,
                           outer_storage=outer_storage)

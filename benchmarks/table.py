@@ -12,6 +12,12 @@ def fmt(v, nd=2):
     return str(v)
 
 
+def tags(r) -> str:
+    """' W<max_inflight>', and a mark for rows of the removed sequential-branches option."""
+    w = f" W{r['max_inflight']}" if r.get("max_inflight") else ""
+    return w + (" (seq. branches)" if r.get("sequential_branches") else "")
+
+
 def main(paths):
     rows = [json.loads(line) for p in paths for line in open(p) if line.strip()]
     ours = [r for r in rows if r.get("impl") == "zo2_jax"]
@@ -23,7 +29,7 @@ def main(paths):
         for r in ours:
             m, z = r.get("mezo_tok_s"), r.get("zo2_tok_s")
             print(f"| {r['model']} | {r['layers']} | {r['batch']}x{r['seq']} | {r['compute']} | "
-                  f"{r['storage']}{' seq' if r.get('sequential_branches') else ''} W{r.get('max_inflight')} | {fmt(m, 0) if m else r.get('mezo_error', '-')[:30]} | "
+                  f"{r['storage']}{tags(r)} | {fmt(m, 0) if m else r.get('mezo_error', '-')[:30]} | "
                   f"{fmt(z, 0) if z else r.get('zo2_error', '-')[:30]} | "
                   f"{fmt(z / m) if m and z else '-'} | "
                   f"{fmt(r.get('zo2_peak_bytes', 0) / 1e9)} | "
@@ -31,7 +37,7 @@ def main(paths):
                   f"{fmt(r.get('T_bus', 0) * 1e3, 1)} | {fmt(r.get('zo2_over_T_limit'))} | "
                   f"{fmt(r.get('zo2_dispatch_share'))} |")
         for r in ours:
-            if r.get("profile"):
+            if r.get("profile") and "error" not in r["profile"]:
                 pr = r["profile"]
                 print(f"\nprofile {r['model']} {r['batch']}x{r['seq']} {r['storage']}: per block "
                       f"up {pr['up_ms']:.2f} (flat {pr['up_flat_ms']:.2f}) ms, compute "

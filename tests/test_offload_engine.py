@@ -175,12 +175,21 @@ def test_blocks_given_as_callables_are_made_one_at_a_time():
     called once, in order, and the engine trains exactly as with the concrete blocks."""
     from zo2_jax.offload import Storage
 
-    calls = []
+    import gc
+    import weakref
+
+    calls, first = [], []
 
     def maker(i):
         def make():
             calls.append(i)
-            return jax.tree.map(jnp.array, PARAMS["blocks"][i])
+            if i == 2:  # block 0 was encoded by now: the engine must not keep the caller's copy
+                gc.collect()
+                assert first[-1]() is None, "block 0 kept alive while later blocks are made"
+            b = jax.tree.map(jnp.array, PARAMS["blocks"][i])
+            if i == 0:
+                first.append(weakref.ref(jax.tree.leaves(b)[0]))
+            return b
         return make
 
     kw = dict(tx=shared_sgd(), storage=Storage("int8", rounding="stochastic"))
@@ -200,3 +209,10 @@ def test_blocks_given_as_callables_are_made_one_at_a_time():
     bad["blocks"][1] = lambda: jax.tree.map(lambda x: x[..., :1], PARAMS["blocks"][1])
     with pytest.raises(ValueError, match=r"params\['blocks'\]\[1\]\(\) returned a block unlike"):
         ZO2Engine(MODEL, bad, **kw)
+    with pytest.raises(ValueError, match="params must be a dict"):
+        ZO2Engine(MODEL, dict(lazy, extra=1), **kw)
+    made = []
+    with pytest.raises(ValueError, match="eps must be"):  # checked before block 0 is made
+        MeZOEngine(MODEL, {"outer": PARAMS["outer"], "blocks": [
+            lambda: made.append(1) or PARAMS["blocks"][0]] * 3}, eps=-1.0)
+    assert not made

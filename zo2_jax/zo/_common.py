@@ -103,14 +103,13 @@ def _block_mask(mask_spec, blocks, model):
     return masks[0]
 
 
-def build_spec(model, params, tx, *, eps, num_directions, compute_dtype, storage,
-               outer_storage, clip_norm, directions="gaussian") -> Spec:
-    """Validates the engine arguments and returns the static Spec of the run."""
+def check_options(model, *, eps, num_directions, compute_dtype, storage, outer_storage,
+                  clip_norm, directions="gaussian", **_) -> float:
+    """The cheap argument checks (before any block is made or loaded); returns eps as a float."""
     for stage in ("context", "embed", "block", "head"):
         if not callable(getattr(model, stage, None)):
             raise TypeError(f"model must implement the seam (context, embed, block, head); "
                             f"{type(model).__name__} has no {stage}()")
-    check_params(model, params)
     eps = check_eps(eps)
     if not isinstance(num_directions, (int, np.integer)) or num_directions < 1:
         raise ValueError(f"num_directions must be an int >= 1, got {num_directions!r}")
@@ -123,6 +122,16 @@ def build_spec(model, params, tx, *, eps, num_directions, compute_dtype, storage
             raise TypeError(f"{name} must be a zo2_jax.offload.Storage, got {type(st).__name__}")
     if directions not in DIRECTIONS:
         raise ValueError(f"directions must be one of {DIRECTIONS}, got {directions!r}")
+    return eps
+
+
+def build_spec(model, params, tx, *, eps, num_directions, compute_dtype, storage,
+               outer_storage, clip_norm, directions="gaussian") -> Spec:
+    """Validates the engine arguments and returns the static Spec of the run."""
+    eps = check_options(model, eps=eps, num_directions=num_directions,
+                        compute_dtype=compute_dtype, storage=storage,
+                        outer_storage=outer_storage, clip_norm=clip_norm, directions=directions)
+    check_params(model, params)
     tx = mezo_sgd(1e-6) if tx is None else tx
     outer_mask = block_mask = None
     if isinstance(tx, MeZOSGD):
@@ -150,38 +159,48 @@ def build_spec(model, params, tx, *, eps, num_directions, compute_dtype, storage
 
 
 def lazy_blocks(params):
-    """(params with every block concrete, make_block(i)) where blocks may be zero-argument
+    """(params with every block described, make_block(i)) where blocks may be zero-argument
     callables that return the block: each is called once, when the engine encodes and offloads
     that block, so a model can be loaded (or created) one block at a time, e.g. straight into
-    int8 host storage without a full-precision copy of the whole model anywhere. Block 0 stands
-    in for the others in the argument checks; every later block is checked against it."""
-    blocks = params.get("blocks") if isinstance(params, dict) else None
+    int8 host storage without a full-precision copy of the whole model anywhere.
+
+    With callables, the returned params hold abstract stand-ins (jax.ShapeDtypeStruct leaves of
+    block 0, made first) for the argument checks; block 0 itself is handed over by
+    make_block(0) and not kept. Every later block is checked against block 0."""
+    if not isinstance(params, Mapping):
+        return params, lambda i: params["blocks"][i]
+    blocks = params.get("blocks")
     if not isinstance(blocks, (list, tuple)) or not any(callable(b) for b in blocks):
         return params, lambda i: params["blocks"][i]
+    if set(params) != {"outer", "blocks"}:
+        raise ValueError(f"params must be a dict {{'outer': ..., 'blocks': [...]}}, got "
+                         f"{sorted(params)}")
 
     def call(i):
         b = blocks[i]() if callable(blocks[i]) else blocks[i]
-        if callable(b) or not jax.tree.leaves(b):
-            raise ValueError(f"params['blocks'][{i}]() returned {type(b).__name__}, expected a "
-                             f"block pytree of arrays")
+        leaves = jax.tree.leaves(b)
+        if callable(b) or not leaves or not all(hasattr(x, "dtype") for x in leaves):
+            raise ValueError(f"params['blocks'][{i}] gave {type(b).__name__}, expected a block "
+                             f"pytree of arrays")
         return b
 
-    first = call(0)
-    ref = [(jnp.shape(x), jnp.dtype(x.dtype)) for x in jax.tree.leaves(first)]
-    ref_tree = jax.tree.structure(first)
+    held = {0: call(0)}
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.dtype(x.dtype)),
+                            held[0])
+    ref_tree, ref = jax.tree.structure(abstract), jax.tree.leaves(abstract)
 
     def make_block(i):
-        if i == 0:
-            return first
+        if i in held:
+            return held.pop(i)  # the engine owns block 0 from here: no reference kept
         b = call(i)
         got = [(jnp.shape(x), jnp.dtype(x.dtype)) for x in jax.tree.leaves(b)]
-        if jax.tree.structure(b) != ref_tree or got != ref:
+        if jax.tree.structure(b) != ref_tree or got != [(r.shape, r.dtype) for r in ref]:
             raise ValueError(f"params['blocks'][{i}]() returned a block unlike block 0 "
                              f"(structure, shapes or dtypes differ): every block must have the "
                              f"same structure, shapes and dtypes")
         return b
 
-    return {"outer": params["outer"], "blocks": [first] * len(blocks)}, make_block
+    return {"outer": params["outer"], "blocks": [abstract] * len(blocks)}, make_block
 
 
 # ---- state() / restore() -----------------------------------------------------------------------
