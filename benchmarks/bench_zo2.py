@@ -43,6 +43,16 @@ def nanogpt_shape(name: str, seq: int) -> zm.DecoderConfig:
                             tie_embeddings=False)
 
 
+def _timed(fn, reps: int) -> float:
+    """Median wall time of fn() (blocked until ready) over reps runs."""
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts))
+
+
 def bandwidth(nbytes: int = 1 << 30, reps: int = 5) -> dict:
     """Pinned host <-> device bandwidths (GB/s) with jax.device_put, as the engine uses them."""
     dev = jax.devices()[0]
@@ -56,17 +66,9 @@ def bandwidth(nbytes: int = 1 << 30, reps: int = 5) -> dict:
         jax.block_until_ready(jax.device_put(x_dev, h_s))
         jax.block_until_ready(jax.device_put(x_host, d_s))
 
-    def timed(fn):
-        ts = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            jax.block_until_ready(fn())
-            ts.append(time.perf_counter() - t)
-        return float(np.median(ts))
-
-    up = timed(lambda: jax.device_put(x_host, d_s))
-    down = timed(lambda: jax.device_put(x_dev, h_s))
-    both = timed(lambda: (jax.device_put(x_host, d_s), jax.device_put(y_dev, h_s)))
+    up = _timed(lambda: jax.device_put(x_host, d_s), reps)
+    down = _timed(lambda: jax.device_put(x_dev, h_s), reps)
+    both = _timed(lambda: (jax.device_put(x_host, d_s), jax.device_put(y_dev, h_s)), reps)
     return {"B_up": nbytes / up / 1e9, "B_down": nbytes / down / 1e9,
             "B_bi": 2 * nbytes / both / 1e9}
 
@@ -110,15 +112,6 @@ def time_engine(engine, batch, steps: int, warmup: int) -> dict:
     return {"step_s": total / steps, "dispatch_share": dispatch / total, "loss_finite": finite}
 
 
-def _timed(fn, reps: int) -> float:
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts))
-
-
 def profile_blocks(eng, batch, reps: int = 5) -> dict:
     """Per-block costs of a ZO2 step, each measured alone (nothing overlapping), in ms: the
     upload of a stored block, the jitted block function (update + 2q branches), the write-back,
@@ -155,6 +148,7 @@ def profile_blocks(eng, batch, reps: int = 5) -> dict:
                                                     eng._ids[i], key, hs, ctx, g), reps),
         "down_ms": 1e3 * _timed(lambda: jax.device_put((new_blk, new_opt), host), reps),
         "down_flat_ms": 1e3 * _timed(lambda: jax.device_put(flat_dev, host), reps),
+        # the outer stage donates its parameters: each rep gets a fresh copy (timed with it)
         "outer_ms": 1e3 * _timed(lambda: _outer_fn(
             spec, *jax.tree.map(jnp.copy, outer), pend, count, key, b), reps),
         "head_ms": 1e3 * _timed(lambda: _head_fn(spec, outer[0], key, hs2, b, g, pend, count,

@@ -94,12 +94,11 @@ class ZO2Engine:
                  resident_blocks: Union[int, Iterable[int]] = 0, max_inflight: int = 3,
                  device_budget_bytes: Optional[int] = None, batch_shape: Optional[tuple] = None,
                  device: Optional[jax.Device] = None):
-        options = dict(eps=eps, num_directions=num_directions, compute_dtype=compute_dtype,
-                       storage=storage, outer_storage=outer_storage, clip_norm=clip_norm,
-                       directions=directions)
-        common.check_options(model, **options)  # before a lazily given block 0 is made
-        params, make_block = common.lazy_blocks(params)
-        self.spec = spec = common.build_spec(model, params, tx, **options)
+        spec, params, make_block = common.prepare(
+            model, params, tx, eps=eps, num_directions=num_directions,
+            compute_dtype=compute_dtype, storage=storage, outer_storage=outer_storage,
+            clip_norm=clip_norm, directions=directions)
+        self.spec = spec
         n = self.num_blocks = len(params["blocks"])
         dev = device or jax.devices()[0]
         if "pinned_host" not in _memory_kinds(dev):

@@ -203,6 +203,14 @@ def lazy_blocks(params):
     return {"outer": params["outer"], "blocks": [abstract] * len(blocks)}, make_block
 
 
+def prepare(model, params, tx, **options):
+    """(spec, params, make_block) for an engine: the cheap checks first (before a lazily given
+    block 0 is made), then `lazy_blocks`, then `build_spec`."""
+    check_options(model, **options)
+    params, make_block = lazy_blocks(params)
+    return build_spec(model, params, tx, **options), params, make_block
+
+
 # ---- state() / restore() -----------------------------------------------------------------------
 
 def meta(spec: Spec, engine: str, num_blocks: int, key_impl: str) -> dict:

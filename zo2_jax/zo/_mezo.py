@@ -146,12 +146,11 @@ class MeZOEngine:
                  compute_dtype: Any = jnp.float32, storage: Optional[Storage] = None,
                  outer_storage: Optional[Storage] = None, clip_norm: Optional[float] = None,
                  directions: str = "gaussian"):
-        options = dict(eps=eps, num_directions=num_directions, compute_dtype=compute_dtype,
-                       storage=storage, outer_storage=outer_storage, clip_norm=clip_norm,
-                       directions=directions)
-        common.check_options(model, **options)  # before a lazily given block 0 is made
-        params, make_block = common.lazy_blocks(params)
-        self.spec = spec = common.build_spec(model, params, tx, **options)
+        spec, params, make_block = common.prepare(
+            model, params, tx, eps=eps, num_directions=num_directions,
+            compute_dtype=compute_dtype, storage=storage, outer_storage=outer_storage,
+            clip_norm=clip_norm, directions=directions)
+        self.spec = spec
         self.num_blocks = len(params["blocks"])
         self._dev = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="device")
         put = lambda t: jax.device_put(t, self._dev)  # noqa: E731
