@@ -117,11 +117,17 @@ def profile_blocks(eng, batch, reps: int = 5) -> dict:
     upload of a stored block, the jitted block function (update + 2q branches), the write-back,
     and the same bytes moved as one contiguous buffer (the per-leaf transfer overhead is the
     difference). The pipelined step can at best hide all but the largest of the three sums."""
-    from zo2_jax.offload._zo2 import _head_fn, _outer_fn
+    import functools
+
+    from zo2_jax.offload._zo2 import _head_fn, _outer_fn, _packed_block_step
     from zo2_jax.zo import _parts as parts
 
     spec, dev, host = eng.spec, eng._dev, eng._host
-    block_fn = jax.jit(parts.block_step, static_argnums=0)  # no donation: inputs are reused
+    # no donation: the inputs are reused by every rep
+    if eng._packing is not None:
+        block_fn = jax.jit(functools.partial(_packed_block_step, spec, eng._packing))
+    else:
+        block_fn = jax.jit(functools.partial(parts.block_step, spec))
     streamed = [j for j in range(eng.num_blocks) if j not in eng._store.resident]
     if not streamed:
         return {"error": "every block is resident: nothing streams"}
@@ -135,8 +141,8 @@ def profile_blocks(eng, batch, reps: int = 5) -> dict:
     outer = jax.tree.map(jnp.copy, (eng._outer, eng._opt_outer))
     _, _, hs, ctx, g = _outer_fn(spec, *jax.tree.map(jnp.copy, outer), pend, count, key, b)
     blk_dev, opt_dev = jax.device_put((stored, opt), dev)
-    new_blk, new_opt, hs2, _ = block_fn(spec, blk_dev, opt_dev, pend, count, eng._ids[i], key,
-                                        hs, ctx, g)
+    new_blk, new_opt, hs2, _ = block_fn(blk_dev, opt_dev, pend, count, eng._ids[i], key, hs,
+                                        ctx, g)
     flat_dev = jax.device_put(flat_host, dev)
     jax.block_until_ready((new_blk, flat_dev, hs2))
     out = {
@@ -144,8 +150,9 @@ def profile_blocks(eng, batch, reps: int = 5) -> dict:
         "leaves": len(jax.tree.leaves((stored, opt))),
         "up_ms": 1e3 * _timed(lambda: jax.device_put((stored, opt), dev), reps),
         "up_flat_ms": 1e3 * _timed(lambda: jax.device_put(flat_host, dev), reps),
-        "compute_ms": 1e3 * _timed(lambda: block_fn(spec, blk_dev, opt_dev, pend, count,
-                                                    eng._ids[i], key, hs, ctx, g), reps),
+        "packed": eng._packing is not None,
+        "compute_ms": 1e3 * _timed(lambda: block_fn(blk_dev, opt_dev, pend, count, eng._ids[i],
+                                                    key, hs, ctx, g), reps),
         "down_ms": 1e3 * _timed(lambda: jax.device_put((new_blk, new_opt), host), reps),
         "down_flat_ms": 1e3 * _timed(lambda: jax.device_put(flat_dev, host), reps),
         # the outer stage donates its parameters: each rep gets a fresh copy (timed with it)
@@ -199,7 +206,9 @@ def main(argv=None):
     p.add_argument("--engines", default="zo2,mezo")
     p.add_argument("--attn", default="cudnn", choices=["xla", "cudnn"])
     p.add_argument("--resident-blocks", type=int, default=0)
-    p.add_argument("--max-inflight", type=int, default=4)
+    p.add_argument("--max-inflight", type=int, default=3)
+    p.add_argument("--unpacked", action="store_true",
+                   help="ZO2 with packed=False (one transfer per array of a block)")
     p.add_argument("--outer-storage", choices=["float32", "bfloat16", "int8"],
                    help="host storage of embeddings/head (default: as --storage)")
     p.add_argument("--profile", action="store_true",
@@ -237,7 +246,7 @@ def main(argv=None):
             params = lazy_params(model, init_dtype)
             if name == "zo2":
                 eng = ZO2Engine(model, params, resident_blocks=a.resident_blocks,
-                                max_inflight=a.max_inflight, **common)
+                                max_inflight=a.max_inflight, packed=not a.unpacked, **common)
             else:
                 eng = MeZOEngine(model, params, **common)
             del params
@@ -256,6 +265,7 @@ def main(argv=None):
                     x.nbytes for i, b in enumerate(eng._store.blocks)
                     if i not in eng._store.resident for x in jax.tree.leaves(b))
                 row["max_inflight"] = a.max_inflight
+                row["packed"] = not a.unpacked
             del eng
         except Exception as e:  # an OOM for MeZO at large shapes is a result, not a crash
             row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"

@@ -13,8 +13,10 @@ def fmt(v, nd=2):
 
 
 def tags(r) -> str:
-    """' W<max_inflight>', and a mark for rows of the removed sequential-branches option."""
+    """' W<max_inflight>', ' packed' for packed blocks (rows before the option are unpacked),
+    and a mark for rows of the removed sequential-branches option."""
     w = f" W{r['max_inflight']}" if r.get("max_inflight") else ""
+    w += " packed" if r.get("packed") else ""
     return w + (" (seq. branches)" if r.get("sequential_branches") else "")
 
 
@@ -24,8 +26,8 @@ def main(paths):
     ref = [r for r in rows if r.get("impl") == "reference_zo2"]
     if ours:
         print("| model | layers | B x T | compute | storage | MeZO tok/s | ZO2 tok/s | ZO2/MeZO "
-              "| ZO2 peak GB | MeZO peak GB | T_bus ms | ZO2 / T_limit | dispatch share |")
-        print("|" + "---|" * 13)
+              "| ZO2 peak GB | MeZO peak GB | ZO2 host GB | T_bus ms | ZO2 / T_limit | dispatch share |")
+        print("|" + "---|" * 14)
         for r in ours:
             m, z = r.get("mezo_tok_s"), r.get("zo2_tok_s")
             print(f"| {r['model']} | {r['layers']} | {r['batch']}x{r['seq']} | {r['compute']} | "
@@ -34,6 +36,7 @@ def main(paths):
                   f"{fmt(z / m) if m and z else '-'} | "
                   f"{fmt(r.get('zo2_peak_bytes', 0) / 1e9)} | "
                   f"{fmt(r.get('mezo_peak_bytes', 0) / 1e9) if m else '-'} | "
+                  f"{fmt(r.get('zo2_host_peak_gb'), 1)} | "
                   f"{fmt(r.get('T_bus', 0) * 1e3, 1)} | {fmt(r.get('zo2_over_T_limit'))} | "
                   f"{fmt(r.get('zo2_dispatch_share'))} |")
         for r in ours:

@@ -104,8 +104,7 @@ def main(argv=None):
                        storage=Storage(args.storage, rounding=args.rounding),
                        resident_blocks=args.resident_blocks)
     del params  # the engine owns them now (streamed blocks stay where they were made)
-    where = collections.Counter(jax.tree.leaves(b)[0].sharding.memory_kind
-                                for b in engine.state()["blocks"])
+    where = collections.Counter(engine.memory_kinds()["blocks"])
     print(f"blocks by memory kind: {dict(where)}; resident on the device: "
           f"{sorted(engine.resident_blocks)}; {engine.streamed_bytes() / 2**20:.1f} MiB streamed "
           f"each way per step")

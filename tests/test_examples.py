@@ -86,6 +86,6 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
                    resources={"metadata": {"path": str(tmp_path)}}).execute()
     text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
                      for o in c.outputs)
-    assert "blocks: [{'pinned_host'}, {'pinned_host'}]" in text, text
+    assert "blocks: ['pinned_host', 'pinned_host']" in text, text
     assert "MeZO and ZO2 parameters bit-identical: True" in text, text
     assert "reloaded logits differ by 0.0" in text, text

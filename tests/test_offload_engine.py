@@ -16,20 +16,35 @@ def kinds(tree):
     return {x.sharding.memory_kind for x in jax.tree.leaves(tree)}
 
 
-def test_streamed_blocks_and_optimizer_state_live_in_pinned_host():
+@pytest.mark.parametrize("packed", [True, False])
+def test_streamed_blocks_and_optimizer_state_live_in_pinned_host(packed):
     shared, zo2_only = CONFIGS["chain-adam-schedule-bf16sr-bf16compute-clip"]  # adam: real state
-    engine = ZO2Engine(MODEL, PARAMS, **shared, **zo2_only)
+    engine = ZO2Engine(MODEL, PARAMS, **shared, **zo2_only, packed=packed)
+    store = engine._store
     for t in range(2):
         engine.step(counting_batch(jax.random.key(t)), jax.random.key(t))
         s = engine.state()
         assert engine.resident_blocks == {1}
         for i in range(MODEL.num_blocks):
-            want = {"device"} if i in engine.resident_blocks else {"pinned_host"}
-            assert kinds(s["blocks"][i]) == want, (t, i)
-            assert jax.tree.leaves(s["opt_blocks"][i]) and kinds(s["opt_blocks"][i]) == want
+            resident = i in engine.resident_blocks
+            want = {"device"} if resident else {"pinned_host"}
+            assert kinds(store.blocks[i]) == want and kinds(store.opts[i]) == want, (t, i)
+            if packed and not resident:  # one buffer for the block, one for its adam state
+                assert len(jax.tree.leaves(store.blocks[i])) == 1
+                assert len(jax.tree.leaves(store.opts[i])) == 1
+                # state() unpacks them on the host: the same trees as the resident block's
+                assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(s["blocks"][i]))
+                assert jax.tree.structure(s["blocks"][i]) == jax.tree.structure(s["blocks"][1])
+                assert jax.tree.structure(s["opt_blocks"][i]) == \
+                    jax.tree.structure(s["opt_blocks"][1])
+            else:
+                assert kinds(s["blocks"][i]) == want, (t, i)
+                assert jax.tree.leaves(s["opt_blocks"][i]) and kinds(s["opt_blocks"][i]) == want
         assert kinds(s["outer"]) == kinds(s["opt_outer"]) == {"device"}
         assert {x.dtype for x in jax.tree.leaves(s["blocks"])} == {jnp.dtype(jnp.bfloat16)}
     assert kinds(engine.params()["blocks"][0]) == {"pinned_host"}
+    assert engine.memory_kinds() == {"outer": "device", "blocks": [
+        "device" if i == 1 else "pinned_host" for i in range(MODEL.num_blocks)]}
 
 
 @pytest.mark.parametrize("engine_cls", [MeZOEngine, ZO2Engine])

@@ -21,6 +21,9 @@ CONFIGS = {
     # name: (engine kwargs shared by both engines, ZO2-only kwargs)
     "mezo_sgd-fp32-q1-streamed-W2": (dict(tx=shared_sgd()),
                                      dict(resident_blocks=0, max_inflight=2)),
+    "mezo_sgd-fp32-q1-streamed-W2-unpacked": (dict(tx=shared_sgd()),  # one transfer per array
+                                              dict(resident_blocks=0, max_inflight=2,
+                                                   packed=False)),
     "mezo_sgd-schedule-bf16sr-q2-clip-resident1-W1": (
         dict(tx=mezo_sgd(optax.linear_schedule(3e-3, 1e-3, 4), weight_decay=0.05),
              storage=SR_BF16, num_directions=2, clip_norm=5.0),

@@ -39,8 +39,10 @@ def test_two_settings_same_data_and_keys(tmp_path, capsys):
     assert 0 < bf16["drift"]["init_rounding_rel_norm"] < 1e-2
     assert fp32["drift"]["update_rel_norm"] > 0
     assert -1 <= bf16["drift"]["cos_to_fp32_update"] <= 1
-    # Streamed bytes are at storage precision: bf16 moves half of float32's.
-    assert bf16["streamed_bytes_per_step"] * 2 == fp32["streamed_bytes_per_step"]
+    # Streamed bytes are at storage precision: bf16 moves half of float32's (up to the 512-byte
+    # alignment of each array inside a packed block, not negligible in a tiny model).
+    assert bf16["streamed_bytes_per_step"] * 2 == pytest.approx(fp32["streamed_bytes_per_step"],
+                                                                rel=0.05)
     printed = capsys.readouterr().out.strip().splitlines()
     assert printed[-4].startswith("| setting | acc before | acc after | final mean loss")
     assert printed[-1].startswith("| bf16-nearest |")

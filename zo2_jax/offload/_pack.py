@@ -1,0 +1,176 @@
+"""Packed blocks: a block's arrays as one contiguous uint32 buffer, so each is one transfer.
+
+A streamed block of a transformer is a dozen or more arrays; moved one by one, a 100 MB block
+crosses the bus at 34 GB/s where one contiguous 100 MB buffer moves at 43 GB/s (H200, jax 0.11.2,
+BENCHMARKS.md call 3): per-array overhead, not bandwidth, bounds the smaller blocks. The ZO2
+engine therefore keeps each streamed block (and its optimiser state) in pinned host memory as one
+flat buffer, and the jitted block function unpacks it (slices and bitcasts, fused by XLA into
+their consumers) and packs its result into the donated buffer again.
+
+Packing is a pure re-arrangement of bits: any dtype of 1, 2 or 4 bytes, leaves aligned to
+`ALIGN_WORDS` 4-byte words, padding zero. The layout is static (hashable): one compiled function
+serves every block of one structure.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+ALIGN_WORDS = 128  # 512-byte alignment of every leaf inside the buffer
+
+
+class _Leaf(NamedTuple):
+    shape: tuple
+    dtype: str
+    offset: int  # in uint32 words
+    words: int
+
+
+def _ratio(dtype) -> int:
+    size = np.dtype(dtype).itemsize
+    if size not in (1, 2, 4):
+        raise ValueError(f"cannot pack a {np.dtype(dtype).name} leaf: only 1-, 2- and 4-byte "
+                         f"dtypes are supported")
+    return 4 // size
+
+
+class Layout(NamedTuple):
+    """Where each leaf of a pytree lives in a flat uint32 buffer (hashable; a static argument)."""
+
+    treedef: Any
+    leaves: tuple
+    words: int
+
+    @classmethod
+    def of(cls, tree: PyTree) -> "Layout":
+        """The layout of `tree` (arrays or ShapeDtypeStructs)."""
+        flat, treedef = jax.tree.flatten(tree)
+        leaves, off = [], 0
+        for x in flat:
+            shape, dtype = tuple(int(d) for d in np.shape(x)), np.dtype(x.dtype)
+            n = math.prod(shape)
+            words = -(-n // _ratio(dtype))
+            leaves.append(_Leaf(shape, dtype.name, off, words))
+            off += -(-words // ALIGN_WORDS) * ALIGN_WORDS
+        return cls(treedef, tuple(leaves), off)
+
+    @property
+    def empty(self) -> bool:
+        return not self.leaves
+
+    @property
+    def nbytes(self) -> int:
+        return 4 * self.words
+
+    def abstract(self) -> PyTree:
+        """The unpacked tree as ShapeDtypeStructs."""
+        return jax.tree.unflatten(self.treedef, [jax.ShapeDtypeStruct(lf.shape, jnp.dtype(lf.dtype))
+                                                 for lf in self.leaves])
+
+    # ---- traced (inside jit) --------------------------------------------------------------------
+
+    def _words_of(self, x, lf: _Leaf):
+        r = _ratio(lf.dtype)
+        x = jnp.asarray(x).reshape(-1)
+        if r == 1:
+            return jax.lax.bitcast_convert_type(x, jnp.uint32)
+        x = jnp.pad(x, (0, lf.words * r - x.size)).reshape(lf.words, r)
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)
+
+    def _check(self, tree) -> list:
+        flat, treedef = jax.tree.flatten(tree)
+        got = [(tuple(np.shape(x)), np.dtype(x.dtype).name) for x in flat]
+        want = [(lf.shape, lf.dtype) for lf in self.leaves]
+        if treedef != self.treedef or got != want:
+            raise ValueError(f"tree does not match the packed layout: got {treedef} with "
+                             f"{got}, expected {self.treedef} with {want}")
+        return flat
+
+    def pack(self, tree: PyTree) -> jax.Array:
+        """uint32[words] holding every leaf of `tree` (traceable)."""
+        flat = self._check(tree)
+        parts, end = [], 0
+        for x, lf in zip(flat, self.leaves):
+            if lf.offset > end:
+                parts.append(jnp.zeros((lf.offset - end,), jnp.uint32))
+            if lf.words:
+                parts.append(self._words_of(x, lf))
+            end = lf.offset + lf.words
+        if self.words > end:
+            parts.append(jnp.zeros((self.words - end,), jnp.uint32))
+        return jnp.concatenate(parts) if parts else jnp.zeros((0,), jnp.uint32)
+
+    def pack_into(self, buf: jax.Array, tree: PyTree) -> jax.Array:
+        """`buf` (a packed buffer of this layout) with every leaf overwritten by `tree`'s: a
+        chain of in-place updates when `buf` is donated (no second buffer of the block)."""
+        flat = self._check(tree)
+        for x, lf in zip(flat, self.leaves):
+            if lf.words:
+                buf = jax.lax.dynamic_update_slice(buf, self._words_of(x, lf), (lf.offset,))
+        return buf
+
+    def unpack(self, buf: jax.Array) -> PyTree:
+        """The tree stored in `buf` (traceable; slices and bitcasts)."""
+        out = []
+        for lf in self.leaves:
+            dtype, r, n = jnp.dtype(lf.dtype), _ratio(lf.dtype), math.prod(lf.shape)
+            seg = jax.lax.slice(buf, (lf.offset,), (lf.offset + lf.words,))
+            x = jax.lax.bitcast_convert_type(seg, dtype)
+            if r > 1:
+                x = x.reshape(-1)[:n]
+            out.append(x.reshape(lf.shape))
+        return jax.tree.unflatten(self.treedef, out)
+
+    # ---- host (numpy) ---------------------------------------------------------------------------
+
+    def unpack_host(self, buf) -> PyTree:
+        """The tree stored in a host buffer, as numpy views of one numpy copy of it."""
+        raw = np.asarray(buf)
+        if raw.dtype != np.uint32 or raw.shape != (self.words,):
+            raise ValueError(f"expected a uint32[{self.words}] packed buffer, got "
+                             f"{raw.dtype}{list(raw.shape)}")
+        by = raw.view(np.uint8)
+        out = []
+        for lf in self.leaves:
+            dtype = jnp.dtype(lf.dtype)
+            n = math.prod(lf.shape)
+            start = 4 * lf.offset
+            out.append(by[start:start + n * dtype.itemsize].view(dtype).reshape(lf.shape))
+        return jax.tree.unflatten(self.treedef, out)
+
+
+class Packing(NamedTuple):
+    """Layouts of a streamed block and of its optimiser state (which may have no arrays: then it
+    is kept as its own empty tree, not packed)."""
+
+    block: Layout
+    opt: Layout
+
+    @classmethod
+    def of(cls, stored: PyTree, opt: PyTree) -> "Packing":
+        return cls(Layout.of(stored), Layout.of(opt))
+
+    def pack(self, stored, opt):
+        """(flat block, flat opt or the empty opt tree), new buffers (traceable)."""
+        return self.block.pack(stored), (opt if self.opt.empty else self.opt.pack(opt))
+
+    def pack_into(self, flat, oflat, stored, opt):
+        """Like pack, written into the (donated) buffers flat and oflat."""
+        return (self.block.pack_into(flat, stored),
+                oflat if self.opt.empty else self.opt.pack_into(oflat, opt))
+
+    def unpack(self, flat, oflat):
+        return self.block.unpack(flat), (oflat if self.opt.empty else self.opt.unpack(oflat))
+
+    def unpack_host(self, flat, oflat):
+        return (self.block.unpack_host(flat),
+                oflat if self.opt.empty else self.opt.unpack_host(oflat))
+
+    def abstract(self):
+        return self.block.abstract(), self.opt.abstract()
