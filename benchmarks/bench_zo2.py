@@ -115,19 +115,16 @@ def time_engine(engine, batch, steps: int, warmup: int) -> dict:
 def profile_blocks(eng, batch, reps: int = 5) -> dict:
     """Per-block costs of a ZO2 step, each measured alone (nothing overlapping), in ms: the
     upload of a stored block, the jitted block function (update + 2q branches), the write-back,
-    and the same bytes moved as one contiguous buffer (the per-leaf transfer overhead is the
-    difference). The pipelined step can at best hide all but the largest of the three sums."""
+    the same bytes moved as one contiguous buffer (the per-leaf transfer overhead is the
+    difference), and with packed blocks the unpack and pack kernels around the block function. The pipelined step can at best hide all but the largest of the three sums."""
     import functools
 
-    from zo2_jax.offload._zo2 import _head_fn, _outer_fn, _packed_block_step
+    from zo2_jax.offload._zo2 import _head_fn, _outer_fn
     from zo2_jax.zo import _parts as parts
 
     spec, dev, host = eng.spec, eng._dev, eng._host
-    # no donation: the inputs are reused by every rep
-    if eng._packing is not None:
-        block_fn = jax.jit(functools.partial(_packed_block_step, spec, eng._packing))
-    else:
-        block_fn = jax.jit(functools.partial(parts.block_step, spec))
+    block_fn = jax.jit(functools.partial(parts.block_step, spec))  # no donation: reps reuse
+    transport = eng._stream.transport  # packed blocks: unpacked after upload, packed before
     streamed = [j for j in range(eng.num_blocks) if j not in eng._store.resident]
     if not streamed:
         return {"error": "every block is resident: nothing streams"}
@@ -140,20 +137,25 @@ def profile_blocks(eng, batch, reps: int = 5) -> dict:
     pend, count = eng._pending, eng._count
     outer = jax.tree.map(jnp.copy, (eng._outer, eng._opt_outer))
     _, _, hs, ctx, g = _outer_fn(spec, *jax.tree.map(jnp.copy, outer), pend, count, key, b)
-    blk_dev, opt_dev = jax.device_put((stored, opt), dev)
+    up_dev = jax.device_put((stored, opt), dev)
+    blk_dev, opt_dev = transport.unpack(*up_dev) if transport else up_dev
     new_blk, new_opt, hs2, _ = block_fn(blk_dev, opt_dev, pend, count, eng._ids[i], key, hs,
                                         ctx, g)
+    down_src = transport.pack(new_blk, new_opt) if transport else (new_blk, new_opt)
     flat_dev = jax.device_put(flat_host, dev)
-    jax.block_until_ready((new_blk, flat_dev, hs2))
+    jax.block_until_ready((new_blk, flat_dev, hs2, down_src))
     out = {
         "n_streamed": len(eng._stream.streamed), "block_bytes": nbytes,
         "leaves": len(jax.tree.leaves((stored, opt))),
         "up_ms": 1e3 * _timed(lambda: jax.device_put((stored, opt), dev), reps),
         "up_flat_ms": 1e3 * _timed(lambda: jax.device_put(flat_host, dev), reps),
-        "packed": eng._packing is not None,
+        "packed": transport is not None,
+        "unpack_ms": 1e3 * _timed(lambda: transport.unpack(*up_dev), reps) if transport else 0.0,
+        "pack_ms": 1e3 * _timed(lambda: transport.pack(new_blk, new_opt), reps)
+        if transport else 0.0,
         "compute_ms": 1e3 * _timed(lambda: block_fn(blk_dev, opt_dev, pend, count, eng._ids[i],
                                                     key, hs, ctx, g), reps),
-        "down_ms": 1e3 * _timed(lambda: jax.device_put((new_blk, new_opt), host), reps),
+        "down_ms": 1e3 * _timed(lambda: jax.device_put(down_src, host), reps),
         "down_flat_ms": 1e3 * _timed(lambda: jax.device_put(flat_dev, host), reps),
         # the outer stage donates its parameters: each rep gets a fresh copy (timed with it)
         "outer_ms": 1e3 * _timed(lambda: _outer_fn(

@@ -46,6 +46,7 @@ def main(paths):
                       f"up {pr['up_ms']:.2f} (flat {pr['up_flat_ms']:.2f}) ms, compute "
                       f"{pr['compute_ms']:.2f} ms, down {pr['down_ms']:.2f} (flat "
                       f"{pr['down_flat_ms']:.2f}) ms, {pr['leaves']} leaves, x{pr['n_streamed']}; "
+                      f"unpack {pr.get('unpack_ms', 0):.2f} ms, pack {pr.get('pack_ms', 0):.2f} ms; "
                       f"outer {pr['outer_ms']:.1f} ms, head {pr['head_ms']:.1f} ms")
         b = ours[0]
         print(f"\npinned bandwidths (GB/s): up {b['B_up']:.1f}, down {b['B_down']:.1f}, "

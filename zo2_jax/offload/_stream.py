@@ -50,8 +50,9 @@ class BlockStream:
     """
 
     def __init__(self, store: BlockStore, device: jax.sharding.Sharding,
-                 host: jax.sharding.Sharding, max_inflight: int):
+                 host: jax.sharding.Sharding, max_inflight: int, transport=None):
         self.store, self.device, self.host, self.max_inflight = store, device, host, max_inflight
+        self.transport = transport  # streamed blocks travel packed (see _pack.Transport)
         self.streamed = [i for i in range(store.n) if i not in store.resident]
         self.reset()
 
@@ -93,6 +94,8 @@ class BlockStream:
         blk, opt = self._uploaded.pop(i)
         if with_opt and opt is None:
             opt = jax.device_put(self.store.opts[i], self.device)
+        if self.transport is not None:  # the packed buffers die here, once unpacking is queued
+            blk, opt = self.transport.unpack(blk, opt)
         return blk, opt
 
     def _release_when(self, i: int, token) -> None:
@@ -115,6 +118,8 @@ class BlockStream:
                     blk, opt = self._take(i, with_opt=True)
                     new = fn(i, blk, opt)
                     del blk, opt
+                    if self.transport is not None:
+                        new = self.transport.pack(*new)
                     store.blocks[i], store.opts[i] = jax.device_put(new, self.host)
                     del new
                     self._release_when(i, (store.blocks[i], store.opts[i]))

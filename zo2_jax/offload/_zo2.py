@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 from zo2_jax.offload._budget import footprint, plan_resident, spread
-from zo2_jax.offload._pack import Packing
+from zo2_jax.offload._pack import Packing, Transport
 from zo2_jax.offload._stream import BlockStore, BlockStream
 from zo2_jax.offload.codecs import Storage, tree_nbytes
 # Modules, not names: zo and offload import each other (zo's engine needs the codecs, offload's
@@ -56,29 +56,10 @@ _eval_head = jax.jit(parts.eval_head, static_argnums=0)
 _decode = jax.jit(lambda storage, stored: _copy(storage.decode(stored)), static_argnums=0)
 
 
-# Packed streamed blocks (see _pack.py): the same stages on one flat buffer per block (and one per
-# optimiser state), unpacked inside the jitted function and packed into the donated buffer again.
-def _packed_block_step(spec, lay: Packing, flat, oflat, pend, count, part_id, key, hs, ctx, g):
-    stored, opt = lay.unpack(flat, oflat)
-    stored, opt, hs, g = parts.block_step(spec, stored, opt, pend, count, part_id, key, hs, ctx, g)
-    flat, oflat = lay.pack_into(flat, oflat, stored, opt)
-    return flat, oflat, hs, g
-
-
-def _packed_update(spec, lay: Packing, flat, oflat, pend, count, part_id):
-    stored, opt = parts.update_part(spec, "block", *lay.unpack(flat, oflat), pend, count, part_id)
-    return lay.pack_into(flat, oflat, stored, opt)
-
-
-_pblock_fn = jax.jit(_packed_block_step, static_argnums=(0, 1), donate_argnums=(2, 3, 8, 10))
-_pupdate_fn = jax.jit(_packed_update, static_argnums=(0, 1), donate_argnums=(2, 3))
+# Packed streamed blocks (see _pack.py): made and re-packed on the device, one block at a time.
 _pinit_fn = jax.jit(lambda spec, lay, p: lay.pack(*parts.init_part(spec, "block", p)),
                     static_argnums=(0, 1))
 _pack_fn = jax.jit(lambda lay, stored, opt: lay.pack(stored, opt), static_argnums=0)
-_peval_block = jax.jit(lambda spec, lay, flat, h, ctx: parts.eval_block(
-    spec, lay.block.unpack(flat), h, ctx), static_argnums=(0, 1))
-_pdecode = jax.jit(lambda storage, lay, flat: storage.decode(lay.block.unpack(flat)),
-                   static_argnums=(0, 1))
 
 
 class ZO2Engine:
@@ -190,7 +171,8 @@ class ZO2Engine:
             opts.append(o)
             del b
         self._store = BlockStore(blocks, opts, resident)
-        self._stream = BlockStream(self._store, self._dev, self._host, int(max_inflight))
+        self._stream = BlockStream(self._store, self._dev, self._host, int(max_inflight),
+                                   Transport(self._packing) if self._packing else None)
         self._ids = [jax.device_put(np.uint32(i), self._dev) for i in range(n)]
         self._pending = jax.device_put(parts.empty_pending(spec.num_directions), self._dev)
         self._count = jax.device_put(jnp.zeros([], jnp.int32), self._dev)
@@ -247,13 +229,8 @@ class ZO2Engine:
         carry = [hs, g]
 
         def compute(i, blk, opt):
-            if self._is_packed(i):
-                blk, opt, carry[0], carry[1] = _pblock_fn(
-                    self.spec, self._packing, blk, opt, pend, count, self._ids[i], key, carry[0],
-                    ctx, carry[1])
-            else:
-                blk, opt, carry[0], carry[1] = _block_fn(
-                    self.spec, blk, opt, pend, count, self._ids[i], key, carry[0], ctx, carry[1])
+            blk, opt, carry[0], carry[1] = _block_fn(self.spec, blk, opt, pend, count,
+                                                     self._ids[i], key, carry[0], ctx, carry[1])
             return blk, opt
 
         self._stream.update_pass(compute)
@@ -271,9 +248,8 @@ class ZO2Engine:
         pend, count = self._pending, self._count
         self._outer, self._opt_outer = _update_fn(self.spec, "outer", self._outer,
                                                   self._opt_outer, pend, count, OUTER_PART)
-        self._stream.update_pass(lambda i, blk, opt: _pupdate_fn(
-            self.spec, self._packing, blk, opt, pend, count, self._ids[i]) if self._is_packed(i)
-            else _update_fn(self.spec, "block", blk, opt, pend, count, self._ids[i]))
+        self._stream.update_pass(lambda i, blk, opt: _update_fn(
+            self.spec, "block", blk, opt, pend, count, self._ids[i]))
         # Committed to the device like the step's outputs, so the next step hits the jit cache.
         self._count, self._pending = jax.device_put(
             (count + pend.valid.astype(jnp.int32),
@@ -290,8 +266,7 @@ class ZO2Engine:
         carry = [h]
 
         def compute(i, blk):
-            carry[0] = (_peval_block(self.spec, self._packing, blk, carry[0], ctx)
-                        if self._is_packed(i) else _eval_block(self.spec, blk, carry[0], ctx))
+            carry[0] = _eval_block(self.spec, blk, carry[0], ctx)
             return carry[0]
 
         self._stream.read_pass(compute)
@@ -322,9 +297,6 @@ class ZO2Engine:
         def decode(i, blk):
             if i in self._store.resident:
                 blocks[i] = _decode(self.spec.storage, blk)
-            elif self._is_packed(i):
-                blocks[i] = jax.device_put(_pdecode(self.spec.storage, self._packing, blk),
-                                           self._host)
             elif not f32_host:
                 blocks[i] = jax.device_put(_decode(self.spec.storage, blk), self._host)
             return blocks[i]
