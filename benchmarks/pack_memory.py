@@ -1,0 +1,72 @@
+"""Compiled device memory (XLA's memory analysis, no execution) of the per-block functions of ZO2
+at one model shape: the block step and, for packed blocks, the unpack and pack kernels.
+
+    python benchmarks/pack_memory.py --model opt_175b --storage bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import zo2_jax.models as zm  # noqa: E402
+from zo2_jax.offload import Storage  # noqa: E402
+from zo2_jax.offload._pack import Packing, _pack_both, _unpack_both  # noqa: E402
+from zo2_jax.offload._zo2 import _block_fn  # noqa: E402
+from zo2_jax.zo import _common as common  # noqa: E402
+from zo2_jax.zo import _parts as parts  # noqa: E402
+from zo2_jax.zo import mezo_sgd  # noqa: E402
+
+from bench_zo2 import nanogpt_shape  # noqa: E402
+
+
+def stats(compiled) -> dict:
+    m = compiled.memory_analysis()
+    return {k: round(getattr(m, k) / 1e9, 3) for k in (
+        "argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+        "temp_size_in_bytes")}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="opt_175b")
+    p.add_argument("--storage", default="bfloat16", choices=["float32", "bfloat16", "int8"])
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq", type=int, default=2048)
+    a = p.parse_args(argv)
+    cfg = nanogpt_shape(a.model, a.seq).replace(num_layers=2)
+    model = zm.Model(cfg, jnp.bfloat16, "cudnn" if jax.default_backend() == "gpu" else "xla")
+    blk = jax.eval_shape(lambda k: model.init_block(k, jnp.bfloat16), jax.random.key(0))
+    outer = jax.eval_shape(lambda k: model.init_outer(k, jnp.bfloat16), jax.random.key(0))
+    spec = common.build_spec(model, {"outer": outer, "blocks": [blk, blk]}, mezo_sgd(1e-6),
+                             eps=1e-3, num_directions=1, compute_dtype=jnp.bfloat16,
+                             storage=Storage(a.storage, rounding="stochastic"),
+                             outer_storage=None, clip_norm=None)
+    b_s, b_o = jax.eval_shape(lambda x: parts.init_part(spec, "block", x), blk)
+    lay = Packing.of(b_s, b_o)
+    flat = jax.ShapeDtypeStruct((lay.block.words,), jnp.uint32)
+    B, T = a.batch, a.seq
+    ids = jax.ShapeDtypeStruct((B, T), jnp.int32)
+    hs = tuple(jax.ShapeDtypeStruct((B, T, cfg.hidden_size), jnp.bfloat16) for _ in range(2))
+    ctx = jax.eval_shape(model.context, {"input_ids": ids, "attention_mask": ids})
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    pend = jax.eval_shape(lambda: parts.empty_pending(1))
+    c, pid = jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.uint32)
+    row = {"model": a.model, "storage": a.storage, "device": jax.devices()[0].device_kind,
+           "block_gb": lay.block.nbytes / 1e9,
+           "block_fn": stats(_block_fn.lower(spec, b_s, b_o, pend, c, pid, key, hs, ctx,
+                                             None).compile()),
+           "unpack": stats(_unpack_both.lower(lay, flat, b_o).compile()),
+           "pack": stats(_pack_both.lower(lay, b_s, b_o).compile())}
+    print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
