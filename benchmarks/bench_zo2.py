@@ -116,7 +116,8 @@ def profile_blocks(eng, batch, reps: int = 5) -> dict:
     """Per-block costs of a ZO2 step, each measured alone (nothing overlapping), in ms: the
     upload of a stored block, the jitted block function (update + 2q branches), the write-back,
     the same bytes moved as one contiguous buffer (the per-leaf transfer overhead is the
-    difference), and with packed blocks the unpack and pack kernels around the block function. The pipelined step can at best hide all but the largest of the three sums."""
+    difference), and with packed blocks the unpack and pack kernels around the block function.
+    The pipelined step can at best hide all but the largest of the three sums."""
     import functools
 
     from zo2_jax.offload._zo2 import _head_fn, _outer_fn
@@ -211,6 +212,8 @@ def main(argv=None):
     p.add_argument("--max-inflight", type=int, default=3)
     p.add_argument("--unpacked", action="store_true",
                    help="ZO2 with packed=False (one transfer per array of a block)")
+    p.add_argument("--packed", action="store_true",
+                   help="ZO2 with packed=True (default: 'auto', packed up to 1 GiB blocks)")
     p.add_argument("--outer-storage", choices=["float32", "bfloat16", "int8"],
                    help="host storage of embeddings/head (default: as --storage)")
     p.add_argument("--profile", action="store_true",
@@ -247,8 +250,9 @@ def main(argv=None):
             # (ZO2 then writes it to pinned host memory): no second copy of the model anywhere.
             params = lazy_params(model, init_dtype)
             if name == "zo2":
+                packed = False if a.unpacked else (True if a.packed else "auto")
                 eng = ZO2Engine(model, params, resident_blocks=a.resident_blocks,
-                                max_inflight=a.max_inflight, packed=not a.unpacked, **common)
+                                max_inflight=a.max_inflight, packed=packed, **common)
             else:
                 eng = MeZOEngine(model, params, **common)
             del params
@@ -267,7 +271,7 @@ def main(argv=None):
                     x.nbytes for i, b in enumerate(eng._store.blocks)
                     if i not in eng._store.resident for x in jax.tree.leaves(b))
                 row["max_inflight"] = a.max_inflight
-                row["packed"] = not a.unpacked
+                row["packed"] = eng.packed
             del eng
         except Exception as e:  # an OOM for MeZO at large shapes is a result, not a crash
             row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"

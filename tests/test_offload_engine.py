@@ -106,7 +106,7 @@ def test_state_restore_resumes_exactly(src, dst):
 
 
 def test_device_budget_chooses_resident_blocks():
-    kw = dict(tx=shared_sgd(), batch_shape=(4, 8), max_inflight=2)
+    kw = dict(tx=shared_sgd(), batch_shape=(4, 8), max_inflight=2, packed=False)  # see below
     probe = ZO2Engine(MODEL, PARAMS, device_budget_bytes=10**9, **kw)
     fp = probe.footprint
     assert probe.resident_blocks == {0, 1, 2}  # plenty of room: everything resident
@@ -231,3 +231,22 @@ def test_blocks_given_as_callables_are_made_one_at_a_time():
         MeZOEngine(MODEL, {"outer": PARAMS["outer"], "blocks": [
             lambda: made.append(1) or PARAMS["blocks"][0]] * 3}, eps=-1.0)
     assert not made
+
+
+def test_packed_auto_follows_the_block_size_and_is_validated(monkeypatch):
+    import zo2_jax.offload._zo2 as zo2_mod
+
+    assert ZO2Engine(MODEL, PARAMS, tx=shared_sgd()).packed  # tiny blocks: packed
+    monkeypatch.setattr(zo2_mod, "PACK_AUTO_MAX_BYTES", 0)
+    assert not ZO2Engine(MODEL, PARAMS, tx=shared_sgd()).packed
+    assert ZO2Engine(MODEL, PARAMS, tx=shared_sgd(), packed=True).packed
+    assert not ZO2Engine(MODEL, PARAMS, tx=shared_sgd(), resident_blocks=len(PARAMS["blocks"]),
+                         packed=True).packed  # nothing streams: nothing to pack
+    with pytest.raises(ValueError, match="packed must be True, False or 'auto'"):
+        ZO2Engine(MODEL, PARAMS, tx=shared_sgd(), packed="yes")
+    # with a device budget, packed blocks count the packed/unpacked copies that coexist
+    kw = dict(tx=shared_sgd(), device_budget_bytes=1 << 40, batch_shape=(4, 8))
+    on, off = ZO2Engine(MODEL, PARAMS, packed=True, **kw), ZO2Engine(MODEL, PARAMS, packed=False,
+                                                                      **kw)
+    assert on.footprint["transport"] == 2 * on.footprint["block"] and \
+        "transport" not in off.footprint

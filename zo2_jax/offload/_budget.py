@@ -69,8 +69,15 @@ def footprint(spec: parts.Spec, params: PyTree, batch_shape, fns: dict) -> dict:
             "activations": 2 * tree_nbytes(hs) + tree_nbytes(ctx) + tree_nbytes(batch) + scratch}
 
 
+def _transport(fp: dict) -> str:
+    t = fp.get("transport")
+    return f" + packed transport ~{t:,} (packed=False avoids it)" if t else ""
+
+
 def _need(fp: dict, n: int, k: int, w: int) -> int:
-    return fp["outer"] + fp["activations"] + (k + min(w, n - k)) * fp["block"]
+    # "transport": the packed and unpacked copies that coexist when blocks travel packed
+    transport = fp.get("transport", 0) if n > k else 0
+    return fp["outer"] + fp["activations"] + transport + (k + min(w, n - k)) * fp["block"]
 
 
 def plan_resident(fp: dict, n: int, max_inflight: int, budget: int,
@@ -84,14 +91,15 @@ def plan_resident(fp: dict, n: int, max_inflight: int, budget: int,
                 f"device_budget_bytes={budget:,} is too small for {len(resident)} resident "
                 f"blocks: needs ~{need:,} (outer {fp['outer']:,} + {len(resident)} resident and "
                 f"{min(max_inflight, n - len(resident))} in-flight blocks x {fp['block']:,} + "
-                f"activations ~{fp['activations']:,})")
+                f"activations ~{fp['activations']:,}{_transport(fp)})")
         return resident
     minimum = _need(fp, n, 0, max_inflight)
     if minimum > budget:
         raise ValueError(
             f"the model does not fit device_budget_bytes={budget:,}: the minimum is ~{minimum:,} "
             f"= outer {fp['outer']:,} + max_inflight={max_inflight} streamed blocks x "
-            f"{fp['block']:,} (stored + optimiser state) + activations ~{fp['activations']:,}. "
+            f"{fp['block']:,} (stored + optimiser state) + activations ~{fp['activations']:,}"
+            f"{_transport(fp)}. "
             f"Lower max_inflight, the batch shape, or the storage precision.")
     k = max(k for k in range(n + 1) if _need(fp, n, k, max_inflight) <= budget)
     return spread(k, n)

@@ -32,6 +32,7 @@ from zo2_jax.zo import _parts as parts
 from zo2_jax.zo._noise import OUTER_PART, as_key
 
 PyTree = Any
+PACK_AUTO_MAX_BYTES = 1 << 30  # packed="auto": pack blocks up to this size (stored + opt state)
 
 
 def _memory_kinds(device) -> list:
@@ -84,11 +85,16 @@ class ZO2Engine:
         its block is encoded and offloaded (load or create a model one block at a time, e.g.
         straight into int8 host storage, with no full-precision copy of the whole model).
       directions: see MeZOEngine.
-      packed: keep each streamed block (and its optimiser state) in pinned host memory as one
-        contiguous buffer, moved by one transfer each way (default). Blocks of many arrays
-        otherwise pay a per-array cost on the bus: a 100 MB block of 16 arrays crossed at
-        34 GB/s, one 100 MB buffer at 43 GB/s (H200, BENCHMARKS.md). Bit-identical results
-        either way; `state()` and `params()` return the unpacked trees in both cases.
+      packed: True: keep each streamed block (and its optimiser state) in pinned host memory
+        as one contiguous buffer, moved by one transfer each way, unpacked on the device by a
+        small kernel after the upload and packed again before the write-back. False: one
+        transfer per array. "auto" (default): packed when a block (with its optimiser state)
+        is at most `PACK_AUTO_MAX_BYTES` (1 GiB). Measured on an H200 (BENCHMARKS.md, call 4):
+        OPT-1.3B shape, 100 MB blocks of 16 arrays, 1x2048 bf16: 67 ms/step packed against
+        76-83 ms unpacked, the same peak device memory (1.31 vs 1.29 GB); OPT-175B block shape
+        (3.6 GB blocks), W=2: peak 22.4 GB packed against 15.2 GB unpacked (packed and
+        unpacked copies of about two blocks coexist), where per-array costs hardly matter.
+        Bit-identical results either way; `state()` and `params()` return unpacked trees.
 
     Example:
       >>> engine = ZO2Engine(model, params, mezo_sgd(1e-6),
@@ -105,7 +111,8 @@ class ZO2Engine:
                  directions: str = "gaussian",
                  resident_blocks: Union[int, Iterable[int]] = 0, max_inflight: int = 3,
                  device_budget_bytes: Optional[int] = None, batch_shape: Optional[tuple] = None,
-                 device: Optional[jax.Device] = None, packed: bool = True):
+                 device: Optional[jax.Device] = None,
+                 packed: Union[bool, str] = "auto"):
         spec, params, make_block = common.prepare(
             model, params, tx, eps=eps, num_directions=num_directions,
             compute_dtype=compute_dtype, storage=storage, outer_storage=outer_storage,
@@ -127,6 +134,15 @@ class ZO2Engine:
         self._batch_shape = batch_shape
 
         resident = self._resident_set(resident_blocks, n)
+        if not (isinstance(packed, (bool, np.bool_)) or packed == "auto"):
+            raise ValueError(f"packed must be True, False or 'auto', got {packed!r}")
+        # The static layout of a packed streamed block, from abstract shapes (no block made).
+        packing = Packing.of(*jax.eval_shape(
+            lambda p: parts.init_part(spec, "block", p),
+            jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype),
+                         params["blocks"][0])))
+        if packed == "auto":
+            packed = packing.block.nbytes + packing.opt.nbytes <= PACK_AUTO_MAX_BYTES
         self.footprint = None  # with a budget: the estimated peak's ingredients, in bytes
         if device_budget_bytes is not None:
             if batch_shape is None:
@@ -134,17 +150,14 @@ class ZO2Engine:
                                  "the activations")
             fp = footprint(spec, params, batch_shape,
                            {"outer": _outer_fn, "block": _block_fn, "head": _head_fn})
+            if packed:  # measured: packed and unpacked copies of ~2 blocks coexist (see above)
+                fp["transport"] = 2 * fp["block"]
             explicit = resident if resident_blocks not in (0, None) else None
             resident = plan_resident(fp, n, int(max_inflight), int(device_budget_bytes), explicit)
             self.footprint = fp
         self.resident_blocks = resident
-        if not isinstance(packed, (bool, np.bool_)):
-            raise ValueError(f"packed must be True or False, got {packed!r}")
-        # The static layout of a packed streamed block, from abstract shapes (no block made).
-        self._packing = Packing.of(*jax.eval_shape(
-            lambda p: parts.init_part(spec, "block", p),
-            jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype),
-                         params["blocks"][0]))) if packed and len(resident) < n else None
+        self._packing = packing if packed and len(resident) < n else None
+        self.packed = self._packing is not None
 
         self._outer, self._opt_outer = _init_fn(spec, "outer",
                                                 jax.device_put(params["outer"], self._dev))
