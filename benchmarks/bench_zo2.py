@@ -210,10 +210,11 @@ def main(argv=None):
     p.add_argument("--attn", default="cudnn", choices=["xla", "cudnn"])
     p.add_argument("--resident-blocks", type=int, default=0)
     p.add_argument("--max-inflight", type=int, default=3)
-    p.add_argument("--unpacked", action="store_true",
-                   help="ZO2 with packed=False (one transfer per array of a block)")
-    p.add_argument("--packed", action="store_true",
-                   help="ZO2 with packed=True (default: 'auto', packed up to 1 GiB blocks)")
+    pk = p.add_mutually_exclusive_group()
+    pk.add_argument("--unpacked", action="store_true",
+                    help="ZO2 with packed=False (one transfer per array of a block)")
+    pk.add_argument("--packed", action="store_true",
+                    help="ZO2 with packed=True (default: 'auto', packed up to 1 GiB blocks)")
     p.add_argument("--outer-storage", choices=["float32", "bfloat16", "int8"],
                    help="host storage of embeddings/head (default: as --storage)")
     p.add_argument("--profile", action="store_true",

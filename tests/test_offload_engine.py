@@ -250,3 +250,27 @@ def test_packed_auto_follows_the_block_size_and_is_validated(monkeypatch):
                                                                       **kw)
     assert on.footprint["transport"] == 2 * on.footprint["block"] and \
         "transport" not in off.footprint
+
+
+def test_optimizer_states_that_cannot_all_be_packed():
+    """A bool leaf (apply_if_finite) is packed as a byte; a PRNG key (add_noise) cannot be
+    packed: 'auto' keeps such blocks unpacked, True says why it cannot."""
+    import optax
+
+    flag_tx = optax.apply_if_finite(optax.sgd(1e-3, momentum=0.9), 3)
+    zo2 = ZO2Engine(MODEL, PARAMS, tx=flag_tx)
+    mezo = MeZOEngine(MODEL, PARAMS, tx=flag_tx)
+    assert zo2.packed
+    for t in range(2):
+        batch, key = counting_batch(jax.random.key(t)), jax.random.key(7 + t)
+        zo2.step(batch, key), mezo.step(batch, key)
+    assert_trees_identical(zo2.params(), mezo.params(), "bool optimiser state, packed")
+    flags = [x for x in jax.tree.leaves(zo2.state()["opt_blocks"][0]) if x.dtype == bool]
+    assert flags and all(bool(f) for f in flags)
+
+    noisy = optax.chain(optax.add_noise(0.01, 0.55, 0), optax.sgd(1e-3))
+    assert not ZO2Engine(MODEL, PARAMS, tx=noisy).packed
+    with pytest.raises(ValueError, match="packed=True: a block or its optimiser state cannot"):
+        ZO2Engine(MODEL, PARAMS, tx=noisy, packed=True)
+    ZO2Engine(MODEL, PARAMS, tx=noisy, packed=False).step(counting_batch(jax.random.key(0)),
+                                                         jax.random.key(0))

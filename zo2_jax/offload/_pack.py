@@ -7,8 +7,10 @@ engine therefore keeps each streamed block (and its optimiser state) in pinned h
 flat buffer, and the jitted block function unpacks it (slices and bitcasts, fused by XLA into
 their consumers) and packs its result into the donated buffer again.
 
-Packing is a pure re-arrangement of bits: any dtype of 1, 2 or 4 bytes, leaves aligned to
-`ALIGN_WORDS` 4-byte words, padding zero. The layout is static (hashable): one compiled function
+Packing is a pure re-arrangement of bits: any numeric dtype of 1, 2 or 4 bytes and bool (as one
+byte), leaves aligned to `ALIGN_WORDS` 4-byte words, padding zero. Other leaves (PRNG keys in an
+optimiser state, 8-byte dtypes) cannot be packed: `Layout.of` raises, and the engine's
+packed="auto" then keeps the blocks unpacked. The layout is static (hashable): one compiled function
 serves every block of one structure.
 """
 
@@ -32,12 +34,27 @@ class _Leaf(NamedTuple):
     words: int
 
 
+def _dtype_of(x) -> np.dtype:
+    try:
+        dtype = np.dtype(x.dtype)
+    except TypeError:  # e.g. a typed PRNG key
+        raise ValueError(f"cannot pack a leaf of dtype {x.dtype}: only numeric and bool arrays "
+                         f"can be packed") from None
+    _ratio(dtype)
+    return dtype
+
+
 def _ratio(dtype) -> int:
     size = np.dtype(dtype).itemsize
     if size not in (1, 2, 4):
         raise ValueError(f"cannot pack a {np.dtype(dtype).name} leaf: only 1-, 2- and 4-byte "
                          f"dtypes are supported")
     return 4 // size
+
+
+def _is_bool(name: str) -> bool:
+    return name == "bool"
+
 
 
 class Layout(NamedTuple):
@@ -53,7 +70,7 @@ class Layout(NamedTuple):
         flat, treedef = jax.tree.flatten(tree)
         leaves, off = [], 0
         for x in flat:
-            shape, dtype = tuple(int(d) for d in np.shape(x)), np.dtype(x.dtype)
+            shape, dtype = tuple(int(d) for d in np.shape(x)), _dtype_of(x)
             n = math.prod(shape)
             words = -(-n // _ratio(dtype))
             leaves.append(_Leaf(shape, dtype.name, off, words))
@@ -78,6 +95,8 @@ class Layout(NamedTuple):
     def _words_of(self, x, lf: _Leaf):
         r = _ratio(lf.dtype)
         x = jnp.asarray(x).reshape(-1)
+        if _is_bool(lf.dtype):  # bitcasts do not take bool: one byte, 0 or 1
+            x = x.astype(jnp.uint8)
         if r == 1:
             return jax.lax.bitcast_convert_type(x, jnp.uint32)
         x = jnp.pad(x, (0, lf.words * r - x.size)).reshape(lf.words, r)
@@ -106,32 +125,36 @@ class Layout(NamedTuple):
             parts.append(jnp.zeros((self.words - end,), jnp.uint32))
         return jnp.concatenate(parts) if parts else jnp.zeros((0,), jnp.uint32)
 
-    def pack_into(self, buf: jax.Array, tree: PyTree) -> jax.Array:
-        """`buf` (a packed buffer of this layout) with every leaf overwritten by `tree`'s: a
-        chain of in-place updates when `buf` is donated (no second buffer of the block)."""
-        flat = self._check(tree)
-        for x, lf in zip(flat, self.leaves):
-            if lf.words:
-                buf = jax.lax.dynamic_update_slice(buf, self._words_of(x, lf), (lf.offset,))
-        return buf
-
     def unpack(self, buf: jax.Array) -> PyTree:
         """The tree stored in `buf` (traceable; slices and bitcasts)."""
         out = []
         for lf in self.leaves:
             dtype, r, n = jnp.dtype(lf.dtype), _ratio(lf.dtype), math.prod(lf.shape)
             seg = jax.lax.slice(buf, (lf.offset,), (lf.offset + lf.words,))
-            x = jax.lax.bitcast_convert_type(seg, dtype)
+            x = jax.lax.bitcast_convert_type(seg, jnp.uint8 if _is_bool(lf.dtype) else dtype)
             if r > 1:
                 x = x.reshape(-1)[:n]
+            if _is_bool(lf.dtype):
+                x = x != 0
             out.append(x.reshape(lf.shape))
         return jax.tree.unflatten(self.treedef, out)
 
     # ---- host (numpy) ---------------------------------------------------------------------------
 
     def unpack_host(self, buf) -> PyTree:
-        """The tree stored in a host buffer, as numpy views of one numpy copy of it."""
+        """The tree stored in a host buffer, as numpy views of a host copy of it (or, where jax
+        hands out host memory without copying, as on the CPU backend, of `buf` itself, which is
+        immutable)."""
+        cached = getattr(buf, "_npy_value", None)
         raw = np.asarray(buf)
+        if isinstance(buf, jax.Array) and cached is None:
+            # jax caches a numpy copy on the array: on the engine's stored buffer it would keep
+            # a second host copy of the block alive until the block is next replaced. Dropped
+            # where jax lets us (not where the attribute is read-only; then it lives on).
+            try:
+                buf._npy_value = None
+            except (AttributeError, TypeError):
+                pass
         if raw.dtype != np.uint32 or raw.shape != (self.words,):
             raise ValueError(f"expected a uint32[{self.words}] packed buffer, got "
                              f"{raw.dtype}{list(raw.shape)}")
@@ -160,11 +183,6 @@ class Packing(NamedTuple):
         """(flat block, flat opt or the empty opt tree), new buffers (traceable)."""
         return self.block.pack(stored), (opt if self.opt.empty else self.opt.pack(opt))
 
-    def pack_into(self, flat, oflat, stored, opt):
-        """Like pack, written into the (donated) buffers flat and oflat."""
-        return (self.block.pack_into(flat, stored),
-                oflat if self.opt.empty else self.opt.pack_into(oflat, opt))
-
     def unpack(self, flat, oflat):
         return self.block.unpack(flat), (oflat if self.opt.empty else self.opt.unpack(oflat))
 
@@ -184,10 +202,10 @@ _pack_both = jax.jit(lambda lay, stored, opt: lay.pack(stored, opt), static_argn
 class Transport:
     """What BlockStream calls around the per-block function when blocks travel packed: unpack
     right after an uploaded block is taken (the flat buffer is dropped at once) and pack right
-    before the write-back. Each is a separate small jitted function rather than part of the
-    block function: fused into it, unpacking a donated buffer and packing into it cost 2.4
-    blocks of extra device memory (9 GB at the OPT-175B block shape, H200), while apart the
-    flat and the unpacked copy of one block coexist only for the length of one copy kernel."""
+    before the write-back, as separate small jitted functions. Measured at the OPT-175B block
+    shape (H200, BENCHMARKS.md call 4): fused into the block function they cost 2.4 blocks of
+    extra device memory; apart, about 2 blocks (packed and unpacked copies allocated while the
+    host runs ahead of the device), which is why packed="auto" packs only blocks <= 1 GiB."""
 
     def __init__(self, packing: Packing):
         self.packing = packing

@@ -95,7 +95,7 @@ class BlockStream:
         if with_opt and opt is None:
             opt = jax.device_put(self.store.opts[i], self.device)
         if self.transport is not None:  # the packed buffers die here, once unpacking is queued
-            blk, opt = self.transport.unpack(blk, opt)
+            blk, opt = self.transport.unpack(blk, opt if with_opt else None)
         return blk, opt
 
     def _release_when(self, i: int, token) -> None:

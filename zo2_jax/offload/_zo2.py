@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 from zo2_jax.offload._budget import footprint, plan_resident, spread
-from zo2_jax.offload._pack import Packing, Transport
+from zo2_jax.offload._pack import Packing, Transport, _pack_both
 from zo2_jax.offload._stream import BlockStore, BlockStream
 from zo2_jax.offload.codecs import Storage, tree_nbytes
 # Modules, not names: zo and offload import each other (zo's engine needs the codecs, offload's
@@ -60,7 +60,6 @@ _decode = jax.jit(lambda storage, stored: _copy(storage.decode(stored)), static_
 # Packed streamed blocks (see _pack.py): made and re-packed on the device, one block at a time.
 _pinit_fn = jax.jit(lambda spec, lay, p: lay.pack(*parts.init_part(spec, "block", p)),
                     static_argnums=(0, 1))
-_pack_fn = jax.jit(lambda lay, stored, opt: lay.pack(stored, opt), static_argnums=0)
 
 
 class ZO2Engine:
@@ -113,6 +112,8 @@ class ZO2Engine:
                  device_budget_bytes: Optional[int] = None, batch_shape: Optional[tuple] = None,
                  device: Optional[jax.Device] = None,
                  packed: Union[bool, str] = "auto"):
+        if not (isinstance(packed, (bool, np.bool_)) or packed == "auto"):
+            raise ValueError(f"packed must be True, False or 'auto', got {packed!r}")
         spec, params, make_block = common.prepare(
             model, params, tx, eps=eps, num_directions=num_directions,
             compute_dtype=compute_dtype, storage=storage, outer_storage=outer_storage,
@@ -134,15 +135,10 @@ class ZO2Engine:
         self._batch_shape = batch_shape
 
         resident = self._resident_set(resident_blocks, n)
-        if not (isinstance(packed, (bool, np.bool_)) or packed == "auto"):
-            raise ValueError(f"packed must be True, False or 'auto', got {packed!r}")
-        # The static layout of a packed streamed block, from abstract shapes (no block made).
-        packing = Packing.of(*jax.eval_shape(
-            lambda p: parts.init_part(spec, "block", p),
-            jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype),
-                         params["blocks"][0])))
+        packing = self._layout(spec, params["blocks"][0], packed) if packed is not False else None
         if packed == "auto":
-            packed = packing.block.nbytes + packing.opt.nbytes <= PACK_AUTO_MAX_BYTES
+            packed = (packing is not None and
+                      packing.block.nbytes + packing.opt.nbytes <= PACK_AUTO_MAX_BYTES)
         self.footprint = None  # with a budget: the estimated peak's ingredients, in bytes
         if device_budget_bytes is not None:
             if batch_shape is None:
@@ -191,6 +187,21 @@ class ZO2Engine:
         self._count = jax.device_put(jnp.zeros([], jnp.int32), self._dev)
         self._skipped_total = jax.device_put(jnp.zeros([], jnp.int32), self._dev)
         self._dirty = False
+
+    @staticmethod
+    def _layout(spec, block, packed) -> Optional[Packing]:
+        """The static layout of a packed streamed block, from abstract shapes (no block made);
+        None under packed="auto" when a leaf cannot be packed (e.g. a PRNG key in the
+        optimiser state)."""
+        shapes = jax.eval_shape(lambda p: parts.init_part(spec, "block", p), jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype), block))
+        try:
+            return Packing.of(*shapes)
+        except ValueError as e:
+            if packed is True:
+                raise ValueError(f"packed=True: a block or its optimiser state cannot be packed "
+                                 f"({e}); use packed=False or 'auto'") from None
+            return None
 
     def _stored_as_is(self, block) -> bool:
         st = self.spec.storage
@@ -335,8 +346,8 @@ class ZO2Engine:
     def state(self) -> dict:
         """Everything an exact resume needs (see MeZOEngine.state); blocks and their optimiser
         states are lists. Streamed blocks are host arrays: pinned host jax arrays (the engine's
-        own; it never writes into them), or with `packed=True` numpy arrays unpacked from a
-        host copy of each packed buffer. Device arrays are the engine's own: save them before
+        own; it never writes into them), or, for packed blocks, numpy arrays unpacked from a
+        host copy of each packed buffer (on the CPU backend, views of the buffer itself). Device arrays are the engine's own: save them before
         the next step, which donates them."""
         blocks, opts = self._unpacked()
         return {"outer": self._outer, "blocks": blocks,
@@ -369,7 +380,7 @@ class ZO2Engine:
         self._stream.drain()
         for i in range(self.num_blocks):
             if self._is_packed(i):  # packed on the device, one block at a time
-                new = jax.device_put(_pack_fn(self._packing, *jax.device_put(
+                new = jax.device_put(_pack_both(self._packing, *jax.device_put(
                     (blocks[i], opts[i]), self._dev)), self._host)
                 self._store.blocks[i], self._store.opts[i] = jax.block_until_ready(new)
                 continue
