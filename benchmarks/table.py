@@ -26,7 +26,8 @@ def main(paths):
     ref = [r for r in rows if r.get("impl") == "reference_zo2"]
     if ours:
         print("| model | layers | B x T | compute | storage | MeZO tok/s | ZO2 tok/s | ZO2/MeZO "
-              "| ZO2 peak GB | MeZO peak GB | ZO2 host GB | T_bus ms | ZO2 / T_limit | dispatch share |")
+              "| ZO2 peak GB | MeZO peak GB | ZO2 host GB | T_bus ms | ZO2 / T_limit "
+              "| dispatch share |")
         print("|" + "---|" * 14)
         for r in ours:
             m, z = r.get("mezo_tok_s"), r.get("zo2_tok_s")
@@ -46,7 +47,8 @@ def main(paths):
                       f"up {pr['up_ms']:.2f} (flat {pr['up_flat_ms']:.2f}) ms, compute "
                       f"{pr['compute_ms']:.2f} ms, down {pr['down_ms']:.2f} (flat "
                       f"{pr['down_flat_ms']:.2f}) ms, {pr['leaves']} leaves, x{pr['n_streamed']}; "
-                      f"unpack {pr.get('unpack_ms', 0):.2f} ms, pack {pr.get('pack_ms', 0):.2f} ms; "
+                      f"unpack {pr.get('unpack_ms', 0):.2f} ms, "
+                      f"pack {pr.get('pack_ms', 0):.2f} ms; "
                       f"outer {pr['outer_ms']:.1f} ms, head {pr['head_ms']:.1f} ms")
         b = ours[0]
         print(f"\npinned bandwidths (GB/s): up {b['B_up']:.1f}, down {b['B_down']:.1f}, "

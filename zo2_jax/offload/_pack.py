@@ -3,15 +3,15 @@
 A streamed block of a transformer is a dozen or more arrays; moved one by one, a 100 MB block
 crosses the bus at 34 GB/s where one contiguous 100 MB buffer moves at 43 GB/s (H200, jax 0.11.2,
 BENCHMARKS.md call 3): per-array overhead, not bandwidth, bounds the smaller blocks. The ZO2
-engine therefore keeps each streamed block (and its optimiser state) in pinned host memory as one
-flat buffer, and the jitted block function unpacks it (slices and bitcasts, fused by XLA into
-their consumers) and packs its result into the donated buffer again.
+engine can therefore keep each streamed block (and its optimiser state) in pinned host memory as
+one flat buffer; after the upload a small jitted kernel unpacks it (slices and bitcasts) and,
+before the write-back, another packs the updated block (`Transport`, used by BlockStream).
 
 Packing is a pure re-arrangement of bits: any numeric dtype of 1, 2 or 4 bytes and bool (as one
 byte), leaves aligned to `ALIGN_WORDS` 4-byte words, padding zero. Other leaves (PRNG keys in an
 optimiser state, 8-byte dtypes) cannot be packed: `Layout.of` raises, and the engine's
-packed="auto" then keeps the blocks unpacked. The layout is static (hashable): one compiled function
-serves every block of one structure.
+packed="auto" then keeps the blocks unpacked. The layout is static (hashable): one compiled
+function serves every block of one structure.
 """
 
 from __future__ import annotations
@@ -54,7 +54,6 @@ def _ratio(dtype) -> int:
 
 def _is_bool(name: str) -> bool:
     return name == "bool"
-
 
 
 class Layout(NamedTuple):
@@ -142,19 +141,10 @@ class Layout(NamedTuple):
     # ---- host (numpy) ---------------------------------------------------------------------------
 
     def unpack_host(self, buf) -> PyTree:
-        """The tree stored in a host buffer, as numpy views of a host copy of it (or, where jax
-        hands out host memory without copying, as on the CPU backend, of `buf` itself, which is
-        immutable)."""
-        cached = getattr(buf, "_npy_value", None)
+        """The tree stored in a host buffer, as numpy views of `np.asarray(buf)`: a host copy
+        (which jax also caches on `buf` for as long as `buf` lives), or on the CPU backend the
+        immutable buffer itself."""
         raw = np.asarray(buf)
-        if isinstance(buf, jax.Array) and cached is None:
-            # jax caches a numpy copy on the array: on the engine's stored buffer it would keep
-            # a second host copy of the block alive until the block is next replaced. Dropped
-            # where jax lets us (not where the attribute is read-only; then it lives on).
-            try:
-                buf._npy_value = None
-            except (AttributeError, TypeError):
-                pass
         if raw.dtype != np.uint32 or raw.shape != (self.words,):
             raise ValueError(f"expected a uint32[{self.words}] packed buffer, got "
                              f"{raw.dtype}{list(raw.shape)}")

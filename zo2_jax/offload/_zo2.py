@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 from zo2_jax.offload._budget import footprint, plan_resident, spread
-from zo2_jax.offload._pack import Packing, Transport, _pack_both
+from zo2_jax.offload._pack import Packing, Transport
 from zo2_jax.offload._stream import BlockStore, BlockStream
 from zo2_jax.offload.codecs import Storage, tree_nbytes
 # Modules, not names: zo and offload import each other (zo's engine needs the codecs, offload's
@@ -114,6 +114,7 @@ class ZO2Engine:
                  packed: Union[bool, str] = "auto"):
         if not (isinstance(packed, (bool, np.bool_)) or packed == "auto"):
             raise ValueError(f"packed must be True, False or 'auto', got {packed!r}")
+        packed = packed if packed == "auto" else bool(packed)
         spec, params, make_block = common.prepare(
             model, params, tx, eps=eps, num_directions=num_directions,
             compute_dtype=compute_dtype, storage=storage, outer_storage=outer_storage,
@@ -347,8 +348,10 @@ class ZO2Engine:
         """Everything an exact resume needs (see MeZOEngine.state); blocks and their optimiser
         states are lists. Streamed blocks are host arrays: pinned host jax arrays (the engine's
         own; it never writes into them), or, for packed blocks, numpy arrays unpacked from a
-        host copy of each packed buffer (on the CPU backend, views of the buffer itself). Device arrays are the engine's own: save them before
-        the next step, which donates them."""
+        host copy of each packed buffer (on a GPU jax keeps that copy cached on the buffer
+        until the block is next updated; on the CPU backend they are views of the buffer).
+        Device arrays are the engine's own: save them before the next step, which donates
+        them."""
         blocks, opts = self._unpacked()
         return {"outer": self._outer, "blocks": blocks,
                 "opt_outer": self._opt_outer, "opt_blocks": opts,
@@ -380,7 +383,7 @@ class ZO2Engine:
         self._stream.drain()
         for i in range(self.num_blocks):
             if self._is_packed(i):  # packed on the device, one block at a time
-                new = jax.device_put(_pack_both(self._packing, *jax.device_put(
+                new = jax.device_put(self._stream.transport.pack(*jax.device_put(
                     (blocks[i], opts[i]), self._dev)), self._host)
                 self._store.blocks[i], self._store.opts[i] = jax.block_until_ready(new)
                 continue
