@@ -215,6 +215,8 @@ def main(argv=None):
                     help="ZO2 with packed=False (one transfer per array of a block)")
     pk.add_argument("--packed", action="store_true",
                     help="ZO2 with packed=True (default: 'auto', packed up to 1 GiB blocks)")
+    p.add_argument("--branches", default="auto", choices=["auto", "fused", "sequential"],
+                   help="ZO2's branch schedule in the block function (see ZO2Engine)")
     p.add_argument("--outer-storage", choices=["float32", "bfloat16", "int8"],
                    help="host storage of embeddings/head (default: as --storage)")
     p.add_argument("--profile", action="store_true",
@@ -253,7 +255,8 @@ def main(argv=None):
             if name == "zo2":
                 packed = False if a.unpacked else (True if a.packed else "auto")
                 eng = ZO2Engine(model, params, resident_blocks=a.resident_blocks,
-                                max_inflight=a.max_inflight, packed=packed, **common)
+                                max_inflight=a.max_inflight, packed=packed,
+                                branches=a.branches, **common)
             else:
                 eng = MeZOEngine(model, params, **common)
             del params
@@ -273,6 +276,7 @@ def main(argv=None):
                     if i not in eng._store.resident for x in jax.tree.leaves(b))
                 row["max_inflight"] = a.max_inflight
                 row["packed"] = eng.packed
+                row["branches"] = eng.branches
             del eng
         except Exception as e:  # an OOM for MeZO at large shapes is a result, not a crash
             row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"

@@ -14,10 +14,12 @@ def fmt(v, nd=2):
 
 def tags(r) -> str:
     """' W<max_inflight>', ' packed' for packed blocks (rows before the option are unpacked),
-    and a mark for rows of the removed sequential-branches option."""
+    ' seq' for branches="sequential", and a mark for rows of call 3's removed fori_loop
+    experiment (branches run by a loop)."""
     w = f" W{r['max_inflight']}" if r.get("max_inflight") else ""
     w += " packed" if r.get("packed") else ""
-    return w + (" (seq. branches)" if r.get("sequential_branches") else "")
+    w += " seq" if r.get("branches") == "sequential" else ""
+    return w + (" (fori_loop branches)" if r.get("sequential_branches") else "")
 
 
 def main(paths):

@@ -24,21 +24,22 @@ CONFIGS = {
     "mezo_sgd-fp32-q1-streamed-W2-unpacked": (dict(tx=shared_sgd()),  # one transfer per array
                                               dict(resident_blocks=0, max_inflight=2,
                                                    packed=False)),
-    "mezo_sgd-schedule-bf16sr-q2-clip-resident1-W1": (
+    # branches="sequential": one branch after the other in the block function (MeZO: fused)
+    "mezo_sgd-schedule-bf16sr-q2-clip-resident1-W1-sequential": (
         dict(tx=mezo_sgd(optax.linear_schedule(3e-3, 1e-3, 4), weight_decay=0.05),
              storage=SR_BF16, num_directions=2, clip_norm=5.0),
-        dict(resident_blocks=1, max_inflight=1)),
+        dict(resident_blocks=1, max_inflight=1, branches="sequential")),
     "momentum-int8sr-q2-resident{0,2}-W3": (
         dict(tx=optax.sgd(1e-3, momentum=0.9), num_directions=2,
              storage=Storage("int8", rounding="stochastic")),
         dict(resident_blocks={0, 2}, max_inflight=3)),
-    "chain-adam-schedule-bf16sr-bf16compute-clip": (
+    "chain-adam-schedule-bf16sr-bf16compute-clip-sequential": (
         dict(tx=optax.chain(
             optax.add_decayed_weights(1e-2, mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)),
             optax.inject_hyperparams(optax.adam)(
                 learning_rate=optax.cosine_decay_schedule(1e-3, 5))),
             storage=SR_BF16, compute_dtype=jnp.bfloat16, clip_norm=5.0),
-         dict(resident_blocks=1)),
+         dict(resident_blocks=1, branches="sequential")),
 }
 
 

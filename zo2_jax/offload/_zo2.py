@@ -14,6 +14,7 @@ two engines give bit-identical parameters for the same keys, storage and compute
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Iterable, Optional, Union
 
 import jax
@@ -33,6 +34,7 @@ from zo2_jax.zo._noise import OUTER_PART, as_key
 
 PyTree = Any
 PACK_AUTO_MAX_BYTES = 1 << 30  # packed="auto": pack blocks up to this size (stored + opt state)
+SEQUENTIAL_AUTO_MIN_BYTES = 1 << 30  # branches="auto": sequential above this block size
 
 
 def _memory_kinds(device) -> list:
@@ -94,6 +96,13 @@ class ZO2Engine:
         (3.6 GB blocks), W=2: peak 22.4 GB packed against 15.2 GB unpacked (packed and
         unpacked copies of about two blocks coexist), where per-array costs hardly matter.
         Bit-identical results either way; `state()` and `params()` return unpacked trees.
+      branches: how the block function schedules the +eps and -eps branches. "fused": each
+        matrix's two perturbed copies come from one pass over the weights (z generated once),
+        so both copies are alive together. "sequential": the -eps branch runs after the +eps
+        branch, one perturbed copy at a time, z generated a second time. "auto" (default):
+        sequential when a stored block is larger than `SEQUENTIAL_AUTO_MIN_BYTES` (1 GiB).
+        Bit-identical results either way. XLA's compiled memory, OPT-175B block shape, bf16
+        (H200, BENCHMARKS.md, call 5): 5.27 GB of scratch fused, 2.76 GB sequential.
 
     Example:
       >>> engine = ZO2Engine(model, params, mezo_sgd(1e-6),
@@ -111,14 +120,23 @@ class ZO2Engine:
                  resident_blocks: Union[int, Iterable[int]] = 0, max_inflight: int = 3,
                  device_budget_bytes: Optional[int] = None, batch_shape: Optional[tuple] = None,
                  device: Optional[jax.Device] = None,
-                 packed: Union[bool, str] = "auto"):
+                 packed: Union[bool, str] = "auto", branches: str = "auto"):
         if not (isinstance(packed, (bool, np.bool_)) or packed == "auto"):
             raise ValueError(f"packed must be True, False or 'auto', got {packed!r}")
         packed = packed if packed == "auto" else bool(packed)
+        if branches not in ("auto",) + parts.BRANCHES:
+            raise ValueError(f"branches must be 'auto', 'fused' or 'sequential', got {branches!r}")
         spec, params, make_block = common.prepare(
             model, params, tx, eps=eps, num_directions=num_directions,
             compute_dtype=compute_dtype, storage=storage, outer_storage=outer_storage,
             clip_norm=clip_norm, directions=directions)
+        if branches == "auto":
+            stored = jax.eval_shape(lambda p: parts.init_part(spec, "block", p)[0], jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype), params["blocks"][0]))
+            branches = ("sequential" if tree_nbytes(stored) > SEQUENTIAL_AUTO_MIN_BYTES
+                        else "fused")
+        spec = dataclasses.replace(spec, branches=branches)
+        self.branches = branches
         self.spec = spec
         n = self.num_blocks = len(params["blocks"])
         dev = device or jax.devices()[0]

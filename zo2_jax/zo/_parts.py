@@ -77,6 +77,8 @@ class Spec:
     block_mask: Optional[tuple]
     clip_norm: Optional[float]
     directions: str = "gaussian"
+    branches: str = "fused"  # how a block's branches are scheduled: see block_step
+
 
     @property
     def fused(self) -> bool:
@@ -156,9 +158,45 @@ def outer_embed(spec: Spec, stored, opt, pend: Pending, count, key, batch):
     return stored, opt, hs, ctx, (gram(zs) if spec.clip_norm is not None else None)
 
 
+BRANCHES = ("fused", "sequential")
+
+
+def _sequential_branches(spec: Spec, stored, part_id, key, hs, ctx, gram_acc):
+    """The 2q branches through one block, each branch's weights made only once the previous
+    branch's output exists (an optimization barrier orders them): one perturbed copy of the
+    block at a time instead of the +eps and -eps copies together, at the cost of generating
+    each z twice (three times with clip_norm). Same values as the fused schedule."""
+    st, cd, eps = spec.storage_of("block"), spec.compute_dtype, spec.eps
+    src, k, out = stored, key, []
+    for j in range(spec.num_directions):
+        for b in range(2):
+            theta = st.decode(src)
+            z = part_noise(k, j, part_id, theta, spec.directions)
+            w = jax.tree.map((lambda t, z_: (t + eps * z_).astype(cd)) if b == 0 else
+                             (lambda t, z_: (t - eps * z_).astype(cd)), theta, z)
+            h = spec.model.block(w, hs[2 * j + b], ctx)
+            # the next branch's z must not be shared with (CSE'd into) this one's: its key and
+            # weights come through the barrier, after this branch's output
+            h, src, k = jax.lax.optimization_barrier((h, src, k))
+            out.append(h)
+    if gram_acc is not None:
+        theta = st.decode(src)
+        gram_acc = gram_acc + gram([part_noise(k, j, part_id, theta, spec.directions)
+                                    for j in range(spec.num_directions)])
+    return tuple(out), gram_acc
+
+
 def block_step(spec: Spec, stored, opt, pend: Pending, count, part_id, key, hs, ctx, gram_acc):
-    """Updates block `part_id` and runs the 2q branches through it: (stored, opt, hs, gram)."""
+    """Updates block `part_id` and runs the 2q branches through it: (stored, opt, hs, gram).
+
+    `spec.branches` schedules the branches: "fused" makes the +eps and -eps weights of each
+    matrix in one pass (z generated once, both copies alive together); "sequential" runs one
+    branch after the other (about half the scratch memory, z generated twice). Both give
+    bit-identical values."""
     stored, opt = update_part(spec, "block", stored, opt, pend, count, part_id)
+    if spec.branches == "sequential":
+        hs, gram_acc = _sequential_branches(spec, stored, part_id, key, hs, ctx, gram_acc)
+        return stored, opt, hs, gram_acc
     pairs, zs = perturbed(spec, "block", stored, key, part_id)
     hs = tuple(spec.model.block(w, hs[2 * j + b], ctx)
                for j, pair in enumerate(pairs) for b, w in enumerate(pair))
