@@ -18,7 +18,7 @@ def kinds(tree):
 
 @pytest.mark.parametrize("packed", [True, False])
 def test_streamed_blocks_and_optimizer_state_live_in_pinned_host(packed):
-    shared, zo2_only = CONFIGS["chain-adam-schedule-bf16sr-bf16compute-clip"]  # adam: real state
+    shared, zo2_only = CONFIGS["chain-adam-schedule-bf16sr-bf16compute-clip-sequential"]  # adam: real state
     engine = ZO2Engine(MODEL, PARAMS, **shared, **zo2_only, packed=packed)
     store = engine._store
     for t in range(2):
