@@ -252,6 +252,19 @@ def test_packed_auto_follows_the_block_size_and_is_validated(monkeypatch):
         "transport" not in off.footprint
 
 
+def test_branches_auto_follows_the_block_size_and_is_validated(monkeypatch):
+    import zo2_jax.offload._zo2 as zo2_mod
+
+    eng = ZO2Engine(MODEL, PARAMS, tx=shared_sgd())  # tiny blocks: fused
+    assert eng.branches == eng.spec.branches == "fused"
+    monkeypatch.setattr(zo2_mod, "SEQUENTIAL_AUTO_MIN_BYTES", 0)
+    eng = ZO2Engine(MODEL, PARAMS, tx=shared_sgd())
+    assert eng.branches == eng.spec.branches == "sequential"
+    assert ZO2Engine(MODEL, PARAMS, tx=shared_sgd(), branches="fused").branches == "fused"
+    with pytest.raises(ValueError, match="branches must be 'auto', 'fused' or 'sequential'"):
+        ZO2Engine(MODEL, PARAMS, tx=shared_sgd(), branches="interleaved")
+
+
 def test_optimizer_states_that_cannot_all_be_packed():
     """A bool leaf (apply_if_finite) is packed as a byte; a PRNG key (add_noise) cannot be
     packed: 'auto' keeps such blocks unpacked, True says why it cannot."""

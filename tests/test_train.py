@@ -120,6 +120,8 @@ def test_killed_during_checkpointing_resumes_exactly(tiny, tmp_path):
     (["train", "--checkpoint-every", "5"], "checkpoint_dir is not"),
     (["train", "--engine", "mezo", "--packed", "no"], "apply to engine='zo2' only"),
     (["train", "--engine", "zo2", "--packed", "maybe"], "invalid choice: 'maybe'"),
+    (["train", "--engine", "mezo", "--branches", "sequential"], "apply to engine='zo2' only"),
+    (["train", "--engine", "zo2", "--branches", "interleaved"], "invalid choice: 'interleaved'"),
     (["train", "--storage-dtype", "int4"], "invalid choice: 'int4'"),
     (["train", "--schedule", "cosine", "--warmup-steps", "500", "--steps", "100"],
      "warmup_steps"),

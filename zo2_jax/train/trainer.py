@@ -97,7 +97,8 @@ def make_engine(cfg: TrainConfig, model, params):
     budget = None if cfg.device_budget_gb is None else int(cfg.device_budget_gb * 2 ** 30)
     return ZO2Engine(model, params, resident_blocks=cfg.resident_blocks,
                      max_inflight=cfg.max_inflight, device_budget_bytes=budget,
-                     packed={"auto": "auto", "yes": True, "no": False}[cfg.packed], **common)
+                     packed={"auto": "auto", "yes": True, "no": False}[cfg.packed],
+                     branches=cfg.branches, **common)
 
 
 def model_batch(batch: dict) -> dict:
