@@ -3,14 +3,15 @@ at one model shape: the block step and, for packed blocks, the unpack and pack k
 
     python benchmarks/pack_memory.py --model opt_175b --storage bfloat16
 
-`--variant barrier` compiles an experimental block step (not the engine's) that runs the -eps
-branch after the +eps branch, ordered by an optimization barrier, to see whether the two branches'
-perturbed weights are what fills the block function's scratch memory.
+`--branches sequential` compiles the block function with ZO2Engine(branches="sequential") (the
+-eps branch after the +eps branch; call 5a measured it as `--variant barrier`, the same code before
+it moved into the engine).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -31,24 +32,6 @@ from zo2_jax.zo import mezo_sgd  # noqa: E402
 from bench_zo2 import nanogpt_shape  # noqa: E402
 
 
-def block_step_barrier(spec, stored, opt, pend, count, part_id, key, hs, ctx, gram_acc):
-    """parts.block_step (q = 1) with the -eps branch ordered after the +eps branch's output."""
-    from zo2_jax.zo._noise import part_noise
-    stored, opt = parts.update_part(spec, "block", stored, opt, pend, count, part_id)
-    cd, eps = spec.compute_dtype, spec.eps
-
-    def branch(sign, stored_, key_, h):
-        theta = spec.storage_of("block").decode(stored_)
-        z = part_noise(key_, 0, part_id, theta, spec.directions)
-        w = jax.tree.map(lambda t, z_: (t + sign * eps * z_).astype(cd), theta, z)
-        return spec.model.block(w, h, ctx)
-
-    hp = branch(1.0, stored, key, hs[0])
-    hp, stored_b, key_b = jax.lax.optimization_barrier((hp, stored, key))
-    hm = branch(-1.0, stored_b, key_b, hs[1])
-    return stored, opt, (hp, hm), gram_acc
-
-
 def stats(compiled) -> dict:
     m = compiled.memory_analysis()
     return {k: round(getattr(m, k) / 1e9, 3) for k in (
@@ -63,8 +46,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--only-block", action="store_true", help="skip the unpack and pack kernels")
-    p.add_argument("--variant", default="engine", choices=["engine", "barrier"],
-                   help="block step compiled: the engine's, or the ordered-branches experiment")
+    p.add_argument("--branches", default="fused", choices=["fused", "sequential"],
+                   help="the block function's branch schedule (see ZO2Engine)")
     p.add_argument("--tag", default="", help="free text copied into the output row")
     a = p.parse_args(argv)
     cfg = nanogpt_shape(a.model, a.seq).replace(num_layers=2)
@@ -75,6 +58,7 @@ def main(argv=None):
                              eps=1e-3, num_directions=1, compute_dtype=jnp.bfloat16,
                              storage=Storage(a.storage, rounding="stochastic"),
                              outer_storage=None, clip_norm=None)
+    spec = dataclasses.replace(spec, branches=a.branches)
     b_s, b_o = jax.eval_shape(lambda x: parts.init_part(spec, "block", x), blk)
     lay = Packing.of(b_s, b_o)
     flat = jax.ShapeDtypeStruct((lay.block.words,), jnp.uint32)
@@ -85,12 +69,10 @@ def main(argv=None):
     key = jax.eval_shape(lambda: jax.random.key(0))
     pend = jax.eval_shape(lambda: parts.empty_pending(1))
     c, pid = jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.uint32)
-    fn = _block_fn if a.variant == "engine" else jax.jit(
-        block_step_barrier, static_argnums=0, donate_argnums=(1, 2, 7, 9))
     row = {"model": a.model, "storage": a.storage, "device": jax.devices()[0].device_kind,
-           "variant": a.variant, "tag": a.tag, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+           "branches": a.branches, "tag": a.tag, "xla_flags": os.environ.get("XLA_FLAGS", ""),
            "block_gb": lay.block.nbytes / 1e9,
-           "block_fn": stats(fn.lower(spec, b_s, b_o, pend, c, pid, key, hs, ctx, None).compile())}
+           "block_fn": stats(_block_fn.lower(spec, b_s, b_o, pend, c, pid, key, hs, ctx, None).compile())}
     if not a.only_block:
         row["unpack"] = stats(_unpack_both.lower(lay, flat, b_o).compile())
         row["pack"] = stats(_pack_both.lower(lay, b_s, b_o).compile())

@@ -12,6 +12,7 @@ XLA_FLAGS="--xla_dump_to=/tmp/dump" timeout 80 python3 benchmarks/pack_memory.py
   'block_step.*(buffer-assignment|memory-usage-report|after_optimizations\.txt)') )
 XLA_FLAGS="--xla_gpu_memory_limit_slop_factor=2" timeout 80 python3 benchmarks/pack_memory.py \
   --only-block >> $M
+# (as run; since this call the option is `--branches sequential`, the same code in the engine)
 timeout 80 python3 benchmarks/pack_memory.py --only-block --variant barrier >> $M
 cat $M
 ROW_TIMEOUT=90 bash benchmarks/run_ours.sh $R \

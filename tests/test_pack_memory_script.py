@@ -1,0 +1,24 @@
+"""benchmarks/pack_memory.py (compiled memory, nothing executed) on the smallest preset."""
+
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import pack_memory  # noqa: E402
+
+
+def test_both_branch_schedules_report_memory(capsys):
+    rows = {}
+    for branches in ("fused", "sequential"):
+        pack_memory.main(["--model", "opt_125m", "--seq", "64", "--only-block",
+                          "--branches", branches])
+        row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        rows[branches] = row
+        fn = row["block_fn"]
+        assert row["branches"] == branches and "unpack" not in row
+        # the stored block is donated: its output aliases the argument
+        assert fn["alias_size_in_bytes"] > 0 and fn["temp_size_in_bytes"] > 0
+    assert rows["fused"]["block_gb"] == rows["sequential"]["block_gb"]
