@@ -124,7 +124,8 @@ def profile_blocks(eng, batch, reps: int = 5) -> dict:
     from zo2_jax.zo import _parts as parts
 
     spec, dev, host = eng.spec, eng._dev, eng._host
-    block_fn = jax.jit(functools.partial(parts.block_step, spec))  # no donation: reps reuse
+    block_fn = jax.jit(functools.partial(parts.block_step, spec,  # no donation: reps reuse
+                                         branches=eng.branches))
     transport = eng._stream.transport  # packed blocks: unpacked after upload, packed before
     streamed = [j for j in range(eng.num_blocks) if j not in eng._store.resident]
     if not streamed:

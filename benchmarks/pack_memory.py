@@ -3,15 +3,14 @@ at one model shape: the block step and, for packed blocks, the unpack and pack k
 
     python benchmarks/pack_memory.py --model opt_175b --storage bfloat16
 
-`--branches sequential` compiles the block function with ZO2Engine(branches="sequential") (the
--eps branch after the +eps branch; call 5a measured it as `--variant barrier`, the same code before
-it moved into the engine).
+`--branches sequential` compiles the engine's block function for branches="sequential" (the -eps
+branch after the +eps branch; call 5a measured it as `--variant barrier`, the same code before it
+moved into the engine). The default is "fused"; the engine's "auto" picks by block size.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -24,7 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import zo2_jax.models as zm  # noqa: E402
 from zo2_jax.offload import Storage  # noqa: E402
 from zo2_jax.offload._pack import Packing, _pack_both, _unpack_both  # noqa: E402
-from zo2_jax.offload._zo2 import _block_fn  # noqa: E402
+from zo2_jax.offload._zo2 import _block_fns  # noqa: E402
 from zo2_jax.zo import _common as common  # noqa: E402
 from zo2_jax.zo import _parts as parts  # noqa: E402
 from zo2_jax.zo import mezo_sgd  # noqa: E402
@@ -58,7 +57,6 @@ def main(argv=None):
                              eps=1e-3, num_directions=1, compute_dtype=jnp.bfloat16,
                              storage=Storage(a.storage, rounding="stochastic"),
                              outer_storage=None, clip_norm=None)
-    spec = dataclasses.replace(spec, branches=a.branches)
     b_s, b_o = jax.eval_shape(lambda x: parts.init_part(spec, "block", x), blk)
     lay = Packing.of(b_s, b_o)
     flat = jax.ShapeDtypeStruct((lay.block.words,), jnp.uint32)
@@ -72,7 +70,8 @@ def main(argv=None):
     row = {"model": a.model, "storage": a.storage, "device": jax.devices()[0].device_kind,
            "branches": a.branches, "tag": a.tag, "xla_flags": os.environ.get("XLA_FLAGS", ""),
            "block_gb": lay.block.nbytes / 1e9,
-           "block_fn": stats(_block_fn.lower(spec, b_s, b_o, pend, c, pid, key, hs, ctx, None).compile())}
+           "block_fn": stats(_block_fns[a.branches].lower(spec, b_s, b_o, pend, c, pid, key, hs,
+                                                           ctx, None).compile())}
     if not a.only_block:
         row["unpack"] = stats(_unpack_both.lower(lay, flat, b_o).compile())
         row["pack"] = stats(_pack_both.lower(lay, b_s, b_o).compile())

@@ -7,7 +7,7 @@ import pytest
 
 from _toy import MODEL, PARAMS, counting_batch, shared_sgd
 from test_offload_exactness import CONFIGS, assert_trees_identical
-from zo2_jax.offload import ZO2Engine
+from zo2_jax.offload import Storage, ZO2Engine
 from zo2_jax.offload._stream import BlockStore, BlockStream
 from zo2_jax.zo import MeZOEngine
 
@@ -18,7 +18,8 @@ def kinds(tree):
 
 @pytest.mark.parametrize("packed", [True, False])
 def test_streamed_blocks_and_optimizer_state_live_in_pinned_host(packed):
-    shared, zo2_only = CONFIGS["chain-adam-schedule-bf16sr-bf16compute-clip-sequential"]  # adam: real state
+    # adam: a real optimiser state
+    shared, zo2_only = CONFIGS["chain-adam-schedule-bf16sr-bf16compute-clip-sequential"]
     engine = ZO2Engine(MODEL, PARAMS, **shared, **zo2_only, packed=packed)
     store = engine._store
     for t in range(2):
@@ -252,17 +253,23 @@ def test_packed_auto_follows_the_block_size_and_is_validated(monkeypatch):
         "transport" not in off.footprint
 
 
-def test_branches_auto_follows_the_block_size_and_is_validated(monkeypatch):
+def test_branches_auto_follows_the_perturbed_copy_size_and_is_validated(monkeypatch):
     import zo2_jax.offload._zo2 as zo2_mod
 
-    eng = ZO2Engine(MODEL, PARAMS, tx=shared_sgd())  # tiny blocks: fused
-    assert eng.branches == eng.spec.branches == "fused"
-    monkeypatch.setattr(zo2_mod, "SEQUENTIAL_AUTO_MIN_BYTES", 0)
-    eng = ZO2Engine(MODEL, PARAMS, tx=shared_sgd())
-    assert eng.branches == eng.spec.branches == "sequential"
+    assert ZO2Engine(MODEL, PARAMS, tx=shared_sgd()).branches == "fused"  # tiny blocks
+    # auto compares one perturbed copy of a block, in the compute dtype, with the threshold
+    n = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(PARAMS["blocks"][0]))
+    monkeypatch.setattr(zo2_mod, "SEQUENTIAL_AUTO_MIN_BYTES", 3 * n)
+    sequential = ZO2Engine(MODEL, PARAMS, tx=shared_sgd(), compute_dtype=jnp.float32)
+    fused = ZO2Engine(MODEL, PARAMS, tx=shared_sgd(), compute_dtype=jnp.bfloat16,
+                      storage=Storage("bfloat16"))
+    assert (sequential.branches, fused.branches) == ("sequential", "fused")
+    # the schedule is the block function's own argument: the other stages share compiled code
+    assert sequential.spec == ZO2Engine(MODEL, PARAMS, tx=shared_sgd(), branches="fused").spec
     assert ZO2Engine(MODEL, PARAMS, tx=shared_sgd(), branches="fused").branches == "fused"
-    with pytest.raises(ValueError, match="branches must be 'auto', 'fused' or 'sequential'"):
-        ZO2Engine(MODEL, PARAMS, tx=shared_sgd(), branches="interleaved")
+    for bad in ("interleaved", None, True):
+        with pytest.raises(ValueError, match="branches must be 'auto', 'fused' or 'sequential'"):
+            ZO2Engine(MODEL, PARAMS, tx=shared_sgd(), branches=bad)
 
 
 def test_optimizer_states_that_cannot_all_be_packed():

@@ -29,10 +29,10 @@ CONFIGS = {
         dict(tx=mezo_sgd(optax.linear_schedule(3e-3, 1e-3, 4), weight_decay=0.05),
              storage=SR_BF16, num_directions=2, clip_norm=5.0),
         dict(resident_blocks=1, max_inflight=1, branches="sequential")),
-    "momentum-int8sr-q2-resident{0,2}-W3": (
+    "momentum-int8sr-q2-resident{0,2}-W3-sequential": (
         dict(tx=optax.sgd(1e-3, momentum=0.9), num_directions=2,
              storage=Storage("int8", rounding="stochastic")),
-        dict(resident_blocks={0, 2}, max_inflight=3)),
+        dict(resident_blocks={0, 2}, max_inflight=3, branches="sequential")),
     "chain-adam-schedule-bf16sr-bf16compute-clip-sequential": (
         dict(tx=optax.chain(
             optax.add_decayed_weights(1e-2, mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)),
@@ -108,7 +108,8 @@ def test_directions_validated():
 def test_rademacher_zo2_matches_mezo_and_state_records_it():
     kw = dict(tx=shared_sgd(), directions="rademacher",
               storage=Storage("bfloat16", rounding="stochastic"))
-    mezo, zo2 = MeZOEngine(MODEL, PARAMS, **kw), ZO2Engine(MODEL, PARAMS, max_inflight=2, **kw)
+    mezo, zo2 = MeZOEngine(MODEL, PARAMS, **kw), ZO2Engine(MODEL, PARAMS, max_inflight=2,
+                                                                branches="sequential", **kw)
     gauss = MeZOEngine(MODEL, PARAMS, tx=shared_sgd(), storage=kw["storage"])
     for t in range(3):
         batch, key = counting_batch(jax.random.key(t)), jax.random.key(100 + t)

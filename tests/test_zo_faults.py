@@ -110,7 +110,8 @@ def test_restore_refuses_a_different_configuration():
 
 @pytest.mark.parametrize("engine_cls,config", [
     (MeZOEngine, "mezo_sgd-fp32-q1-streamed-W2"),
-    (ZO2Engine, "chain-adam-schedule-bf16sr-bf16compute-clip-sequential"),  # adam: state must not advance
+    # adam: its state must not advance
+    (ZO2Engine, "chain-adam-schedule-bf16sr-bf16compute-clip-sequential"),
 ])
 def test_non_finite_loss_skips_the_update_and_training_continues(engine_cls, config):
     shared, zo2_only = CONFIGS[config]

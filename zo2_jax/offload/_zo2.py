@@ -14,7 +14,7 @@ two engines give bit-identical parameters for the same keys, storage and compute
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 from typing import Any, Iterable, Optional, Union
 
 import jax
@@ -34,7 +34,9 @@ from zo2_jax.zo._noise import OUTER_PART, as_key
 
 PyTree = Any
 PACK_AUTO_MAX_BYTES = 1 << 30  # packed="auto": pack blocks up to this size (stored + opt state)
-SEQUENTIAL_AUTO_MIN_BYTES = 1 << 30  # branches="auto": sequential above this block size
+# branches="auto": sequential when one perturbed copy of a block (its parameters in the compute
+# dtype) is larger than this
+SEQUENTIAL_AUTO_MIN_BYTES = 1 << 30
 
 
 def _memory_kinds(device) -> list:
@@ -48,7 +50,11 @@ def _copy(tree):
 # One module-level jitted function per stage, the hashable Spec static: the block function serves
 # every block (one structure), and engines with equal specs share compiled code.
 _outer_fn = jax.jit(parts.outer_embed, static_argnums=0, donate_argnums=(1, 2))
-_block_fn = jax.jit(parts.block_step, static_argnums=0, donate_argnums=(1, 2, 7, 9))
+# one block function per branch schedule (see parts.block_step), so that the other stages'
+# compiled code does not depend on the schedule
+_block_fns = {b: jax.jit(functools.partial(parts.block_step, branches=b), static_argnums=0,
+                         donate_argnums=(1, 2, 7, 9)) for b in parts.BRANCHES}
+_block_fn = _block_fns["fused"]
 _head_fn = jax.jit(parts.head_finish, static_argnums=0)
 _update_fn = jax.jit(parts.update_part, static_argnums=(0, 1), donate_argnums=(2, 3))
 _init_fn = jax.jit(parts.init_part, static_argnums=(0, 1))
@@ -99,8 +105,9 @@ class ZO2Engine:
       branches: how the block function schedules the +eps and -eps branches. "fused": each
         matrix's two perturbed copies come from one pass over the weights (z generated once),
         so both copies are alive together. "sequential": the -eps branch runs after the +eps
-        branch, one perturbed copy at a time, z generated a second time. "auto" (default):
-        sequential when a stored block is larger than `SEQUENTIAL_AUTO_MIN_BYTES` (1 GiB).
+        branch, one perturbed copy at a time, z generated a second time (and a third with
+        clip_norm). "auto" (default): sequential when one perturbed copy of a block (its
+        parameters in the compute dtype) is larger than `SEQUENTIAL_AUTO_MIN_BYTES` (1 GiB).
         Bit-identical results either way. Measured on an H200 (BENCHMARKS.md, call 5), bf16:
         OPT-175B block shape, 4 layers, W=2, unpacked: peak 12.65 GB sequential against
         15.15 GB fused (block-function scratch 2.76 vs 5.27 GB), 658 against 596 ms/step;
@@ -133,11 +140,9 @@ class ZO2Engine:
             compute_dtype=compute_dtype, storage=storage, outer_storage=outer_storage,
             clip_norm=clip_norm, directions=directions)
         if branches == "auto":
-            stored = jax.eval_shape(lambda p: parts.init_part(spec, "block", p)[0], jax.tree.map(
-                lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype), params["blocks"][0]))
-            branches = ("sequential" if tree_nbytes(stored) > SEQUENTIAL_AUTO_MIN_BYTES
-                        else "fused")
-        spec = dataclasses.replace(spec, branches=branches)
+            copy = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(params["blocks"][0]))
+            copy *= jnp.dtype(spec.compute_dtype).itemsize
+            branches = "sequential" if copy > SEQUENTIAL_AUTO_MIN_BYTES else "fused"
         self.branches = branches
         self.spec = spec
         n = self.num_blocks = len(params["blocks"])
@@ -166,7 +171,7 @@ class ZO2Engine:
                 raise ValueError("device_budget_bytes needs batch_shape=(batch, seq) to estimate "
                                  "the activations")
             fp = footprint(spec, params, batch_shape,
-                           {"outer": _outer_fn, "block": _block_fn, "head": _head_fn})
+                           {"outer": _outer_fn, "block": _block_fns[branches], "head": _head_fn})
             if packed:  # measured: packed and unpacked copies of ~2 blocks coexist (see above)
                 fp["transport"] = 2 * fp["block"]
             explicit = resident if resident_blocks not in (0, None) else None
@@ -272,10 +277,11 @@ class ZO2Engine:
         self._outer, self._opt_outer, hs, ctx, g = _outer_fn(
             self.spec, self._outer, self._opt_outer, pend, count, key, batch)
         carry = [hs, g]
+        block_fn = _block_fns[self.branches]
 
         def compute(i, blk, opt):
-            blk, opt, carry[0], carry[1] = _block_fn(self.spec, blk, opt, pend, count,
-                                                     self._ids[i], key, carry[0], ctx, carry[1])
+            blk, opt, carry[0], carry[1] = block_fn(self.spec, blk, opt, pend, count,
+                                                    self._ids[i], key, carry[0], ctx, carry[1])
             return blk, opt
 
         self._stream.update_pass(compute)

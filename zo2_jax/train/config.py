@@ -49,8 +49,8 @@ class TrainConfig:
       packed: ZO2 moves each streamed block as one buffer ("yes"), array by array ("no"), or
         packed up to 1 GiB blocks ("auto"; see ZO2Engine).
       branches: ZO2's block function makes both branches' weights in one pass ("fused"), one
-        branch after the other ("sequential": less device memory, z generated twice), or
-        sequential above 1 GiB blocks ("auto"; see ZO2Engine).
+        branch after the other ("sequential": less device memory, z generated again), or
+        sequential where a block's perturbed copy is over 1 GiB ("auto"; see ZO2Engine).
       optimizer, lr, schedule, warmup_steps, weight_decay, momentum: the update (optax).
       eps, num_directions, directions: the SPSA estimate ("gaussian" z as MeZO, or "rademacher"
         +-1 z, much cheaper to generate: see MeZOEngine).

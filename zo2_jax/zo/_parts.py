@@ -77,8 +77,6 @@ class Spec:
     block_mask: Optional[tuple]
     clip_norm: Optional[float]
     directions: str = "gaussian"
-    branches: str = "fused"  # how a block's branches are scheduled: see block_step
-
 
     @property
     def fused(self) -> bool:
@@ -165,7 +163,8 @@ def _sequential_branches(spec: Spec, stored, part_id, key, hs, ctx, gram_acc):
     """The 2q branches through one block, each branch's weights made only once the previous
     branch's output exists (an optimization barrier orders them): one perturbed copy of the
     block at a time instead of the +eps and -eps copies together, at the cost of generating
-    each z twice (three times with clip_norm). Same values as the fused schedule."""
+    each z twice (three times with clip_norm, for the Gram matrix). Same values as the fused
+    schedule."""
     st, cd, eps = spec.storage_of("block"), spec.compute_dtype, spec.eps
     src, k, out = stored, key, []
     for j in range(spec.num_directions):
@@ -186,15 +185,18 @@ def _sequential_branches(spec: Spec, stored, part_id, key, hs, ctx, gram_acc):
     return tuple(out), gram_acc
 
 
-def block_step(spec: Spec, stored, opt, pend: Pending, count, part_id, key, hs, ctx, gram_acc):
+def block_step(spec: Spec, stored, opt, pend: Pending, count, part_id, key, hs, ctx, gram_acc,
+               branches: str = "fused"):
     """Updates block `part_id` and runs the 2q branches through it: (stored, opt, hs, gram).
 
-    `spec.branches` schedules the branches: "fused" makes the +eps and -eps weights of each
-    matrix in one pass (z generated once, both copies alive together); "sequential" runs one
-    branch after the other (about half the scratch memory, z generated twice). Both give
-    bit-identical values."""
+    `branches` schedules the branches: "fused" makes the +eps and -eps weights of each matrix
+    in one pass (z generated once, both copies alive together); "sequential" runs one branch
+    after the other (about half the scratch memory, z generated twice). Both give bit-identical
+    values. (An argument, not a Spec field: the other stages do not depend on it.)"""
+    if branches not in BRANCHES:
+        raise ValueError(f"branches must be one of {BRANCHES}, got {branches!r}")
     stored, opt = update_part(spec, "block", stored, opt, pend, count, part_id)
-    if spec.branches == "sequential":
+    if branches == "sequential":
         hs, gram_acc = _sequential_branches(spec, stored, part_id, key, hs, ctx, gram_acc)
         return stored, opt, hs, gram_acc
     pairs, zs = perturbed(spec, "block", stored, key, part_id)
