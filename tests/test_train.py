@@ -167,3 +167,16 @@ class _nullcontext:
 
     def __exit__(self, *a):
         return False
+
+
+def test_zo2_placement_options_reach_the_engine():
+    from _toy import MODEL, PARAMS
+
+    from zo2_jax.train.trainer import make_engine
+
+    cfg = TrainConfig(engine="zo2", packed="no", branches="sequential", max_inflight=2,
+                      resident_blocks=1, progress=False)
+    eng = make_engine(cfg, MODEL, PARAMS)
+    assert (eng.packed, eng.branches, len(eng.resident_blocks)) == (False, "sequential", 1)
+    eng = make_engine(TrainConfig(engine="zo2", progress=False), MODEL, PARAMS)
+    assert (eng.packed, eng.branches) == (True, "fused")  # "auto" on tiny blocks
