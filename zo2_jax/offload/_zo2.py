@@ -54,7 +54,6 @@ _outer_fn = jax.jit(parts.outer_embed, static_argnums=0, donate_argnums=(1, 2))
 # compiled code does not depend on the schedule
 _block_fns = {b: jax.jit(functools.partial(parts.block_step, branches=b), static_argnums=0,
                          donate_argnums=(1, 2, 7, 9)) for b in parts.BRANCHES}
-_block_fn = _block_fns["fused"]
 _head_fn = jax.jit(parts.head_finish, static_argnums=0)
 _update_fn = jax.jit(parts.update_part, static_argnums=(0, 1), donate_argnums=(2, 3))
 _init_fn = jax.jit(parts.init_part, static_argnums=(0, 1))
