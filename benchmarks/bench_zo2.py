@@ -14,10 +14,12 @@ where MeZO fits.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -88,26 +90,27 @@ def make_batch(cfg, batch: int, seq: int, seed: int = 0) -> dict:
     return {"input_ids": ids, "attention_mask": jnp.ones_like(ids)}
 
 
-def time_engine(engine, batch, steps: int, warmup: int) -> dict:
-    """Median step time with metrics read one step late (as the trainer does), and the share of
-    wall time the host spent inside `step` (dispatch; near 1.0 would mean host-bound)."""
+def time_engine(engine, batch, steps: int, warmup: int, trace_dir: Optional[str] = None) -> dict:
+    """Mean step time with metrics read one step late (as the trainer does), and the share of
+    wall time the host spent inside `step` (dispatch; near 1.0 would mean host-bound). With
+    `trace_dir`, the timed steps (not the warm-up) run under `jax.profiler.trace`."""
     key = jax.random.key(1)
     prev = None
     for s in range(warmup):
         prev = engine.step(batch, jax.random.fold_in(key, s))
     jax.block_until_ready(prev)
-    t0 = time.perf_counter()
-    dispatch, marks = 0.0, []
-    for s in range(steps):
-        t = time.perf_counter()
-        m = engine.step(batch, jax.random.fold_in(key, warmup + s))
-        dispatch += time.perf_counter() - t
-        if prev is not None:
-            float(prev["loss"])  # step s-1's scalars, as a training loop reads them
-        marks.append(time.perf_counter())
-        prev = m
-    jax.block_until_ready(prev)
-    total = time.perf_counter() - t0
+    with jax.profiler.trace(trace_dir) if trace_dir else contextlib.nullcontext():
+        t0 = time.perf_counter()
+        dispatch = 0.0
+        for s in range(steps):
+            t = time.perf_counter()
+            m = engine.step(batch, jax.random.fold_in(key, warmup + s))
+            dispatch += time.perf_counter() - t
+            if prev is not None:
+                float(prev["loss"])  # step s-1's scalars, as a training loop reads them
+            prev = m
+        jax.block_until_ready(prev)
+        total = time.perf_counter() - t0
     finite = bool(np.isfinite(float(prev["loss"])))
     return {"step_s": total / steps, "dispatch_share": dispatch / total, "loss_finite": finite}
 

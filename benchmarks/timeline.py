@@ -34,7 +34,8 @@ import zo2_jax.models as zm  # noqa: E402
 from zo2_jax.offload import Storage, ZO2Engine  # noqa: E402
 from zo2_jax.zo import MeZOEngine, mezo_sgd  # noqa: E402
 
-from bench_zo2 import DTYPES, lazy_params, make_batch, nanogpt_shape  # noqa: E402
+from bench_zo2 import (DTYPES, lazy_params, make_batch, nanogpt_shape,  # noqa: E402
+                       time_engine)
 
 
 def _union_ns(intervals) -> int:
@@ -130,18 +131,10 @@ def load(trace_dir: str):
 
 
 def trace_engine(engine, batch, steps: int, warmup: int, trace_dir: str) -> dict:
-    key = jax.random.key(1)
-    m = None
-    for s in range(warmup):
-        m = engine.step(batch, jax.random.fold_in(key, s))
-    jax.block_until_ready(m)
-    t = time.perf_counter()
-    with jax.profiler.trace(trace_dir):
-        for s in range(steps):
-            m = engine.step(batch, jax.random.fold_in(key, warmup + s))
-        jax.block_until_ready(m)
-    wall = (time.perf_counter() - t) / steps
-    return {"step_ms_traced": round(1e3 * wall, 3), "devices": summarize(load(trace_dir), steps)}
+    """`bench_zo2.time_engine` under the profiler, and the trace's summary."""
+    r = time_engine(engine, batch, steps, warmup, trace_dir=trace_dir)
+    return {"step_ms_traced": round(1e3 * r["step_s"], 3),
+            "devices": summarize(load(trace_dir), steps)}
 
 
 def main(argv=None) -> dict:

@@ -15,9 +15,8 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from zo2_jax.offload.codecs import tree_nbytes
+from zo2_jax.offload.codecs import tree_nbytes, tree_size
 from zo2_jax.zo import _parts as parts
 
 PyTree = Any
@@ -61,7 +60,7 @@ def footprint(spec: parts.Spec, params: PyTree, batch_shape, fns: dict) -> dict:
              _temp_bytes(fns["head"], spec, o_s, key, hs, batch, g, pend, count, count)]
     # Without statistics: decoded weights, z and two perturbed copies of a block (float32), and
     # the hidden states once more.
-    block_f32 = 4 * sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(params["blocks"][0]))
+    block_f32 = 4 * tree_size(params["blocks"][0])
     fallback = 4 * block_f32 + 2 * tree_nbytes(hs)
     scratch = max([t for t in temps if t is not None], default=fallback)
     return {"outer": tree_nbytes(o_s) + tree_nbytes(o_o),

@@ -25,7 +25,7 @@ import optax
 from zo2_jax.offload._budget import footprint, plan_resident, spread
 from zo2_jax.offload._pack import Packing, Transport
 from zo2_jax.offload._stream import BlockStore, BlockStream
-from zo2_jax.offload.codecs import Storage, tree_nbytes
+from zo2_jax.offload.codecs import Storage, tree_nbytes, tree_size
 # Modules, not names: zo and offload import each other (zo's engine needs the codecs, offload's
 # engine the ZO math), and a module reference survives a partially initialised package.
 from zo2_jax.zo import _common as common
@@ -139,8 +139,7 @@ class ZO2Engine:
             compute_dtype=compute_dtype, storage=storage, outer_storage=outer_storage,
             clip_norm=clip_norm, directions=directions)
         if branches == "auto":
-            copy = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(params["blocks"][0]))
-            copy *= jnp.dtype(spec.compute_dtype).itemsize
+            copy = tree_size(params["blocks"][0]) * jnp.dtype(spec.compute_dtype).itemsize
             branches = "sequential" if copy > SEQUENTIAL_AUTO_MIN_BYTES else "fused"
         self.branches = branches
         self.spec = spec

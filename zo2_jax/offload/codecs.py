@@ -180,6 +180,11 @@ class Storage:
         return tree_nbytes(self.encoded_shapes(tree))
 
 
+def tree_size(tree: PyTree) -> int:
+    """Total number of elements of the arrays (or ShapeDtypeStructs) in a pytree."""
+    return int(sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(tree)))
+
+
 def tree_nbytes(tree: PyTree) -> int:
     """Total bytes of the arrays (or ShapeDtypeStructs) in a pytree."""
     return int(sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize

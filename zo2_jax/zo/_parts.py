@@ -135,14 +135,20 @@ def perturbed(spec: Spec, part: str, stored, key, part_id):
     The perturbation is added in float32 to the decoded weights and only then cast, so the z of
     the branches is exactly the z of the update (also with bfloat16 compute)."""
     theta = spec.storage_of(part).decode(stored)
-    cd, eps = spec.compute_dtype, spec.eps
     pairs, zs = [], []
     for j in range(spec.num_directions):
         z = part_noise(key, j, part_id, theta, spec.directions)
-        pairs.append((jax.tree.map(lambda t, z_: (t + eps * z_).astype(cd), theta, z),
-                      jax.tree.map(lambda t, z_: (t - eps * z_).astype(cd), theta, z)))
+        pairs.append((_branch_weights(spec, theta, z, 0), _branch_weights(spec, theta, z, 1)))
         zs.append(z)
     return pairs, zs
+
+
+def _branch_weights(spec: Spec, theta, z, b: int):
+    """theta + eps z (b = 0) or theta - eps z (b = 1), in float32, then cast to compute dtype."""
+    cd, eps = spec.compute_dtype, spec.eps
+    if b == 0:
+        return jax.tree.map(lambda t, z_: (t + eps * z_).astype(cd), theta, z)
+    return jax.tree.map(lambda t, z_: (t - eps * z_).astype(cd), theta, z)
 
 
 # ---- the three stages of a training step -------------------------------------------------------
@@ -165,14 +171,12 @@ def _sequential_branches(spec: Spec, stored, part_id, key, hs, ctx, gram_acc):
     block at a time instead of the +eps and -eps copies together, at the cost of generating
     each z twice (three times with clip_norm, for the Gram matrix). Same values as the fused
     schedule."""
-    st, cd, eps = spec.storage_of("block"), spec.compute_dtype, spec.eps
+    st = spec.storage_of("block")
     src, k, out = stored, key, []
     for j in range(spec.num_directions):
         for b in range(2):
             theta = st.decode(src)
-            z = part_noise(k, j, part_id, theta, spec.directions)
-            w = jax.tree.map((lambda t, z_: (t + eps * z_).astype(cd)) if b == 0 else
-                             (lambda t, z_: (t - eps * z_).astype(cd)), theta, z)
+            w = _branch_weights(spec, theta, part_noise(k, j, part_id, theta, spec.directions), b)
             h = spec.model.block(w, hs[2 * j + b], ctx)
             # the next branch's z must not be shared with (CSE'd into) this one's: its key and
             # weights come through the barrier, after this branch's output
