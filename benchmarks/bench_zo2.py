@@ -116,25 +116,24 @@ def time_engine(engine, batch, steps: int, warmup: int, trace_dir: Optional[str]
 
 
 def profile_blocks(eng, batch, reps: int = 5) -> dict:
-    """Per-block costs of a ZO2 step, each measured alone (nothing overlapping), in ms: the
-    upload of a stored block, the jitted block function (update + 2q branches), the write-back,
-    the same bytes moved as one contiguous buffer (the per-leaf transfer overhead is the
-    difference), and with packed blocks the unpack and pack kernels around the block function.
+    """Per-unit costs of a ZO2 step, each measured alone (nothing overlapping), in ms, for the
+    first streamed unit (`blocks_per_call` blocks): its upload, the jitted unit function
+    (unpacking, update, 2q branches and re-packing of each block), the write-back, and the same
+    bytes moved as one contiguous buffer (the per-leaf transfer overhead is the difference).
     The pipelined step can at best hide all but the largest of the three sums."""
     import functools
 
-    from zo2_jax.offload._zo2 import _head_fn, _outer_fn
-    from zo2_jax.zo import _parts as parts
+    from zo2_jax.offload._zo2 import _head_fn, _outer_fn, unit_step
 
     spec, dev, host = eng.spec, eng._dev, eng._host
-    block_fn = jax.jit(functools.partial(parts.block_step, spec,  # no donation: reps reuse
-                                         branches=eng.branches))
-    transport = eng._stream.transport  # packed blocks: unpacked after upload, packed before
-    streamed = [j for j in range(eng.num_blocks) if j not in eng._store.resident]
-    if not streamed:
+    if not eng._stream.streamed:
         return {"error": "every block is resident: nothing streams"}
-    i = streamed[0]
-    stored, opt = eng._store.blocks[i], eng._store.opts[i]
+    unit = eng._stream.streamed[0]
+    unit_fn = jax.jit(functools.partial(unit_step, spec, eng._packing,  # no donation: reps reuse
+                                        branches=eng.branches))
+    stored = [eng._store.blocks[j] for j in unit]
+    opt = [eng._store.opts[j] for j in unit]
+    ids = tuple(eng._ids[j] for j in unit)
     nbytes = sum(x.nbytes for x in jax.tree.leaves((stored, opt)))
     flat_host = jax.device_put(jnp.zeros((nbytes,), jnp.uint8), host)
     b = jax.device_put(dict(batch), dev)
@@ -142,25 +141,19 @@ def profile_blocks(eng, batch, reps: int = 5) -> dict:
     pend, count = eng._pending, eng._count
     outer = jax.tree.map(jnp.copy, (eng._outer, eng._opt_outer))
     _, _, hs, ctx, g = _outer_fn(spec, *jax.tree.map(jnp.copy, outer), pend, count, key, b)
-    up_dev = jax.device_put((stored, opt), dev)
-    blk_dev, opt_dev = transport.unpack(*up_dev) if transport else up_dev
-    new_blk, new_opt, hs2, _ = block_fn(blk_dev, opt_dev, pend, count, eng._ids[i], key, hs,
-                                        ctx, g)
-    down_src = transport.pack(new_blk, new_opt) if transport else (new_blk, new_opt)
+    blk_dev, opt_dev = jax.device_put((stored, opt), dev)
+    new_blk, new_opt, hs2, _ = unit_fn(blk_dev, opt_dev, pend, count, ids, key, hs, ctx, g)
     flat_dev = jax.device_put(flat_host, dev)
-    jax.block_until_ready((new_blk, flat_dev, hs2, down_src))
+    jax.block_until_ready((new_blk, flat_dev, hs2))
     out = {
-        "n_streamed": len(eng._stream.streamed), "block_bytes": nbytes,
-        "leaves": len(jax.tree.leaves((stored, opt))),
+        "n_streamed": len(eng._stream.streamed), "blocks_per_call": len(unit),
+        "block_bytes": nbytes, "leaves": len(jax.tree.leaves((stored, opt))),
         "up_ms": 1e3 * _timed(lambda: jax.device_put((stored, opt), dev), reps),
         "up_flat_ms": 1e3 * _timed(lambda: jax.device_put(flat_host, dev), reps),
-        "packed": transport is not None,
-        "unpack_ms": 1e3 * _timed(lambda: transport.unpack(*up_dev), reps) if transport else 0.0,
-        "pack_ms": 1e3 * _timed(lambda: transport.pack(new_blk, new_opt), reps)
-        if transport else 0.0,
-        "compute_ms": 1e3 * _timed(lambda: block_fn(blk_dev, opt_dev, pend, count, eng._ids[i],
-                                                    key, hs, ctx, g), reps),
-        "down_ms": 1e3 * _timed(lambda: jax.device_put(down_src, host), reps),
+        "packed": eng.packed,
+        "compute_ms": 1e3 * _timed(lambda: unit_fn(blk_dev, opt_dev, pend, count, ids, key, hs,
+                                                   ctx, g), reps),
+        "down_ms": 1e3 * _timed(lambda: jax.device_put((new_blk, new_opt), host), reps),
         "down_flat_ms": 1e3 * _timed(lambda: jax.device_put(flat_dev, host), reps),
         # the outer stage donates its parameters: each rep gets a fresh copy (timed with it)
         "outer_ms": 1e3 * _timed(lambda: _outer_fn(
@@ -221,6 +214,8 @@ def main(argv=None):
                     help="ZO2 with packed=True (default: 'auto', packed up to 1 GiB blocks)")
     p.add_argument("--branches", default="auto", choices=["auto", "fused", "sequential"],
                    help="ZO2's branch schedule in the block function (see ZO2Engine)")
+    p.add_argument("--blocks-per-call", default="auto",
+                   help="ZO2's consecutive streamed blocks per jitted call: an int or 'auto'")
     p.add_argument("--outer-storage", choices=["float32", "bfloat16", "int8"],
                    help="host storage of embeddings/head (default: as --storage)")
     p.add_argument("--profile", action="store_true",
@@ -229,6 +224,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--json-out")
     a = p.parse_args(argv)
+    per_call = a.blocks_per_call if a.blocks_per_call == "auto" else int(a.blocks_per_call)
 
     cfg = nanogpt_shape(a.model, a.seq)
     if a.layers:
@@ -260,7 +256,7 @@ def main(argv=None):
                 packed = False if a.unpacked else (True if a.packed else "auto")
                 eng = ZO2Engine(model, params, resident_blocks=a.resident_blocks,
                                 max_inflight=a.max_inflight, packed=packed,
-                                branches=a.branches, **common)
+                                branches=a.branches, blocks_per_call=per_call, **common)
             else:
                 eng = MeZOEngine(model, params, **common)
             del params
@@ -281,6 +277,8 @@ def main(argv=None):
                 row["max_inflight"] = a.max_inflight
                 row["packed"] = eng.packed
                 row["branches"] = eng.branches
+                row["blocks_per_call"] = eng.blocks_per_call
+                row["units"] = len(eng._stream.streamed)
             del eng
         except Exception as e:  # an OOM for MeZO at large shapes is a result, not a crash
             row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"

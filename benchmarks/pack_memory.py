@@ -1,5 +1,6 @@
-"""Compiled device memory (XLA's memory analysis, no execution) of the per-block functions of ZO2
-at one model shape: the block step and, for packed blocks, the unpack and pack kernels.
+"""Compiled device memory (XLA's memory analysis, no execution) of ZO2's per-unit step function at
+one model shape: with unpacked blocks ("block_fn") and, unless --only-block, with packed blocks
+("unit_packed": the unpacking and re-packing inside the same call), for --blocks-per-call blocks.
 
     python benchmarks/pack_memory.py --model opt_175b --storage bfloat16
 
@@ -22,8 +23,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import zo2_jax.models as zm  # noqa: E402
 from zo2_jax.offload import Storage  # noqa: E402
-from zo2_jax.offload._pack import Packing, _pack_both, _unpack_both  # noqa: E402
-from zo2_jax.offload._zo2 import _block_fns  # noqa: E402
+from zo2_jax.offload._pack import Packing  # noqa: E402
+from zo2_jax.offload._zo2 import _unit_fns  # noqa: E402
 from zo2_jax.zo import _common as common  # noqa: E402
 from zo2_jax.zo import _parts as parts  # noqa: E402
 from zo2_jax.zo import mezo_sgd  # noqa: E402
@@ -44,7 +45,8 @@ def main(argv=None):
     p.add_argument("--storage", default="bfloat16", choices=["float32", "bfloat16", "int8"])
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=2048)
-    p.add_argument("--only-block", action="store_true", help="skip the unpack and pack kernels")
+    p.add_argument("--only-block", action="store_true", help="skip the packed variant")
+    p.add_argument("--blocks-per-call", type=int, default=1, help="blocks per unit (G)")
     p.add_argument("--branches", default="fused", choices=["fused", "sequential"],
                    help="the block function's branch schedule (see ZO2Engine)")
     p.add_argument("--tag", default="", help="free text copied into the output row")
@@ -60,21 +62,23 @@ def main(argv=None):
     b_s, b_o = jax.eval_shape(lambda x: parts.init_part(spec, "block", x), blk)
     lay = Packing.of(b_s, b_o)
     flat = jax.ShapeDtypeStruct((lay.block.words,), jnp.uint32)
-    B, T = a.batch, a.seq
+    oflat = b_o if lay.opt.empty else jax.ShapeDtypeStruct((lay.opt.words,), jnp.uint32)
+    B, T, G = a.batch, a.seq, a.blocks_per_call
     ids = jax.ShapeDtypeStruct((B, T), jnp.int32)
     hs = tuple(jax.ShapeDtypeStruct((B, T, cfg.hidden_size), jnp.bfloat16) for _ in range(2))
     ctx = jax.eval_shape(model.context, {"input_ids": ids, "attention_mask": ids})
     key = jax.eval_shape(lambda: jax.random.key(0))
     pend = jax.eval_shape(lambda: parts.empty_pending(1))
-    c, pid = jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.uint32)
+    c, pids = jax.ShapeDtypeStruct((), jnp.int32), (jax.ShapeDtypeStruct((), jnp.uint32),) * G
+    fn = _unit_fns[a.branches]
     row = {"model": a.model, "storage": a.storage, "device": jax.devices()[0].device_kind,
-           "branches": a.branches, "tag": a.tag, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-           "block_gb": lay.block.nbytes / 1e9,
-           "block_fn": stats(_block_fns[a.branches].lower(spec, b_s, b_o, pend, c, pid, key, hs,
-                                                           ctx, None).compile())}
+           "branches": a.branches, "blocks_per_call": G, "tag": a.tag,
+           "xla_flags": os.environ.get("XLA_FLAGS", ""), "block_gb": lay.block.nbytes / 1e9,
+           "block_fn": stats(fn.lower(spec, None, [b_s] * G, [b_o] * G, pend, c, pids, key, hs,
+                                      ctx, None).compile())}
     if not a.only_block:
-        row["unpack"] = stats(_unpack_both.lower(lay, flat, b_o).compile())
-        row["pack"] = stats(_pack_both.lower(lay, b_s, b_o).compile())
+        row["unit_packed"] = stats(fn.lower(spec, lay, [flat] * G, [oflat] * G, pend, c, pids,
+                                            key, hs, ctx, None).compile())
     print(json.dumps(row))
 
 

@@ -14,11 +14,12 @@ def fmt(v, nd=2):
 
 def tags(r) -> str:
     """' W<max_inflight>', ' packed' for packed blocks (rows before the option are unpacked),
-    ' seq' for branches="sequential", and a mark for rows of call 3's removed fori_loop
+    ' seq' for branches="sequential", ' G<n>' for n > 1 blocks per call, and a mark for rows of call 3's removed fori_loop
     experiment (branches run by a loop)."""
     w = f" W{r['max_inflight']}" if r.get("max_inflight") else ""
     w += " packed" if r.get("packed") else ""
     w += " seq" if r.get("branches") == "sequential" else ""
+    w += f" G{r['blocks_per_call']}" if r.get("blocks_per_call", 1) > 1 else ""
     return w + (" (fori_loop branches)" if r.get("sequential_branches") else "")
 
 
@@ -45,12 +46,13 @@ def main(paths):
         for r in ours:
             if r.get("profile") and "error" not in r["profile"]:
                 pr = r["profile"]
-                print(f"\nprofile {r['model']} {r['batch']}x{r['seq']} {r['storage']}: per block "
+                print(f"\nprofile {r['model']} {r['batch']}x{r['seq']} {r['storage']}: per unit of "
+                      f"{pr.get('blocks_per_call', 1)} block(s) "
                       f"up {pr['up_ms']:.2f} (flat {pr['up_flat_ms']:.2f}) ms, compute "
                       f"{pr['compute_ms']:.2f} ms, down {pr['down_ms']:.2f} (flat "
                       f"{pr['down_flat_ms']:.2f}) ms, {pr['leaves']} leaves, x{pr['n_streamed']}; "
                       f"unpack {pr.get('unpack_ms', 0):.2f} ms, "
-                      f"pack {pr.get('pack_ms', 0):.2f} ms; "
+                      f"pack {pr.get('pack_ms', 0):.2f} ms (0: inside compute); "
                       f"outer {pr['outer_ms']:.1f} ms, head {pr['head_ms']:.1f} ms")
         b = ours[0]
         print(f"\npinned bandwidths (GB/s): up {b['B_up']:.1f}, down {b['B_down']:.1f}, "

@@ -7,7 +7,7 @@ For each device plane of the trace (one per GPU), per step:
   traced window: idle time in a bus-bound step is the device waiting for uploads;
 - the time host-to-device and device-to-host copies were running, and how much of each overlapped
   with kernels (a pipelined step hides its copies behind the kernels, or the kernels behind them);
-- kernel time by XLA module (the block function, unpack, pack, outer and head stages), from the
+- kernel time by XLA module (the unit function, outer and head stages), from the
   events' `hlo_module` statistic where the trace has it.
 
 It complements `bench_zo2.py --profile`, which times each per-block cost alone: this one shows
@@ -150,6 +150,8 @@ def main(argv=None) -> dict:
     p.add_argument("--max-inflight", type=int, default=3)
     p.add_argument("--packed", default="auto", choices=["auto", "yes", "no"])
     p.add_argument("--branches", default="auto", choices=["auto", "fused", "sequential"])
+    p.add_argument("--blocks-per-call", default="auto",
+                   help="ZO2's consecutive streamed blocks per jitted call: an int or 'auto'")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", required=True, help="folder for the raw traces (one per engine)")
@@ -177,10 +179,13 @@ def main(argv=None) -> dict:
     for name in engines:
         params = lazy_params(model, init_dtype)
         if name == "zo2":
+            per_call = a.blocks_per_call if a.blocks_per_call == "auto" else int(
+                a.blocks_per_call)
             eng = ZO2Engine(model, params, max_inflight=a.max_inflight, branches=a.branches,
                             packed={"auto": "auto", "yes": True, "no": False}[a.packed],
-                            **common)
-            row.update(max_inflight=a.max_inflight, packed=eng.packed, branches=eng.branches)
+                            blocks_per_call=per_call, **common)
+            row.update(max_inflight=a.max_inflight, packed=eng.packed, branches=eng.branches,
+                       blocks_per_call=eng.blocks_per_call)
         else:
             eng = MeZOEngine(model, params, **common)
         del params

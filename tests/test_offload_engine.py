@@ -8,7 +8,7 @@ import pytest
 from _toy import MODEL, PARAMS, counting_batch, shared_sgd
 from test_offload_exactness import CONFIGS, assert_trees_identical
 from zo2_jax.offload import Storage, ZO2Engine
-from zo2_jax.offload._stream import BlockStore, BlockStream
+from zo2_jax.offload._stream import BlockStore, BlockStream, make_units
 from zo2_jax.zo import MeZOEngine
 
 
@@ -107,7 +107,8 @@ def test_state_restore_resumes_exactly(src, dst):
 
 
 def test_device_budget_chooses_resident_blocks():
-    kw = dict(tx=shared_sgd(), batch_shape=(4, 8), max_inflight=2, packed=False)  # see below
+    kw = dict(tx=shared_sgd(), batch_shape=(4, 8), max_inflight=2, packed=False,  # see below
+              blocks_per_call=1)
     probe = ZO2Engine(MODEL, PARAMS, device_budget_bytes=10**9, **kw)
     fp = probe.footprint
     assert probe.resident_blocks == {0, 1, 2}  # plenty of room: everything resident
@@ -131,33 +132,55 @@ class LoggingStream(BlockStream):
         super().__init__(*a, **kw)
         self.events, self.peak = [], 0
 
-    def _upload(self, j, with_opt):
-        self.events.append(("up", j))
-        return super()._upload(j, with_opt)
+    def _upload(self, u, with_opt):
+        self.events.append(("up", u))
+        return super()._upload(u, with_opt)
 
-    def _wait(self, i, token):
-        self.events.append(("wait", i))
-        super()._wait(i, token)
+    def _wait(self, u, token):
+        self.events.append(("wait", u))
+        super()._wait(u, token)
 
-    def note(self, kind, i):
-        self.events.append((kind, i))
+    def note(self, kind, u):
+        self.events.append((kind, u))
         self.peak = max(self.peak, len(self._window))
 
 
-@pytest.mark.parametrize("window", [1, 2, 3])
-def test_pipeline_bounds_blocks_in_flight_and_prefetches(window):
+def test_units_cut_runs_of_streamed_blocks_evenly():
+    assert make_units(7, frozenset({2}), 1) == [(i,) for i in range(7)]
+    assert make_units(7, frozenset({2}), 2) == [(0, 1), (2,), (3, 4), (5, 6)]
+    assert make_units(7, frozenset({2}), 3) == [(0, 1), (2,), (3, 4), (5, 6)]
+    assert make_units(12, frozenset(), 5) == [(0, 1, 2, 3), (4, 5, 6, 7), (8, 9, 10, 11)]
+    assert make_units(5, frozenset(), 2) == [(0, 1), (2, 3), (4,)]
+    assert make_units(3, frozenset({0, 1, 2}), 4) == [(0,), (1,), (2,)]
+    with pytest.raises(ValueError, match="blocks per call must be >= 1"):
+        make_units(3, frozenset(), 0)
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="device")
+    store = BlockStore([jnp.zeros(())] * 3, [()] * 3, frozenset({1}))
+    with pytest.raises(ValueError, match="mix resident and streamed"):
+        BlockStream(store, dev, dev, 2, [(0, 1), (2,)])
+    with pytest.raises(ValueError, match="once each"):
+        BlockStream(store, dev, dev, 2, [(0,), (2,)])
+
+
+@pytest.mark.parametrize("window,group", [(1, 1), (2, 1), (3, 1), (2, 2), (3, 2)])
+def test_pipeline_bounds_units_in_flight_and_prefetches(window, group):
     dev = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="device")
     host = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
-    n = 6
-    where = [dev if i == 2 else host for i in range(n)]  # block 2 resident
+    n, res = 7, 2
+    where = [dev if i == res else host for i in range(n)]  # block 2 resident
     store = BlockStore([jax.device_put(jnp.full((4,), float(i)), where[i]) for i in range(n)],
-                       [jax.device_put(jnp.zeros(()), where[i]) for i in range(n)], frozenset({2}))
-    stream = LoggingStream(store, dev, host, window)
+                       [jax.device_put(jnp.zeros(()), where[i]) for i in range(n)],
+                       frozenset({res}))
+    units = make_units(n, store.resident, group)
+    stream = LoggingStream(store, dev, host, window, units)
+    streamed = [u for u in units if u != (res,)]
+    assert len(streamed) == (6 if group == 1 else 3)
 
-    def fn(i, blk, opt):
-        assert blk.sharding.memory_kind == "device" and opt.sharding.memory_kind == "device"
-        stream.note("compute", i)
-        return blk + 1.0, opt + 1.0
+    def fn(u, blks, opts):
+        assert len(blks) == len(opts) == len(u)
+        assert all(x.sharding.memory_kind == "device" for x in blks + opts)
+        stream.note("compute", u)
+        return [b + 1.0 for b in blks], [o + 1.0 for o in opts]
 
     for _ in range(2):  # two passes: the second starts from the first one's prefetch
         stream.update_pass(fn)
@@ -166,23 +189,25 @@ def test_pipeline_bounds_blocks_in_flight_and_prefetches(window):
     assert stream.peak <= window
     ev = stream.events
     computes = [k for k, e in enumerate(ev) if e[0] == "compute"]
-    for c in computes:  # every streamed block was uploaded before its compute in the same pass
-        i = ev[c][1]
-        if i != 2:
-            ups = [k for k in range(c) if ev[k] == ("up", i)]
-            assert ups, (i, ev)
-    # never wait for the block dispatched just before (that would idle the device), unless one
+    for c in computes:  # every streamed unit was uploaded before its compute in the same pass
+        u = ev[c][1]
+        if u != (res,):
+            ups = [k for k in range(c) if ev[k] == ("up", u)]
+            assert ups, (u, ev)
+    # never wait for the unit dispatched just before (that would idle the device), unless one
     # slot forces it (max_inflight=1 serialises transfers and compute)
     for k, e in enumerate(ev):
         if e[0] == "wait" and window > 1:
-            last = [x for x in ev[:k] if x[0] == "compute" and x[1] != 2][-1]
+            last = [x for x in ev[:k] if x[0] == "compute" and x[1] != (res,)][-1]
             assert e[1] != last[1], ev
-    if window >= 2:  # steady state: block i+1 is uploaded while block i computes
+    if window >= 2:  # steady state: unit u+1 is uploaded while unit u computes
         second = ev[ev.index(("head", -1)) + 1:]
-        for i in (3, 4, 5):
-            assert second.index(("up", i)) < second.index(("compute", i)), second
-        assert second.index(("up", 1)) < second.index(("compute", 0)) or window == 2
-    np.testing.assert_array_equal(np.asarray(store.blocks[5]), np.full((4,), 7.0))
+        after = [u for u in streamed if u[0] > res]
+        for u, nxt in zip(after, after[1:]):
+            assert second.index(("up", nxt)) < second.index(("compute", nxt)), second
+            if window >= 3:  # and already before unit u computes
+                assert second.index(("up", nxt)) < second.index(("compute", u)), second
+    np.testing.assert_array_equal(np.asarray(store.blocks[6]), np.full((4,), 8.0))
     assert [b.sharding.memory_kind for b in store.blocks] == [w.memory_kind for w in where]
 
 

@@ -19,11 +19,16 @@ SR_BF16 = Storage("bfloat16", rounding="stochastic")
 
 CONFIGS = {
     # name: (engine kwargs shared by both engines, ZO2-only kwargs)
-    "mezo_sgd-fp32-q1-streamed-W2": (dict(tx=shared_sgd()),
-                                     dict(resident_blocks=0, max_inflight=2)),
-    "mezo_sgd-fp32-q1-streamed-W2-unpacked": (dict(tx=shared_sgd()),  # one transfer per array
-                                              dict(resident_blocks=0, max_inflight=2,
-                                                   packed=False)),
+    "mezo_sgd-fp32-q1-streamed-W2-G1": (dict(tx=shared_sgd()),
+                                        dict(resident_blocks=0, max_inflight=2,
+                                             blocks_per_call=1)),
+    # one transfer per array; blocks_per_call="auto" puts the toy's 3 small blocks in one call
+    "mezo_sgd-fp32-q1-streamed-W2-unpacked-Gauto": (dict(tx=shared_sgd()),
+                                                    dict(resident_blocks=0, max_inflight=2,
+                                                         packed=False)),
+    # units of 2 and 1 blocks (two compiled sizes), packed blocks and optimiser states
+    "momentum-bf16sr-q1-W2-G2": (dict(tx=optax.sgd(1e-3, momentum=0.9), storage=SR_BF16),
+                                 dict(max_inflight=2, blocks_per_call=2)),
     # branches="sequential": one branch after the other in the block function (MeZO: fused)
     "mezo_sgd-schedule-bf16sr-q2-clip-resident1-W1-sequential": (
         dict(tx=mezo_sgd(optax.linear_schedule(3e-3, 1e-3, 4), weight_decay=0.05),

@@ -18,7 +18,17 @@ def test_both_branch_schedules_report_memory(capsys):
         row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         rows[branches] = row
         fn = row["block_fn"]
-        assert row["branches"] == branches and "unpack" not in row
+        assert row["branches"] == branches and "unit_packed" not in row
         # the stored block is donated: its output aliases the argument
         assert fn["alias_size_in_bytes"] > 0 and fn["temp_size_in_bytes"] > 0
     assert rows["fused"]["block_gb"] == rows["sequential"]["block_gb"]
+
+
+def test_packed_units_of_two_blocks_report_memory(capsys):
+    pack_memory.main(["--model", "opt_125m", "--seq", "64", "--blocks-per-call", "2"])
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["blocks_per_call"] == 2
+    for k in ("block_fn", "unit_packed"):
+        # two blocks' arguments, each donated and aliased by its output
+        assert row[k]["argument_size_in_bytes"] >= 2 * row["block_gb"] * 0.99
+        assert row[k]["alias_size_in_bytes"] > 0

@@ -109,7 +109,7 @@ def test_restore_refuses_a_different_configuration():
 
 
 @pytest.mark.parametrize("engine_cls,config", [
-    (MeZOEngine, "mezo_sgd-fp32-q1-streamed-W2"),
+    (MeZOEngine, "mezo_sgd-fp32-q1-streamed-W2-G1"),
     # adam: its state must not advance
     (ZO2Engine, "chain-adam-schedule-bf16sr-bf16compute-clip-sequential"),
 ])

@@ -4,7 +4,8 @@ Peak device memory of a ZO2 step, estimated as
 
     outer (stored + optimiser state)
   + resident blocks (stored + optimiser state each)
-  + min(W, streamed) streamed blocks in flight (stored + optimiser state each)
+  + min(W x G, streamed) streamed blocks in flight (stored + optimiser state each; W units of
+    G blocks per call)
   + activations: the 2q hidden states (in and out of a block), the context, and the largest
     scratch space XLA reports for the compiled outer / block / head functions.
 """
@@ -39,10 +40,13 @@ def _temp_bytes(fn, spec, *args) -> Optional[int]:
     return None if stats is None else int(stats.temp_size_in_bytes)
 
 
-def footprint(spec: parts.Spec, params: PyTree, batch_shape, fns: dict) -> dict:
+def footprint(spec: parts.Spec, params: PyTree, batch_shape, fns: dict, group: int = 1,
+              packing=None) -> dict:
     """Bytes of each ingredient of the peak, from abstract shapes and compiled-memory statistics.
 
-    `fns` holds the engine's jitted 'outer', 'block' and 'head' functions (Spec first)."""
+    `fns` holds the engine's jitted 'outer', 'block' (its unit step: Spec, packing, blocks,
+    ...) and 'head' functions; the unit step's scratch is taken for `group` blocks per call,
+    stored packed with `packing` (or as trees with None)."""
     o_s, o_o = jax.eval_shape(lambda p: parts.init_part(spec, "outer", p),
                               _abstract(params["outer"]))
     b_s, b_o = jax.eval_shape(lambda p: parts.init_part(spec, "block", p),
@@ -55,8 +59,10 @@ def footprint(spec: parts.Spec, params: PyTree, batch_shape, fns: dict) -> dict:
     count, pid = jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.uint32)
     _, _, hs, ctx, g = jax.eval_shape(lambda *a: parts.outer_embed(spec, *a),
                                       o_s, o_o, pend, count, key, batch)
+    u_s, u_o = (b_s, b_o) if packing is None else jax.eval_shape(packing.pack, b_s, b_o)
     temps = [_temp_bytes(fns["outer"], spec, o_s, o_o, pend, count, key, batch),
-             _temp_bytes(fns["block"], spec, b_s, b_o, pend, count, pid, key, hs, ctx, g),
+             _temp_bytes(fns["block"], spec, packing, [u_s] * group, [u_o] * group, pend,
+                         count, (pid,) * group, key, hs, ctx, g),
              _temp_bytes(fns["head"], spec, o_s, key, hs, batch, g, pend, count, count)]
     # Without statistics: decoded weights, z and two perturbed copies of a block (float32), and
     # the hidden states once more.
@@ -80,25 +86,29 @@ def _need(fp: dict, n: int, k: int, w: int) -> int:
 
 
 def plan_resident(fp: dict, n: int, max_inflight: int, budget: int,
-                  resident: Optional[frozenset]) -> frozenset:
+                  resident: Optional[frozenset], group: int = 1) -> frozenset:
     """The resident set: `resident` checked against the budget, or the most blocks that fit
-    (spread evenly). Raises a ValueError naming the numbers when the minimum does not fit."""
+    (spread evenly), with up to max_inflight units of `group` streamed blocks on the device.
+    Raises a ValueError naming the numbers when the minimum does not fit."""
+    w = max_inflight * group
+    slots = (f"max_inflight={max_inflight}" if group == 1 else
+             f"max_inflight={max_inflight} x blocks_per_call={group}")
     if resident is not None:
-        need = _need(fp, n, len(resident), max_inflight)
+        need = _need(fp, n, len(resident), w)
         if need > budget:
             raise ValueError(
                 f"device_budget_bytes={budget:,} is too small for {len(resident)} resident "
                 f"blocks: needs ~{need:,} (outer {fp['outer']:,} + {len(resident)} resident and "
-                f"{min(max_inflight, n - len(resident))} in-flight blocks x {fp['block']:,} + "
+                f"{min(w, n - len(resident))} in-flight blocks ({slots}) x {fp['block']:,} + "
                 f"activations ~{fp['activations']:,}{_transport(fp)})")
         return resident
-    minimum = _need(fp, n, 0, max_inflight)
+    minimum = _need(fp, n, 0, w)
     if minimum > budget:
         raise ValueError(
             f"the model does not fit device_budget_bytes={budget:,}: the minimum is ~{minimum:,} "
-            f"= outer {fp['outer']:,} + max_inflight={max_inflight} streamed blocks x "
+            f"= outer {fp['outer']:,} + {min(w, n)} streamed blocks ({slots}) x "
             f"{fp['block']:,} (stored + optimiser state) + activations ~{fp['activations']:,}"
             f"{_transport(fp)}. "
-            f"Lower max_inflight, the batch shape, or the storage precision.")
-    k = max(k for k in range(n + 1) if _need(fp, n, k, max_inflight) <= budget)
+            f"Lower max_inflight, blocks_per_call, the batch shape, or the storage precision.")
+    k = max(k for k in range(n + 1) if _need(fp, n, k, w) <= budget)
     return spread(k, n)

@@ -4,8 +4,8 @@ A streamed block of a transformer is a dozen or more arrays; moved one by one, a
 crosses the bus at 34 GB/s where one contiguous 100 MB buffer moves at 43 GB/s (H200, jax 0.11.2,
 BENCHMARKS.md call 3): per-array overhead, not bandwidth, bounds the smaller blocks. The ZO2
 engine can therefore keep each streamed block (and its optimiser state) in pinned host memory as
-one flat buffer; after the upload a small jitted kernel unpacks it (slices and bitcasts) and,
-before the write-back, another packs the updated block (`Transport`, used by BlockStream).
+one flat buffer; the engine's per-unit function unpacks it after the upload (slices and
+bitcasts) and packs the updated block before the write-back, inside the same jitted call.
 
 Packing is a pure re-arrangement of bits: any numeric dtype of 1, 2 or 4 bytes and bool (as one
 byte), leaves aligned to `ALIGN_WORDS` 4-byte words, padding zero. Other leaves (PRNG keys in an
@@ -182,29 +182,3 @@ class Packing(NamedTuple):
 
     def abstract(self):
         return self.block.abstract(), self.opt.abstract()
-
-
-_unpack_both = jax.jit(lambda lay, flat, oflat: lay.unpack(flat, oflat), static_argnums=0)
-_unpack_block = jax.jit(lambda lay, flat: lay.block.unpack(flat), static_argnums=0)
-_pack_both = jax.jit(lambda lay, stored, opt: lay.pack(stored, opt), static_argnums=0)
-
-
-class Transport:
-    """What BlockStream calls around the per-block function when blocks travel packed: unpack
-    right after an uploaded block is taken (the flat buffer is dropped at once) and pack right
-    before the write-back, as separate small jitted functions. Measured at the OPT-175B block
-    shape (H200, BENCHMARKS.md call 4): fused into the block function they cost 2.4 blocks of
-    extra device memory; apart, about 2 blocks (packed and unpacked copies allocated while the
-    host runs ahead of the device), which is why packed="auto" packs only blocks <= 1 GiB."""
-
-    def __init__(self, packing: Packing):
-        self.packing = packing
-
-    def unpack(self, flat, oflat=None):
-        """(block, opt) from their packed buffers; opt None (not uploaded) stays None."""
-        if oflat is None:
-            return _unpack_block(self.packing, flat), None
-        return _unpack_both(self.packing, flat, oflat)
-
-    def pack(self, stored, opt):
-        return _pack_both(self.packing, stored, opt)

@@ -1,32 +1,35 @@
-"""The block pipeline: streams host-resident blocks through one jitted per-block function.
+"""The block pipeline: streams host-resident blocks through jitted per-unit functions.
 
-For block i (in index order), with W = max_inflight:
+A *unit* is one block or a run of consecutive streamed blocks that travel and compute together:
+one batched upload, one jitted call, one batched write-back (`ZO2Engine(blocks_per_call=...)`).
+For unit u (in pass order), with W = max_inflight:
 
-    upload(i+1) ........ issued as soon as a device slot is free (before/while block i computes)
-    compute(i) ......... the jitted per-block function, on the uploaded copy (donated)
-    write_back(i) ...... device_put of the result to pinned host memory, overlapping compute(i+1)
+    upload(u+1) ........ issued as soon as a device slot is free (before/while unit u computes)
+    compute(u) ......... the jitted per-unit function, on the uploaded copy (donated)
+    write_back(u) ...... device_put of the result to pinned host memory, overlapping compute(u+1)
 
 Uploads and write-backs are runtime `device_put`s issued from Python: they run on the copy engines
 while the device computes (transfers inside one jitted scan over host-resident layers did not
-overlap; see DESIGN.md). At most W streamed blocks hold device memory at once: a block holds a slot
+overlap; see DESIGN.md). At most W streamed units hold device memory at once: a unit holds a slot
 from its upload until its write-back (or, in read-only passes, its compute) has finished. A slot is
-freed by waiting on the write-back of an *older* block, never on the one just dispatched, so the
-host blocks only while the device still has queued work. W = 2 double-buffers (upload of i+1
-during compute of i, after the write-back of i-1); W >= 3 lets write-back and upload run at once
+freed by waiting on the write-back of an *older* unit, never on the one just dispatched, so the
+host blocks only while the device still has queued work. W = 2 double-buffers (upload of u+1
+during compute of u, after the write-back of u-1); W >= 3 lets write-back and upload run at once
 (the engine's default: on an H100 the bus carries ~52 GB/s one way, ~84 GB/s both ways).
 
-After a pass, the first streamed blocks of the next pass are uploaded already (a prefetch across
+After a pass, the first streamed units of the next pass are uploaded already (a prefetch across
 steps that overlaps the head, the metrics read-out and the next embed).
 """
 
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 
 PyTree = Any
+Unit = tuple  # block indices, consecutive in pass order
 
 
 class BlockStore:
@@ -40,90 +43,129 @@ class BlockStore:
         return len(self.blocks)
 
 
+def make_units(n: int, resident: frozenset, per_call: int) -> list:
+    """The pass order as units: each resident block alone; each maximal run of consecutive
+    streamed blocks cut into ceil(len / per_call) units of near-equal size (so at most two unit
+    sizes, two compiled variants, per run length)."""
+    if per_call < 1:
+        raise ValueError(f"blocks per call must be >= 1, got {per_call}")
+    units, run = [], []
+
+    def close():
+        if run:
+            k = -(-len(run) // per_call)
+            q, r = divmod(len(run), k)
+            start = 0
+            for j in range(k):
+                size = q + (1 if j < r else 0)
+                units.append(tuple(run[start:start + size]))
+                start += size
+            run.clear()
+
+    for i in range(n):
+        if i in resident:
+            close()
+            units.append((i,))
+        else:
+            run.append(i)
+    close()
+    return units
+
+
 class BlockStream:
     """Bounded upload / compute / write-back pipeline over a BlockStore.
 
     Args:
       store: the blocks; streamed ones live in `host` memory, resident ones on `device`.
       device, host: the device and pinned-host shardings.
-      max_inflight: W, the most streamed blocks on the device at once (>= 1).
+      max_inflight: W, the most streamed units on the device at once (>= 1).
+      units: the pass order (`make_units`); default one block per unit.
     """
 
     def __init__(self, store: BlockStore, device: jax.sharding.Sharding,
-                 host: jax.sharding.Sharding, max_inflight: int, transport=None):
+                 host: jax.sharding.Sharding, max_inflight: int,
+                 units: Optional[Sequence[Unit]] = None):
         self.store, self.device, self.host, self.max_inflight = store, device, host, max_inflight
-        self.transport = transport  # streamed blocks travel packed (see _pack.Transport)
-        self.streamed = [i for i in range(store.n) if i not in store.resident]
+        self.units = [tuple(u) for u in (units or [(i,) for i in range(store.n)])]
+        if sorted(i for u in self.units for i in u) != list(range(store.n)):
+            raise ValueError(f"units {self.units} do not cover blocks 0..{store.n - 1} once each")
+        self.streamed = [u for u in self.units if u[0] not in store.resident]
+        if any(i in store.resident for u in self.streamed for i in u) or any(
+                len(u) > 1 for u in self.units if u[0] in store.resident):
+            raise ValueError(f"units {self.units} mix resident and streamed blocks")
         self.reset()
 
     def reset(self) -> None:
         """Forgets prefetched uploads and in-flight slots (after a restore or a failure)."""
-        self._window: deque = deque()  # [index, token]: token ready => slot free; None = not run
-        self._uploaded: dict = {}      # index -> (block, opt or None) on the device
+        self._window: deque = deque()  # [unit, token]: token ready => slot free; None = not run
+        self._uploaded: dict = {}      # unit -> ([blocks], [opts] or None) on the device
         self._next = 0                 # position in self.streamed of the next upload
-        self._last = None              # the streamed block dispatched last
+        self._last = None              # the streamed unit dispatched last
 
     # ---- slots ----------------------------------------------------------------------------------
 
-    def _make_room(self, last: Optional[int]) -> bool:
+    def _make_room(self, last: Optional[Unit]) -> bool:
         while len(self._window) >= self.max_inflight:
-            idx, token = self._window[0]
-            if token is None or idx == last:
+            unit, token = self._window[0]
+            if token is None or unit == last:
                 return False  # waiting now would idle the device (or wait for nothing)
-            self._wait(idx, token)
+            self._wait(unit, token)
             self._window.popleft()
         return True
 
-    def _wait(self, i: int, token) -> None:
+    def _wait(self, unit: Unit, token) -> None:
         jax.block_until_ready(token)
 
-    def _upload(self, j: int, with_opt: bool):
-        opt = jax.device_put(self.store.opts[j], self.device) if with_opt else None
-        return jax.device_put(self.store.blocks[j], self.device), opt
+    def _upload(self, unit: Unit, with_opt: bool):
+        """One batched device_put for the unit's blocks (and optimiser states)."""
+        blks = [self.store.blocks[j] for j in unit]
+        if not with_opt:
+            return jax.device_put(blks, self.device), None
+        return jax.device_put((blks, [self.store.opts[j] for j in unit]), self.device)
 
-    def _fill(self, with_opt: bool, last: Optional[int]) -> None:
+    def _fill(self, with_opt: bool, last: Optional[Unit]) -> None:
         while self._next < len(self.streamed) and self._make_room(last):
-            j = self.streamed[self._next]
-            self._uploaded[j] = self._upload(j, with_opt)
-            self._window.append([j, None])
+            u = self.streamed[self._next]
+            self._uploaded[u] = self._upload(u, with_opt)
+            self._window.append([u, None])
             self._next += 1
 
-    def _take(self, i: int, with_opt: bool):
-        if i not in self._uploaded:  # not prefetched (W = 1, or a pass without prefetch)
+    def _take(self, unit: Unit, with_opt: bool):
+        if unit not in self._uploaded:  # not prefetched (W = 1, or a pass without prefetch)
             self._fill(with_opt, last=None)
-        blk, opt = self._uploaded.pop(i)
-        if with_opt and opt is None:
-            opt = jax.device_put(self.store.opts[i], self.device)
-        if self.transport is not None:  # the packed buffers die here, once unpacking is queued
-            blk, opt = self.transport.unpack(blk, opt if with_opt else None)
-        return blk, opt
+        blks, opts = self._uploaded.pop(unit)
+        if with_opt and opts is None:
+            opts = jax.device_put([self.store.opts[j] for j in unit], self.device)
+        return blks, opts
 
-    def _release_when(self, i: int, token) -> None:
+    def _release_when(self, unit: Unit, token) -> None:
         for entry in self._window:
-            if entry[0] == i:
+            if entry[0] == unit:
                 entry[1] = token
                 return
 
     # ---- passes ---------------------------------------------------------------------------------
 
     def update_pass(self, fn: Callable) -> None:
-        """block_i, opt_i <- fn(i, block_i, opt_i) for every block, streamed ones round-tripping
-        through the device; the results replace the store's entries."""
+        """blocks, opts <- fn(unit, [block_i], [opt_i]) for every unit (lists in the unit's
+        order), streamed units round-tripping through the device; the results replace the
+        store's entries."""
         store, last = self.store, None
         try:
-            for i in range(store.n):
-                if i in store.resident:
-                    store.blocks[i], store.opts[i] = fn(i, store.blocks[i], store.opts[i])
+            for u in self.units:
+                if u[0] in store.resident:
+                    blks, opts = fn(u, [store.blocks[i] for i in u], [store.opts[i] for i in u])
                 else:
-                    blk, opt = self._take(i, with_opt=True)
-                    new = fn(i, blk, opt)
-                    del blk, opt
-                    if self.transport is not None:
-                        new = self.transport.pack(*new)
-                    store.blocks[i], store.opts[i] = jax.device_put(new, self.host)
+                    blks, opts = self._take(u, with_opt=True)
+                    new = fn(u, blks, opts)
+                    del blks, opts
+                    blks, opts = jax.device_put((list(new[0]), list(new[1])), self.host)
                     del new
-                    self._release_when(i, (store.blocks[i], store.opts[i]))
-                    last = i
+                    self._release_when(u, (blks, opts))
+                    last = u
+                for i, b, o in zip(u, blks, opts):
+                    store.blocks[i], store.opts[i] = b, o
+                del blks, opts
                 self._fill(True, last)
         except BaseException:
             self.reset()
@@ -131,19 +173,19 @@ class BlockStream:
         self._next, self._last = 0, last
 
     def read_pass(self, fn: Callable) -> None:
-        """Calls token_i = fn(i, block_i) for every block (no write-back). A ready token_i means
-        block i's device copy is no longer needed (its compute has finished)."""
+        """Calls token_u = fn(unit, [block_i]) for every unit (no write-back). A ready token_u
+        means the unit's device copies are no longer needed (its compute has finished)."""
         store, last = self.store, None
         try:
-            for i in range(store.n):
-                if i in store.resident:
-                    fn(i, store.blocks[i])
+            for u in self.units:
+                if u[0] in store.resident:
+                    fn(u, [store.blocks[i] for i in u])
                 else:
-                    blk, _ = self._take(i, with_opt=False)
-                    token = fn(i, blk)
-                    del blk
-                    self._release_when(i, token)
-                    last = i
+                    blks, _ = self._take(u, with_opt=False)
+                    token = fn(u, blks)
+                    del blks
+                    self._release_when(u, token)
+                    last = u
                 self._fill(False, last)
         except BaseException:
             self.reset()
@@ -151,8 +193,8 @@ class BlockStream:
         self._next, self._last = 0, last
 
     def prefetch(self, with_opt: bool) -> None:
-        """Uploads the first streamed blocks of the next pass, as far as free slots allow without
-        waiting on the block dispatched last. Call it after dispatching the work that follows the
+        """Uploads the first streamed units of the next pass, as far as free slots allow without
+        waiting on the unit dispatched last. Call it after dispatching the work that follows the
         pass (the head), so the device has something to do while the host waits for a slot."""
         self._fill(with_opt, self._last)
 

@@ -23,8 +23,8 @@ import numpy as np
 import optax
 
 from zo2_jax.offload._budget import footprint, plan_resident, spread
-from zo2_jax.offload._pack import Packing, Transport
-from zo2_jax.offload._stream import BlockStore, BlockStream
+from zo2_jax.offload._pack import Packing
+from zo2_jax.offload._stream import BlockStore, BlockStream, make_units
 from zo2_jax.offload.codecs import Storage, tree_nbytes, tree_size
 # Modules, not names: zo and offload import each other (zo's engine needs the codecs, offload's
 # engine the ZO math), and a module reference survives a partially initialised package.
@@ -37,6 +37,9 @@ PACK_AUTO_MAX_BYTES = 1 << 30  # packed="auto": pack blocks up to this size (sto
 # branches="auto": sequential when one perturbed copy of a block (its parameters in the compute
 # dtype) is larger than this
 SEQUENTIAL_AUTO_MIN_BYTES = 1 << 30
+# blocks_per_call="auto": as many consecutive streamed blocks per jitted call as fit in this many
+# bytes (stored + optimiser state, per unit)
+UNIT_AUTO_BYTES = 64 << 20
 
 
 def _memory_kinds(device) -> list:
@@ -47,21 +50,70 @@ def _copy(tree):
     return jax.tree.map(jnp.copy, tree)  # fresh buffers, never aliases of donated state
 
 
-# One module-level jitted function per stage, the hashable Spec static: the block function serves
-# every block (one structure), and engines with equal specs share compiled code.
+# One module-level jitted function per stage, the hashable Spec static: the unit functions serve
+# every unit of one size (one structure), and engines with equal specs share compiled code.
 _outer_fn = jax.jit(parts.outer_embed, static_argnums=0, donate_argnums=(1, 2))
-# one block function per branch schedule (see parts.block_step), so that the other stages'
-# compiled code does not depend on the schedule
-_block_fns = {b: jax.jit(functools.partial(parts.block_step, branches=b), static_argnums=0,
-                         donate_argnums=(1, 2, 7, 9)) for b in parts.BRANCHES}
 _head_fn = jax.jit(parts.head_finish, static_argnums=0)
 _update_fn = jax.jit(parts.update_part, static_argnums=(0, 1), donate_argnums=(2, 3))
 _init_fn = jax.jit(parts.init_part, static_argnums=(0, 1))
 _init_opt = jax.jit(parts.init_opt, static_argnums=(0, 1))
 _eval_embed = jax.jit(parts.eval_embed, static_argnums=0)
-_eval_block = jax.jit(parts.eval_block, static_argnums=0)
 _eval_head = jax.jit(parts.eval_head, static_argnums=0)
 _decode = jax.jit(lambda storage, stored: _copy(storage.decode(stored)), static_argnums=0)
+
+
+# A unit is one block or a run of consecutive streamed blocks computed by one jitted call (see
+# _stream.py). `packing` (static) is the layout of packed streamed blocks, or None: then the
+# unit's blocks and optimiser states are trees. Packed blocks are unpacked after the upload and
+# packed again before the write-back inside the same call.
+
+def _unpacked(packing, blk, opt):
+    return (blk, opt) if packing is None else packing.unpack(blk, opt)
+
+
+def _packed(packing, blk, opt):
+    return (blk, opt) if packing is None else packing.pack(blk, opt)
+
+
+def unit_step(spec, packing, blks, opts, pend, count, ids, key, hs, ctx, gram_acc,
+              branches: str = "fused"):
+    """`parts.block_step` over the unit's blocks in order: (blocks, opts, hs, gram)."""
+    new_b, new_o = [], []
+    for blk, opt, pid in zip(blks, opts, ids):
+        blk, opt = _unpacked(packing, blk, opt)
+        blk, opt, hs, gram_acc = parts.block_step(spec, blk, opt, pend, count, pid, key, hs, ctx,
+                                                  gram_acc, branches)
+        blk, opt = _packed(packing, blk, opt)
+        new_b.append(blk)
+        new_o.append(opt)
+    return new_b, new_o, hs, gram_acc
+
+
+def _unit_update(spec, packing, blks, opts, pend, count, ids):
+    out = [_packed(packing, *parts.update_part(spec, "block", *_unpacked(packing, b, o), pend,
+                                               count, pid)) for b, o, pid in zip(blks, opts, ids)]
+    return [b for b, _ in out], [o for _, o in out]
+
+
+def _unit_eval(spec, packing, blks, h, ctx):
+    for blk in blks:
+        h = parts.eval_block(spec, blk if packing is None else packing.block.unpack(blk), h, ctx)
+    return h
+
+
+def _unit_decode(spec, packing, blks):
+    return [_copy(spec.storage.decode(b if packing is None else packing.block.unpack(b)))
+            for b in blks]
+
+
+# one step function per branch schedule (see parts.block_step), so that the other stages'
+# compiled code does not depend on the schedule
+_unit_fns = {b: jax.jit(functools.partial(unit_step, branches=b), static_argnums=(0, 1),
+                        donate_argnums=(2, 3, 8, 10)) for b in parts.BRANCHES}
+_unit_update_fn = jax.jit(_unit_update, static_argnums=(0, 1), donate_argnums=(2, 3))
+_unit_eval_fn = jax.jit(_unit_eval, static_argnums=(0, 1))
+_unit_decode_fn = jax.jit(_unit_decode, static_argnums=(0, 1))
+_pack_fn = jax.jit(lambda lay, stored, opt: lay.pack(stored, opt), static_argnums=0)
 
 
 # Packed streamed blocks (see _pack.py): made and re-packed on the device, one block at a time.
@@ -78,9 +130,10 @@ class ZO2Engine:
     Args:
       resident_blocks: blocks kept on the device: a count (spread evenly over the depth) or a set
         of indices. Default 0 (every block streamed).
-      max_inflight: W >= 1, the most streamed blocks holding device memory at once, counting the
-        one computing, the ones uploading and the ones being written back. The default 3 lets the
-        write-back of block i-1 and the upload of block i+1 run together while block i computes;
+      max_inflight: W >= 1, the most streamed units (of `blocks_per_call` blocks) holding device
+        memory at once, counting the one computing, the ones uploading and the ones being written
+        back. The default 3 lets the write-back of unit i-1 and the upload of unit i+1 run
+        together while unit i computes;
         W = 2 serialises the two transfers (measured on an H100, OPT-1.3B shape, 8 layers,
         bf16, 1x2048: 40.8 ms/step at W = 2, 26.2 ms at W = 3, 19.5 ms for MeZO).
       device_budget_bytes: let the engine choose how many blocks stay resident so that its
@@ -99,7 +152,8 @@ class ZO2Engine:
         OPT-1.3B shape, 100 MB blocks of 16 arrays, 1x2048 bf16: 67 ms/step packed against
         76-83 ms unpacked, the same peak device memory (1.31 vs 1.29 GB); OPT-175B block shape
         (3.6 GB blocks), W=2: peak 22.4 GB packed against 15.2 GB unpacked (packed and
-        unpacked copies of about two blocks coexist), where per-array costs hardly matter.
+        unpacked copies of about two blocks coexist; 24.4 GB with the unpacking and packing
+        inside the block function, as now), where per-array costs hardly matter.
         Bit-identical results either way; `state()` and `params()` return unpacked trees.
       branches: how the block function schedules the +eps and -eps branches. "fused": each
         matrix's two perturbed copies come from one pass over the weights (z generated once),
@@ -111,6 +165,16 @@ class ZO2Engine:
         OPT-175B block shape, 4 layers, W=2, unpacked: peak 12.65 GB sequential against
         15.15 GB fused (block-function scratch 2.76 vs 5.27 GB), 658 against 596 ms/step;
         OPT-1.3B 1x2048, where compute bounds the step: 69.0 against 66.4 ms/step.
+      blocks_per_call: G, how many consecutive streamed blocks travel and compute together as
+        one unit: one batched upload, one jitted call (unpacking, updating, running the
+        branches through and re-packing each block in turn) and one batched write-back. Every
+        such call costs the host a fixed dispatch time (~1 ms per block with G = 1 on an H200,
+        BENCHMARKS.md call 6), which small blocks cannot hide: with G > 1 the device gets
+        longer runs of work per dispatch. `max_inflight` then counts units, so up to W x G
+        streamed blocks hold device memory. "auto" (default): as many blocks as fit in
+        `UNIT_AUTO_BYTES` (64 MiB, stored + optimiser state), at least one; runs of streamed
+        blocks are cut into units of near-equal size. Resident blocks are units of their own.
+        Bit-identical results for any G.
 
     Example:
       >>> engine = ZO2Engine(model, params, mezo_sgd(1e-6),
@@ -128,12 +192,18 @@ class ZO2Engine:
                  resident_blocks: Union[int, Iterable[int]] = 0, max_inflight: int = 3,
                  device_budget_bytes: Optional[int] = None, batch_shape: Optional[tuple] = None,
                  device: Optional[jax.Device] = None,
-                 packed: Union[bool, str] = "auto", branches: str = "auto"):
+                 packed: Union[bool, str] = "auto", branches: str = "auto",
+                 blocks_per_call: Union[int, str] = "auto"):
         if not (isinstance(packed, (bool, np.bool_)) or packed == "auto"):
             raise ValueError(f"packed must be True, False or 'auto', got {packed!r}")
         packed = packed if packed == "auto" else bool(packed)
         if branches not in ("auto",) + parts.BRANCHES:
             raise ValueError(f"branches must be 'auto', 'fused' or 'sequential', got {branches!r}")
+        if blocks_per_call != "auto" and (isinstance(blocks_per_call, (bool, np.bool_)) or
+                                          not isinstance(blocks_per_call, (int, np.integer)) or
+                                          blocks_per_call < 1):
+            raise ValueError(f"blocks_per_call must be an int >= 1 or 'auto', got "
+                             f"{blocks_per_call!r}")
         spec, params, make_block = common.prepare(
             model, params, tx, eps=eps, num_directions=num_directions,
             compute_dtype=compute_dtype, storage=storage, outer_storage=outer_storage,
@@ -163,17 +233,24 @@ class ZO2Engine:
         if packed == "auto":
             packed = (packing is not None and
                       packing.block.nbytes + packing.opt.nbytes <= PACK_AUTO_MAX_BYTES)
+        if blocks_per_call == "auto":
+            per_block = (packing.block.nbytes + packing.opt.nbytes if packed
+                         else self._stored_bytes(spec, params["blocks"][0]))
+            blocks_per_call = max(1, UNIT_AUTO_BYTES // max(per_block, 1))
+        group = self.blocks_per_call = min(int(blocks_per_call), n)
         self.footprint = None  # with a budget: the estimated peak's ingredients, in bytes
         if device_budget_bytes is not None:
             if batch_shape is None:
                 raise ValueError("device_budget_bytes needs batch_shape=(batch, seq) to estimate "
                                  "the activations")
             fp = footprint(spec, params, batch_shape,
-                           {"outer": _outer_fn, "block": _block_fns[branches], "head": _head_fn})
+                           {"outer": _outer_fn, "block": _unit_fns[branches], "head": _head_fn},
+                           min(group, n), packing if packed else None)
             if packed:  # measured: packed and unpacked copies of ~2 blocks coexist (see above)
                 fp["transport"] = 2 * fp["block"]
             explicit = resident if resident_blocks not in (0, None) else None
-            resident = plan_resident(fp, n, int(max_inflight), int(device_budget_bytes), explicit)
+            resident = plan_resident(fp, n, int(max_inflight), int(device_budget_bytes),
+                                     explicit, group)
             self.footprint = fp
         self.resident_blocks = resident
         self._packing = packing if packed and len(resident) < n else None
@@ -205,7 +282,7 @@ class ZO2Engine:
             del b
         self._store = BlockStore(blocks, opts, resident)
         self._stream = BlockStream(self._store, self._dev, self._host, int(max_inflight),
-                                   Transport(self._packing) if self._packing else None)
+                                   make_units(n, resident, group))
         self._ids = [jax.device_put(np.uint32(i), self._dev) for i in range(n)]
         self._pending = jax.device_put(parts.empty_pending(spec.num_directions), self._dev)
         self._count = jax.device_put(jnp.zeros([], jnp.int32), self._dev)
@@ -226,6 +303,13 @@ class ZO2Engine:
                 raise ValueError(f"packed=True: a block or its optimiser state cannot be packed "
                                  f"({e}); use packed=False or 'auto'") from None
             return None
+
+    @staticmethod
+    def _stored_bytes(spec, block) -> int:
+        """Bytes of one stored block and its optimiser state, from abstract shapes."""
+        return tree_nbytes(jax.eval_shape(lambda p: parts.init_part(spec, "block", p),
+                                          jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+                                              jnp.shape(x), x.dtype), block)))
 
     def _stored_as_is(self, block) -> bool:
         st = self.spec.storage
@@ -275,12 +359,13 @@ class ZO2Engine:
         self._outer, self._opt_outer, hs, ctx, g = _outer_fn(
             self.spec, self._outer, self._opt_outer, pend, count, key, batch)
         carry = [hs, g]
-        block_fn = _block_fns[self.branches]
+        unit_fn = _unit_fns[self.branches]
 
-        def compute(i, blk, opt):
-            blk, opt, carry[0], carry[1] = block_fn(self.spec, blk, opt, pend, count,
-                                                    self._ids[i], key, carry[0], ctx, carry[1])
-            return blk, opt
+        def compute(unit, blks, opts):
+            blks, opts, carry[0], carry[1] = unit_fn(
+                self.spec, self._packing_of(unit), blks, opts, pend, count, self._unit_ids(unit),
+                key, carry[0], ctx, carry[1])
+            return blks, opts
 
         self._stream.update_pass(compute)
         self._pending, self._count, self._skipped_total, metrics = _head_fn(
@@ -297,8 +382,8 @@ class ZO2Engine:
         pend, count = self._pending, self._count
         self._outer, self._opt_outer = _update_fn(self.spec, "outer", self._outer,
                                                   self._opt_outer, pend, count, OUTER_PART)
-        self._stream.update_pass(lambda i, blk, opt: _update_fn(
-            self.spec, "block", blk, opt, pend, count, self._ids[i]))
+        self._stream.update_pass(lambda unit, blks, opts: _unit_update_fn(
+            self.spec, self._packing_of(unit), blks, opts, pend, count, self._unit_ids(unit)))
         # Committed to the device like the step's outputs, so the next step hits the jit cache.
         self._count, self._pending = jax.device_put(
             (count + pend.valid.astype(jnp.int32),
@@ -314,8 +399,8 @@ class ZO2Engine:
         h, ctx = _eval_embed(self.spec, self._outer, batch)
         carry = [h]
 
-        def compute(i, blk):
-            carry[0] = _eval_block(self.spec, blk, carry[0], ctx)
+        def compute(unit, blks):
+            carry[0] = _unit_eval_fn(self.spec, self._packing_of(unit), blks, carry[0], ctx)
             return carry[0]
 
         self._stream.read_pass(compute)
@@ -343,12 +428,14 @@ class ZO2Engine:
         blocks = list(self._store.blocks)
         f32_host = self.spec.storage.dtype == "float32" and self._packing is None
 
-        def decode(i, blk):
-            if i in self._store.resident:
-                blocks[i] = _decode(self.spec.storage, blk)
-            elif not f32_host:
-                blocks[i] = jax.device_put(_decode(self.spec.storage, blk), self._host)
-            return blocks[i]
+        def decode(unit, blks):
+            if unit[0] in self._store.resident:
+                new = _unit_decode_fn(self.spec, None, blks)
+            else:
+                new = jax.device_put(_unit_decode_fn(self.spec, self._packing, blks), self._host)
+            for i, b in zip(unit, new):
+                blocks[i] = b
+            return new
 
         if f32_host:  # nothing to decode on the host side: skip the round trip
             for i in self._store.resident:
@@ -356,6 +443,12 @@ class ZO2Engine:
         else:
             self._stream.read_pass(decode)
         return {"outer": _decode(self.spec.outer_storage, self._outer), "blocks": blocks}
+
+    def _packing_of(self, unit) -> Optional[Packing]:
+        return None if unit[0] in self._store.resident else self._packing
+
+    def _unit_ids(self, unit) -> tuple:
+        return tuple(self._ids[i] for i in unit)
 
     def _is_packed(self, i: int) -> bool:
         return self._packing is not None and i not in self._store.resident
@@ -407,7 +500,7 @@ class ZO2Engine:
         self._stream.drain()
         for i in range(self.num_blocks):
             if self._is_packed(i):  # packed on the device, one block at a time
-                new = jax.device_put(self._stream.transport.pack(*jax.device_put(
+                new = jax.device_put(_pack_fn(self._packing, *jax.device_put(
                     (blocks[i], opts[i]), self._dev)), self._host)
                 self._store.blocks[i], self._store.opts[i] = jax.block_until_ready(new)
                 continue

@@ -187,5 +187,5 @@ def tree_size(tree: PyTree) -> int:
 
 def tree_nbytes(tree: PyTree) -> int:
     """Total bytes of the arrays (or ShapeDtypeStructs) in a pytree."""
-    return int(sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
-                   for x in jax.tree.leaves(tree)))
+    # x.dtype.itemsize: numpy dtypes and jax's extended ones (PRNG keys) alike
+    return int(sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree)))
