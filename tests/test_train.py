@@ -122,6 +122,9 @@ def test_killed_during_checkpointing_resumes_exactly(tiny, tmp_path):
     (["train", "--engine", "zo2", "--packed", "maybe"], "invalid choice: 'maybe'"),
     (["train", "--engine", "mezo", "--branches", "sequential"], "apply to engine='zo2' only"),
     (["train", "--engine", "zo2", "--branches", "interleaved"], "invalid choice: 'interleaved'"),
+    (["train", "--engine", "zo2", "--blocks-per-call", "many"], "expected an int or 'auto'"),
+    (["train", "--engine", "zo2", "--blocks-per-call", "0"], "blocks_per_call must be an int"),
+    (["train", "--engine", "mezo", "--blocks-per-call", "2"], "apply to engine='zo2' only"),
     (["train", "--storage-dtype", "int4"], "invalid choice: 'int4'"),
     (["train", "--schedule", "cosine", "--warmup-steps", "500", "--steps", "100"],
      "warmup_steps"),
@@ -130,7 +133,8 @@ def test_killed_during_checkpointing_resumes_exactly(tiny, tmp_path):
 ])
 def test_cli_rejects_bad_flags_before_loading(argv, message, capsys):
     t = time.time()
-    with pytest.raises(SystemExit) if "invalid choice" in message else _nullcontext():
+    parse_error = "invalid choice" in message or "expected an int" in message  # argparse's own
+    with pytest.raises(SystemExit) if parse_error else _nullcontext():
         code = cli.main(argv)
         assert code == 2
     err = capsys.readouterr().err
@@ -175,8 +179,10 @@ def test_zo2_placement_options_reach_the_engine():
     from zo2_jax.train.trainer import make_engine
 
     cfg = TrainConfig(engine="zo2", packed="no", branches="sequential", max_inflight=2,
-                      resident_blocks=1, progress=False)
+                      resident_blocks=1, blocks_per_call=1, progress=False)
     eng = make_engine(cfg, MODEL, PARAMS)
     assert (eng.packed, eng.branches, len(eng.resident_blocks)) == (False, "sequential", 1)
+    assert eng.blocks_per_call == 1
     eng = make_engine(TrainConfig(engine="zo2", progress=False), MODEL, PARAMS)
-    assert (eng.packed, eng.branches) == (True, "fused")  # "auto" on tiny blocks
+    # "auto" on tiny blocks: packed, fused, all three blocks in one call
+    assert (eng.packed, eng.branches, eng.blocks_per_call) == (True, "fused", 3)

@@ -25,6 +25,15 @@ def _flag(name):
     return "--" + name.replace("_", "-")
 
 
+def _int_or_auto(v: str):
+    if v == "auto":
+        return v
+    try:
+        return int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int or 'auto', got {v!r}") from None
+
+
 def _add_config_flags(p: argparse.ArgumentParser):
     p.add_argument("--config", help="JSON or YAML file of TrainConfig fields (flags override it)")
     for f in dataclasses.fields(TrainConfig):
@@ -35,6 +44,8 @@ def _add_config_flags(p: argparse.ArgumentParser):
             kw["action"] = argparse.BooleanOptionalAction
         elif f.name == "label_words":
             kw["nargs"] = "+"
+        elif f.name == "blocks_per_call":
+            kw["type"] = _int_or_auto
         elif isinstance(f.default, int) or f.type in ("int", "Optional[int]"):
             kw["type"] = int
         elif isinstance(f.default, float) or f.type in ("float", "Optional[float]"):

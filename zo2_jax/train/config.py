@@ -11,7 +11,7 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Literal, Optional, get_args
+from typing import Any, Literal, Optional, Union, get_args
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +51,9 @@ class TrainConfig:
       branches: ZO2's block function makes both branches' weights in one pass ("fused"), one
         branch after the other ("sequential": less device memory, z generated again), or
         sequential where a block's perturbed copy is over 1 GiB ("auto"; see ZO2Engine).
+      blocks_per_call: ZO2 streams this many consecutive blocks per jitted call (an int >= 1),
+        or as many as fit in 64 MiB ("auto"; see ZO2Engine): fewer host dispatches for small
+        blocks.
       optimizer, lr, schedule, warmup_steps, weight_decay, momentum: the update (optax).
       eps, num_directions, directions: the SPSA estimate ("gaussian" z as MeZO, or "rademacher"
         +-1 z, much cheaper to generate: see MeZOEngine).
@@ -79,6 +82,7 @@ class TrainConfig:
     device_budget_gb: Optional[float] = None
     packed: Packed = "auto"
     branches: Branches = "auto"
+    blocks_per_call: Union[int, str] = "auto"
     optimizer: Optimizer = "sgd"
     lr: float = 1e-5
     schedule: Schedule = "constant"
@@ -123,6 +127,9 @@ class TrainConfig:
             raise ValueError(f"weight_decay must be finite and >= 0, got {self.weight_decay!r}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
+        bpc = self.blocks_per_call
+        if bpc != "auto" and (isinstance(bpc, bool) or not isinstance(bpc, int) or bpc < 1):
+            raise ValueError(f"blocks_per_call must be an int >= 1 or 'auto', got {bpc!r}")
         if self.max_len is not None and self.max_len < 2:
             raise ValueError(f"max_len must be >= 2 or unset, got {self.max_len!r}")
         if self.device_budget_gb is not None and not self.device_budget_gb > 0:
@@ -132,9 +139,10 @@ class TrainConfig:
         if self.checkpoint_every and not self.checkpoint_dir:
             raise ValueError("checkpoint_every is set but checkpoint_dir is not")
         if self.engine == "mezo" and (self.resident_blocks or self.device_budget_gb
-                                      or self.packed != "auto" or self.branches != "auto"):
-            raise ValueError("resident_blocks / device_budget_gb / packed / branches apply to "
-                             "engine='zo2' only")
+                                      or self.packed != "auto" or self.branches != "auto"
+                                      or self.blocks_per_call != "auto"):
+            raise ValueError("resident_blocks / device_budget_gb / packed / branches / "
+                             "blocks_per_call apply to engine='zo2' only")
         if self.model != DEFAULT_MODEL and not os.path.exists(self.model):
             raise FileNotFoundError(f"model {self.model!r}: no such file or folder (give a Hugging "
                                     f"Face folder, a .gguf file, or {DEFAULT_MODEL!r})")

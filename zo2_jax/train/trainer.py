@@ -98,7 +98,7 @@ def make_engine(cfg: TrainConfig, model, params):
     return ZO2Engine(model, params, resident_blocks=cfg.resident_blocks,
                      max_inflight=cfg.max_inflight, device_budget_bytes=budget,
                      packed={"auto": "auto", "yes": True, "no": False}[cfg.packed],
-                     branches=cfg.branches, **common)
+                     branches=cfg.branches, blocks_per_call=cfg.blocks_per_call, **common)
 
 
 def model_batch(batch: dict) -> dict:
