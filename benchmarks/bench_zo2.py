@@ -219,7 +219,7 @@ def main(argv=None):
     p.add_argument("--outer-storage", choices=["float32", "bfloat16", "int8"],
                    help="host storage of embeddings/head (default: as --storage)")
     p.add_argument("--profile", action="store_true",
-                   help="after timing ZO2, measure each per-block cost alone (profile_blocks)")
+                   help="after timing ZO2, measure each per-unit cost alone (profile_blocks)")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--json-out")

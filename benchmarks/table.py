@@ -14,8 +14,8 @@ def fmt(v, nd=2):
 
 def tags(r) -> str:
     """' W<max_inflight>', ' packed' for packed blocks (rows before the option are unpacked),
-    ' seq' for branches="sequential", ' G<n>' for n > 1 blocks per call, and a mark for rows of call 3's removed fori_loop
-    experiment (branches run by a loop)."""
+    ' seq' for branches="sequential", ' G<n>' for n > 1 blocks per call, and a mark for rows
+    of call 3's removed fori_loop experiment (branches run by a loop)."""
     w = f" W{r['max_inflight']}" if r.get("max_inflight") else ""
     w += " packed" if r.get("packed") else ""
     w += " seq" if r.get("branches") == "sequential" else ""

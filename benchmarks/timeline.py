@@ -10,7 +10,7 @@ For each device plane of the trace (one per GPU), per step:
 - kernel time by XLA module (the unit function, outer and head stages), from the
   events' `hlo_module` statistic where the trace has it.
 
-It complements `bench_zo2.py --profile`, which times each per-block cost alone: this one shows
+It complements `bench_zo2.py --profile`, which times each per-unit cost alone: this one shows
 how they overlap in the real pipeline. The summary is JSON (`--json-out`); the raw trace stays in
 `--out` (open it with TensorBoard's profile plugin or xprof).
 """

@@ -125,6 +125,22 @@ def test_device_budget_chooses_resident_blocks():
         engine.step(counting_batch(jax.random.key(0), batch_size=2), jax.random.key(0))
 
 
+def test_device_budget_counts_units_of_several_blocks():
+    kw = dict(tx=shared_sgd(), batch_shape=(4, 8), max_inflight=1, packed=False)
+    one = ZO2Engine(MODEL, PARAMS, device_budget_bytes=10**9, blocks_per_call=1, **kw).footprint
+    three = ZO2Engine(MODEL, PARAMS, device_budget_bytes=10**9, blocks_per_call=3, **kw).footprint
+    assert three["block"] == one["block"]
+    assert three["activations"] >= one["activations"]  # the unit's scratch, compiled at G=3
+    # W=1 unit of 3 blocks: all three streamed blocks are on the device at once
+    minimum = three["outer"] + three["activations"] + 3 * three["block"]
+    with pytest.raises(ValueError, match=r"3 streamed blocks \(max_inflight=1 x "
+                                         r"blocks_per_call=3\)"):
+        ZO2Engine(MODEL, PARAMS, device_budget_bytes=minimum - 1, blocks_per_call=3, **kw)
+    # at exactly the minimum, keeping all three resident costs the same, and is preferred
+    ok = ZO2Engine(MODEL, PARAMS, device_budget_bytes=minimum, blocks_per_call=3, **kw)
+    assert ok.resident_blocks == {0, 1, 2} and ok.blocks_per_call == 1  # nothing streams
+
+
 class LoggingStream(BlockStream):
     """Records uploads, computes and waits, and the device slots in use after each."""
 
@@ -209,6 +225,33 @@ def test_pipeline_bounds_units_in_flight_and_prefetches(window, group):
                 assert second.index(("up", nxt)) < second.index(("compute", u)), second
     np.testing.assert_array_equal(np.asarray(store.blocks[6]), np.full((4,), 8.0))
     assert [b.sharding.memory_kind for b in store.blocks] == [w.memory_kind for w in where]
+
+
+@pytest.mark.parametrize("units_streamed", [1, 2])
+def test_fewer_units_than_slots_keep_prefetching_every_step(units_streamed):
+    """With fewer streamed units than W, the next pass's prefetch of a unit whose write-back
+    is still in flight takes a second slot for it; that slot must be released by the next
+    compute, so every pass keeps starting from a prefetched unit."""
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="device")
+    host = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
+    n = 4
+    store = BlockStore([jax.device_put(jnp.full((4,), float(i)), host) for i in range(n)],
+                       [jax.device_put(jnp.zeros(()), host) for i in range(n)], frozenset())
+    stream = LoggingStream(store, dev, host, 3, make_units(n, frozenset(), n // units_streamed))
+    assert len(stream.streamed) == units_streamed
+
+    def fn(u, blks, opts):
+        stream.note("compute", u)
+        return [b + 1.0 for b in blks], [o for o in opts]
+
+    for _ in range(6):
+        stream.update_pass(fn)
+        stream.note("head", -1)
+        stream.prefetch(with_opt=True)
+        assert set(stream._uploaded) == set(stream.streamed)  # the next pass is prefetched
+        assert len(stream._window) <= 3
+        assert sum(tok is None for _, tok in stream._window) == units_streamed
+    np.testing.assert_array_equal(np.asarray(store.blocks[3]), np.full((4,), 9.0))
 
 
 def test_blocks_given_as_callables_are_made_one_at_a_time():
@@ -317,5 +360,12 @@ def test_optimizer_states_that_cannot_all_be_packed():
     assert not ZO2Engine(MODEL, PARAMS, tx=noisy).packed
     with pytest.raises(ValueError, match="packed=True: a block or its optimiser state cannot"):
         ZO2Engine(MODEL, PARAMS, tx=noisy, packed=True)
-    ZO2Engine(MODEL, PARAMS, tx=noisy, packed=False).step(counting_batch(jax.random.key(0)),
-                                                         jax.random.key(0))
+    a = ZO2Engine(MODEL, PARAMS, tx=noisy, packed=False)
+    a.step(counting_batch(jax.random.key(0)), jax.random.key(0))
+    b = ZO2Engine(MODEL, PARAMS, tx=noisy, blocks_per_call=1)
+    # the key leaves of the optimiser state pass the restore's checks (copied: a's device
+    # arrays are donated by its next step)
+    b.restore(jax.tree.map(lambda x: jnp.copy(x) if isinstance(x, jax.Array) else x, a.state()))
+    for e in (a, b):
+        e.step(counting_batch(jax.random.key(1)), jax.random.key(1))
+    assert_trees_identical(a.params(), b.params(), "PRNG-key optimiser state, restored")

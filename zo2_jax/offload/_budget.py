@@ -7,7 +7,7 @@ Peak device memory of a ZO2 step, estimated as
   + min(W x G, streamed) streamed blocks in flight (stored + optimiser state each; W units of
     G blocks per call)
   + activations: the 2q hidden states (in and out of a block), the context, and the largest
-    scratch space XLA reports for the compiled outer / block / head functions.
+    scratch space XLA reports for the compiled outer, unit (at G blocks) and head functions.
 """
 
 from __future__ import annotations

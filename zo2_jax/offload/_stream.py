@@ -45,8 +45,8 @@ class BlockStore:
 
 def make_units(n: int, resident: frozenset, per_call: int) -> list:
     """The pass order as units: each resident block alone; each maximal run of consecutive
-    streamed blocks cut into ceil(len / per_call) units of near-equal size (so at most two unit
-    sizes, two compiled variants, per run length)."""
+    streamed blocks cut into ceil(len / per_call) units of near-equal size (at most two unit
+    sizes per run; each distinct size is compiled once)."""
     if per_call < 1:
         raise ValueError(f"blocks per call must be >= 1, got {per_call}")
     units, run = [], []
@@ -97,17 +97,21 @@ class BlockStream:
 
     def reset(self) -> None:
         """Forgets prefetched uploads and in-flight slots (after a restore or a failure)."""
-        self._window: deque = deque()  # [unit, token]: token ready => slot free; None = not run
+        # [unit, token] per upload: token ready => slot free; None = not run yet. One unit can
+        # hold two entries (fewer streamed units than W: the next pass's prefetch of a unit
+        # whose write-back is still running), so entries, not units, identify slots.
+        self._window: deque = deque()
         self._uploaded: dict = {}      # unit -> ([blocks], [opts] or None) on the device
         self._next = 0                 # position in self.streamed of the next upload
-        self._last = None              # the streamed unit dispatched last
+        self._last = None              # the window entry of the unit dispatched last
 
     # ---- slots ----------------------------------------------------------------------------------
 
-    def _make_room(self, last: Optional[Unit]) -> bool:
+    def _make_room(self, last: Optional[list]) -> bool:
         while len(self._window) >= self.max_inflight:
-            unit, token = self._window[0]
-            if token is None or unit == last:
+            entry = self._window[0]
+            unit, token = entry
+            if token is None or entry is last:
                 return False  # waiting now would idle the device (or wait for nothing)
             self._wait(unit, token)
             self._window.popleft()
@@ -123,7 +127,7 @@ class BlockStream:
             return jax.device_put(blks, self.device), None
         return jax.device_put((blks, [self.store.opts[j] for j in unit]), self.device)
 
-    def _fill(self, with_opt: bool, last: Optional[Unit]) -> None:
+    def _fill(self, with_opt: bool, last: Optional[list]) -> None:
         while self._next < len(self.streamed) and self._make_room(last):
             u = self.streamed[self._next]
             self._uploaded[u] = self._upload(u, with_opt)
@@ -138,11 +142,14 @@ class BlockStream:
             opts = jax.device_put([self.store.opts[j] for j in unit], self.device)
         return blks, opts
 
-    def _release_when(self, unit: Unit, token) -> None:
+    def _release_when(self, unit: Unit, token) -> Optional[list]:
+        """Gives the unit's pending window entry (its oldest without a token) the token that
+        frees its slot, and returns the entry."""
         for entry in self._window:
-            if entry[0] == unit:
+            if entry[0] == unit and entry[1] is None:
                 entry[1] = token
-                return
+                return entry
+        return None
 
     # ---- passes ---------------------------------------------------------------------------------
 
@@ -161,8 +168,7 @@ class BlockStream:
                     del blks, opts
                     blks, opts = jax.device_put((list(new[0]), list(new[1])), self.host)
                     del new
-                    self._release_when(u, (blks, opts))
-                    last = u
+                    last = self._release_when(u, (blks, opts))
                 for i, b, o in zip(u, blks, opts):
                     store.blocks[i], store.opts[i] = b, o
                 del blks, opts
@@ -184,8 +190,7 @@ class BlockStream:
                     blks, _ = self._take(u, with_opt=False)
                     token = fn(u, blks)
                     del blks
-                    self._release_when(u, token)
-                    last = u
+                    last = self._release_when(u, token)
                 self._fill(False, last)
         except BaseException:
             self.reset()

@@ -1,7 +1,8 @@
 """ZO2: zeroth-order training with the blocks (and their optimiser state) in pinned host memory.
 
 Per step t (key k_t), outer parameters stay on the device; each streamed block is uploaded once,
-and while it is on the device one jitted function (compiled once, shared by all blocks):
+in a unit of `blocks_per_call` consecutive blocks, and while it is on the device one jitted call
+(compiled once per unit size, shared by all units of that size), for each block of the unit:
 
 1. applies the deferred update of step t-1 (z regenerated from k_{t-1}, scaled by g_{t-1});
 2. runs the 2q perturbed branches (theta' +- eps z_j(k_t)) on the hidden states it carries;
@@ -180,8 +181,8 @@ class ZO2Engine:
         straight into int8 host storage, with no full-precision copy of the whole model).
       directions: see MeZOEngine.
       packed: True: keep each streamed block (and its optimiser state) in pinned host memory
-        as one contiguous buffer, moved by one transfer each way, unpacked on the device by a
-        small kernel after the upload and packed again before the write-back. False: one
+        as one contiguous buffer, moved by one transfer each way, unpacked on the device at the
+        start of its unit's jitted call and packed again at its end. False: one
         transfer per array. "auto" (default): packed when a block (with its optimiser state)
         is at most `PACK_AUTO_MAX_BYTES` (1 GiB). Measured on an H200 (BENCHMARKS.md, call 4):
         OPT-1.3B shape, 100 MB blocks of 16 arrays, 1x2048 bf16: 67 ms/step packed against
@@ -206,7 +207,9 @@ class ZO2Engine:
         such call costs the host a fixed dispatch time (~1 ms per block with G = 1 on an H200,
         BENCHMARKS.md call 6), which small blocks cannot hide: with G > 1 the device gets
         longer runs of work per dispatch. `max_inflight` then counts units, so up to W x G
-        streamed blocks hold device memory. "auto" (default): as many blocks as fit in
+        streamed blocks hold device memory, and a computing unit of G >= 2 blocks makes a
+        stacked copy of itself (its loop runs over one array per leaf; the device budget
+        counts it through the compiled scratch). "auto" (default): as many blocks as fit in
         `UNIT_AUTO_BYTES` (64 MiB, stored + optimiser state), at least one; runs of streamed
         blocks are cut into units of near-equal size. Resident blocks are units of their own.
         Bit-identical results for any G.
@@ -272,7 +275,7 @@ class ZO2Engine:
             per_block = (packing.block.nbytes + packing.opt.nbytes if packed
                          else self._stored_bytes(spec, params["blocks"][0]))
             blocks_per_call = max(1, UNIT_AUTO_BYTES // max(per_block, 1))
-        group = self.blocks_per_call = min(int(blocks_per_call), n)
+        group = min(int(blocks_per_call), n)
         self.footprint = None  # with a budget: the estimated peak's ingredients, in bytes
         if device_budget_bytes is not None:
             if batch_shape is None:
@@ -281,7 +284,8 @@ class ZO2Engine:
             fp = footprint(spec, params, batch_shape,
                            {"outer": _outer_fn, "block": _unit_fns[branches], "head": _head_fn},
                            min(group, n), packing if packed else None)
-            if packed:  # measured: packed and unpacked copies of ~2 blocks coexist (see above)
+            if packed:  # measured at the OPT-175B block shape (BENCHMARKS.md, call 4): packed
+                # and unpacked copies of ~2 blocks coexist beyond what XLA's statistics show
                 fp["transport"] = 2 * fp["block"]
             explicit = resident if resident_blocks not in (0, None) else None
             resident = plan_resident(fp, n, int(max_inflight), int(device_budget_bytes),
@@ -318,6 +322,8 @@ class ZO2Engine:
         self._store = BlockStore(blocks, opts, resident)
         self._stream = BlockStream(self._store, self._dev, self._host, int(max_inflight),
                                    make_units(n, resident, group))
+        # the largest unit actually streamed (runs are cut evenly: 12 blocks at G=5 are 3 x 4)
+        self.blocks_per_call = max((len(u) for u in self._stream.streamed), default=1)
         self._ids = [jax.device_put(np.uint32(i), self._dev) for i in range(n)]
         self._pending = jax.device_put(parts.empty_pending(spec.num_directions), self._dev)
         self._count = jax.device_put(jnp.zeros([], jnp.int32), self._dev)
@@ -383,7 +389,7 @@ class ZO2Engine:
     def step(self, batch: dict, key) -> dict:
         """One ZO step; returns device scalars like MeZOEngine.step (read them a step later:
         reading forces the host to wait for this step). The host waits only for write-backs
-        of older blocks, to keep at most `max_inflight` streamed blocks on the device.
+        of older units, to keep at most `max_inflight` streamed units on the device.
 
         A step that raises midway (e.g. out of memory) leaves some blocks updated and others
         not: restore a saved `state()` before going on."""

@@ -21,8 +21,15 @@ PyTree = Any
 COMPUTE_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
+def _dtype_name(dtype) -> str:
+    try:
+        return np.dtype(dtype).name
+    except TypeError:  # jax's extended dtypes (PRNG keys)
+        return str(dtype)
+
+
 def _describe(x) -> str:
-    return f"{tuple(np.shape(x))} {np.dtype(x.dtype).name}"
+    return f"{tuple(np.shape(x))} {_dtype_name(x.dtype)}"
 
 
 def check_params(model, params: PyTree) -> None:
@@ -246,7 +253,7 @@ def check_like(name: str, got: PyTree, want: PyTree) -> None:
         raise ValueError(f"state[{name!r}] has structure {jax.tree.structure(got)}, expected "
                          f"{jax.tree.structure(want)}")
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
-        if np.shape(a) != np.shape(b) or np.dtype(a.dtype) != np.dtype(b.dtype):
+        if np.shape(a) != np.shape(b) or _dtype_name(a.dtype) != _dtype_name(b.dtype):
             raise ValueError(f"state[{name!r}] leaf {jax.tree_util.keystr(path)} is "
                              f"{_describe(a)}, expected {_describe(b)}")
 
