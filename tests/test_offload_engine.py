@@ -379,3 +379,22 @@ def test_optimizer_states_that_cannot_all_be_packed():
     for e in (a, b):
         e.step(counting_batch(jax.random.key(1)), jax.random.key(1))
     assert_trees_identical(a.params(), b.params(), "PRNG-key optimiser state, restored")
+
+
+def test_blocks_per_call_auto_follows_the_block_size_and_is_validated(monkeypatch):
+    import zo2_jax.offload._zo2 as zo2_mod
+
+    eng = ZO2Engine(MODEL, PARAMS, tx=shared_sgd())
+    assert eng.blocks_per_call == 3  # tiny blocks: one unit (capped at the number of blocks)
+    assert [len(u) for u in eng._stream.streamed] == [3]
+    per_block = ZO2Engine._stored_bytes(eng.spec, PARAMS["blocks"][0])
+    monkeypatch.setattr(zo2_mod, "UNIT_AUTO_BYTES", 2 * per_block)
+    eng = ZO2Engine(MODEL, PARAMS, tx=shared_sgd(), packed=False)
+    assert [len(u) for u in eng._stream.streamed] == [2, 1] and eng.blocks_per_call == 2
+    monkeypatch.setattr(zo2_mod, "UNIT_AUTO_BYTES", 1)
+    assert ZO2Engine(MODEL, PARAMS, tx=shared_sgd(), packed=False).blocks_per_call == 1
+    for bad in (0, -1, True, 2.5, "many", None):
+        with pytest.raises(ValueError, match="blocks_per_call must be an int >= 1 or 'auto'"):
+            ZO2Engine(MODEL, PARAMS, tx=shared_sgd(), blocks_per_call=bad)
+    with pytest.raises(ValueError, match="max_inflight must be an int >= 1"):
+        ZO2Engine(MODEL, PARAMS, tx=shared_sgd(), max_inflight=True)

@@ -64,10 +64,10 @@ def footprint(spec: parts.Spec, params: PyTree, batch_shape, fns: dict, group: i
              _temp_bytes(fns["block"], spec, packing, [u_s] * group, [u_o] * group, pend,
                          count, (pid,) * group, key, hs, ctx, g),
              _temp_bytes(fns["head"], spec, o_s, key, hs, batch, g, pend, count, count)]
-    # Without statistics: decoded weights, z and two perturbed copies of a block (float32), and
-    # the hidden states once more.
+    # Without statistics: decoded weights, z and two perturbed copies of a block (float32), per
+    # block of a unit (its loop runs over a stacked copy), and the hidden states once more.
     block_f32 = 4 * tree_size(params["blocks"][0])
-    fallback = 4 * block_f32 + 2 * tree_nbytes(hs)
+    fallback = 4 * block_f32 * group + 2 * tree_nbytes(hs)
     scratch = max([t for t in temps if t is not None], default=fallback)
     return {"outer": tree_nbytes(o_s) + tree_nbytes(o_o),
             "block": tree_nbytes(b_s) + tree_nbytes(b_o),

@@ -258,7 +258,8 @@ class ZO2Engine:
                              f"{_memory_kinds(dev)}); ZO2 streams blocks from pinned host memory")
         self._dev = jax.sharding.SingleDeviceSharding(dev, memory_kind="device")
         self._host = jax.sharding.SingleDeviceSharding(dev, memory_kind="pinned_host")
-        if not isinstance(max_inflight, (int, np.integer)) or max_inflight < 1:
+        if (isinstance(max_inflight, (bool, np.bool_)) or
+                not isinstance(max_inflight, (int, np.integer)) or max_inflight < 1):
             raise ValueError(f"max_inflight must be an int >= 1, got {max_inflight!r}")
         if batch_shape is not None:
             batch_shape = tuple(int(d) for d in batch_shape)
