@@ -133,7 +133,7 @@ class BlockStream:
         whose write-back is still running took 3x the step (H200, OPT-125M as one unit: 55 ms
         against 18 ms, call 6e), so the engine never issues one."""
         for entry in [e for e in self._window if e[0] == unit]:
-            if entry is last:
+            if entry is last or entry[1] is None:
                 return False
             self._wait(unit, entry[1])
             self._window.remove(entry)
