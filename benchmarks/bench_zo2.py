@@ -28,6 +28,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import zo2_jax.models as zm  # noqa: E402
+from zo2_jax.cli import int_or_auto  # noqa: E402
 from zo2_jax.offload import Storage, ZO2Engine  # noqa: E402
 from zo2_jax.zo import MeZOEngine, mezo_sgd  # noqa: E402
 
@@ -194,28 +195,45 @@ def peak_bytes() -> int:
     return int(stats.get("peak_bytes_in_use", 0))
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_model_args(p: argparse.ArgumentParser, engines: str) -> None:
+    """The flags bench_zo2.py and timeline.py share: the model shape, precisions, engines and
+    ZO2's placement options."""
     p.add_argument("--model", default="opt_1_3b", help="preset name (reference nanoGPT shape)")
     p.add_argument("--layers", type=int, help="override the number of layers")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--storage", default="bfloat16", choices=["float32", "bfloat16", "int8"])
-    p.add_argument("--rounding", default="stochastic", choices=["nearest", "stochastic"])
     p.add_argument("--compute", default="bfloat16", choices=list(DTYPES))
-    p.add_argument("--engines", default="zo2,mezo")
-    p.add_argument("--attn", default="cudnn", choices=["xla", "cudnn"])
-    p.add_argument("--resident-blocks", type=int, default=0)
+    p.add_argument("--attn", default="cudnn", choices=["xla", "cudnn"],
+                   help="attention kernel (xla for float32 compute and off GPUs)")
+    p.add_argument("--engines", default=engines, help="comma-separated: zo2, mezo")
     p.add_argument("--max-inflight", type=int, default=3)
+    p.add_argument("--branches", default="auto", choices=["auto", "fused", "sequential"],
+                   help="ZO2's branch schedule in the block function (see ZO2Engine)")
+    p.add_argument("--blocks-per-call", default="auto", type=int_or_auto,
+                   help="ZO2's consecutive streamed blocks per jitted call: an int or 'auto'")
+
+
+def build_model(a):
+    """(config, compute dtype, attention kernel, model) from add_model_args' flags."""
+    cfg = nanogpt_shape(a.model, a.seq)
+    if a.layers:
+        cfg = cfg.replace(num_layers=a.layers)
+    compute = DTYPES[a.compute]
+    attn = a.attn if compute != jnp.float32 and jax.default_backend() == "gpu" else "xla"
+    return cfg, compute, attn, zm.Model(cfg, compute, attn)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_args(p, engines="zo2,mezo")
+    p.add_argument("--rounding", default="stochastic", choices=["nearest", "stochastic"])
+    p.add_argument("--resident-blocks", type=int, default=0)
     pk = p.add_mutually_exclusive_group()
     pk.add_argument("--unpacked", action="store_true",
                     help="ZO2 with packed=False (one transfer per array of a block)")
     pk.add_argument("--packed", action="store_true",
                     help="ZO2 with packed=True (default: 'auto', packed up to 1 GiB blocks)")
-    p.add_argument("--branches", default="auto", choices=["auto", "fused", "sequential"],
-                   help="ZO2's branch schedule in the block function (see ZO2Engine)")
-    p.add_argument("--blocks-per-call", default="auto",
-                   help="ZO2's consecutive streamed blocks per jitted call: an int or 'auto'")
     p.add_argument("--outer-storage", choices=["float32", "bfloat16", "int8"],
                    help="host storage of embeddings/head (default: as --storage)")
     p.add_argument("--profile", action="store_true",
@@ -224,14 +242,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--json-out")
     a = p.parse_args(argv)
-    per_call = a.blocks_per_call if a.blocks_per_call == "auto" else int(a.blocks_per_call)
 
-    cfg = nanogpt_shape(a.model, a.seq)
-    if a.layers:
-        cfg = cfg.replace(num_layers=a.layers)
-    compute = DTYPES[a.compute]
-    attn = a.attn if compute != jnp.float32 else "xla"
-    model = zm.Model(cfg, compute, attn)
+    cfg, compute, attn, model = build_model(a)
     storage = Storage(a.storage, rounding=a.rounding)
     outer_storage = Storage(a.outer_storage, rounding=a.rounding) if a.outer_storage else None
     batch = make_batch(cfg, a.batch, a.seq)
@@ -240,7 +252,6 @@ def main(argv=None):
            "attn": attn, "params": cfg.num_params, "outer_storage": a.outer_storage or a.storage,
            "device": jax.devices()[0].device_kind,
            "jax": jax.__version__, "date": time.strftime("%Y-%m-%d")}
-    dev = jax.devices()[0]
     init_dtype = jnp.float32 if a.storage == "float32" else jnp.bfloat16
     tx = mezo_sgd(1e-6, weight_decay=0.0)
     for name in a.engines.split(","):
@@ -256,7 +267,7 @@ def main(argv=None):
                 packed = False if a.unpacked else (True if a.packed else "auto")
                 eng = ZO2Engine(model, params, resident_blocks=a.resident_blocks,
                                 max_inflight=a.max_inflight, packed=packed,
-                                branches=a.branches, blocks_per_call=per_call, **common)
+                                branches=a.branches, blocks_per_call=a.blocks_per_call, **common)
             else:
                 eng = MeZOEngine(model, params, **common)
             del params

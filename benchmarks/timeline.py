@@ -30,11 +30,10 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import zo2_jax.models as zm  # noqa: E402
 from zo2_jax.offload import Storage, ZO2Engine  # noqa: E402
 from zo2_jax.zo import MeZOEngine, mezo_sgd  # noqa: E402
 
-from bench_zo2 import (DTYPES, lazy_params, make_batch, nanogpt_shape,  # noqa: E402
+from bench_zo2 import (add_model_args, build_model, lazy_params, make_batch,  # noqa: E402
                        time_engine)
 
 
@@ -139,19 +138,8 @@ def trace_engine(engine, batch, steps: int, warmup: int, trace_dir: str) -> dict
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="opt_1_3b", help="preset name (reference nanoGPT shape)")
-    p.add_argument("--layers", type=int, help="override the number of layers")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--seq", type=int, default=2048)
-    p.add_argument("--storage", default="bfloat16", choices=["float32", "bfloat16", "int8"])
-    p.add_argument("--compute", default="bfloat16", choices=list(DTYPES))
-    p.add_argument("--attn", default="cudnn", choices=["xla", "cudnn"])
-    p.add_argument("--engines", default="zo2", help="comma-separated: zo2, mezo")
-    p.add_argument("--max-inflight", type=int, default=3)
+    add_model_args(p, engines="zo2")
     p.add_argument("--packed", default="auto", choices=["auto", "yes", "no"])
-    p.add_argument("--branches", default="auto", choices=["auto", "fused", "sequential"])
-    p.add_argument("--blocks-per-call", default="auto",
-                   help="ZO2's consecutive streamed blocks per jitted call: an int or 'auto'")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", required=True, help="folder for the raw traces (one per engine)")
@@ -163,12 +151,7 @@ def main(argv=None) -> dict:
     if not engines or any(e not in ("zo2", "mezo") for e in engines):
         p.error(f"--engines takes zo2 and/or mezo, got {a.engines!r}")
 
-    cfg = nanogpt_shape(a.model, a.seq)
-    if a.layers:
-        cfg = cfg.replace(num_layers=a.layers)
-    compute = DTYPES[a.compute]
-    attn = a.attn if compute != jnp.float32 and jax.default_backend() == "gpu" else "xla"
-    model = zm.Model(cfg, compute, attn)
+    cfg, compute, _, model = build_model(a)
     common = dict(tx=mezo_sgd(1e-6), eps=1e-3, compute_dtype=compute,
                   storage=Storage(a.storage, rounding="stochastic"))
     init_dtype = jnp.float32 if a.storage == "float32" else jnp.bfloat16
@@ -179,11 +162,9 @@ def main(argv=None) -> dict:
     for name in engines:
         params = lazy_params(model, init_dtype)
         if name == "zo2":
-            per_call = a.blocks_per_call if a.blocks_per_call == "auto" else int(
-                a.blocks_per_call)
             eng = ZO2Engine(model, params, max_inflight=a.max_inflight, branches=a.branches,
                             packed={"auto": "auto", "yes": True, "no": False}[a.packed],
-                            blocks_per_call=per_call, **common)
+                            blocks_per_call=a.blocks_per_call, **common)
             row.update(max_inflight=a.max_inflight, packed=eng.packed, branches=eng.branches,
                        blocks_per_call=eng.blocks_per_call)
         else:

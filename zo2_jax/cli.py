@@ -25,7 +25,8 @@ def _flag(name):
     return "--" + name.replace("_", "-")
 
 
-def _int_or_auto(v: str):
+def int_or_auto(v: str):
+    """argparse type: an int, or 'auto' as is."""
     if v == "auto":
         return v
     try:
@@ -45,7 +46,7 @@ def _add_config_flags(p: argparse.ArgumentParser):
         elif f.name == "label_words":
             kw["nargs"] = "+"
         elif f.name == "blocks_per_call":
-            kw["type"] = _int_or_auto
+            kw["type"] = int_or_auto
         elif isinstance(f.default, int) or f.type in ("int", "Optional[int]"):
             kw["type"] = int
         elif isinstance(f.default, float) or f.type in ("float", "Optional[float]"):

@@ -87,21 +87,16 @@ def _over_unit(blks, opts, ids, carry, one):
     if len(blks) == 1:
         b, o, carry = one(blks[0], opts[0], ids[0], carry)
         return [b], [o], carry
-    stack = lambda trees: jax.tree.map(lambda *x: jnp.stack(x), *trees)  # noqa: E731
     pids = jnp.stack(ids)
 
     def body(i, c):
         sb, so, carry = c
-        take = lambda t: jax.tree.map(  # noqa: E731
-            lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False), t)
-        b, o, carry = one(take(sb), take(so), pids[i], carry)
-        put = lambda t, sub: jax.tree.map(  # noqa: E731
-            lambda x, y: jax.lax.dynamic_update_index_in_dim(x, y, i, 0), t, sub)
-        return put(sb, b), put(so, o), carry
+        b, o, carry = one(common.take(sb, i), common.take(so, i), pids[i], carry)
+        return common.put(sb, b, i), common.put(so, o, i), carry
 
-    sb, so, carry = jax.lax.fori_loop(0, len(blks), body, (stack(blks), stack(opts), carry))
-    unstack = lambda t: [jax.tree.map(lambda x: x[k], t) for k in range(len(blks))]  # noqa
-    return unstack(sb), unstack(so), carry
+    sb, so, carry = jax.lax.fori_loop(0, len(blks), body,
+                                      (common.stack(blks), common.stack(opts), carry))
+    return common.unstack(sb, len(blks)), common.unstack(so, len(blks)), carry
 
 
 def unit_step(spec, packing, blks, opts, pend, count, ids, key, hs, ctx, gram_acc,
@@ -131,10 +126,9 @@ def _unit_eval(spec, packing, blks, h, ctx):
     unpack = (lambda b: b) if packing is None else packing.block.unpack  # noqa: E731
     if len(blks) == 1:
         return parts.eval_block(spec, unpack(blks[0]), h, ctx)
-    stacked = jax.tree.map(lambda *x: jnp.stack(x), *blks)  # a loop, as in _over_unit
+    stacked = common.stack(blks)  # a loop, as in _over_unit (without write-back of blocks)
     return jax.lax.fori_loop(0, len(blks), lambda i, h: parts.eval_block(
-        spec, unpack(jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(
-            x, i, 0, keepdims=False), stacked)), h, ctx), h)
+        spec, unpack(common.take(stacked, i)), h, ctx), h)
 
 
 def _unit_decode(spec, packing, blks):

@@ -258,6 +258,21 @@ def check_like(name: str, got: PyTree, want: PyTree) -> None:
                              f"{_describe(a)}, expected {_describe(b)}")
 
 
+def stack(trees) -> PyTree:
+    """Trees of one structure -> one tree with a new leading axis."""
+    return jax.tree.map(lambda *x: jnp.stack(x), *trees)
+
+
+def take(tree: PyTree, i) -> PyTree:
+    """Entry i (traced or static) of a stacked tree."""
+    return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False), tree)
+
+
+def put(tree: PyTree, sub: PyTree, i) -> PyTree:
+    """The stacked tree with entry i replaced by `sub`."""
+    return jax.tree.map(lambda x, y: jax.lax.dynamic_update_index_in_dim(x, y, i, 0), tree, sub)
+
+
 def unstack(tree: PyTree, n: int) -> list:
     return [jax.tree.map(lambda x: x[i], tree) for i in range(n)]
 

@@ -25,14 +25,6 @@ from zo2_jax.zo._noise import OUTER_PART, as_key
 PyTree = Any
 
 
-def _take(tree, i):
-    return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False), tree)
-
-
-def _put(tree, sub, i):
-    return jax.tree.map(lambda x, y: jax.lax.dynamic_update_index_in_dim(x, y, i, 0), tree, sub)
-
-
 def _depth(state) -> int:
     return jax.tree.leaves(state["blocks"])[0].shape[0]
 
@@ -48,9 +40,9 @@ def _step(spec: parts.Spec, state, batch, key):
 
     def body(i, carry):
         blocks, opts, hs, g = carry
-        b, o, hs, g = parts.block_step(spec, _take(blocks, i), _take(opts, i), pend, count,
-                                       i.astype(jnp.uint32), key, hs, ctx, g)
-        return _put(blocks, b, i), _put(opts, o, i), hs, g
+        b, o, hs, g = parts.block_step(spec, common.take(blocks, i), common.take(opts, i), pend,
+                                       count, i.astype(jnp.uint32), key, hs, ctx, g)
+        return common.put(blocks, b, i), common.put(opts, o, i), hs, g
 
     blocks, opts, hs, g = jax.lax.fori_loop(
         0, _depth(state), body, (state["blocks"], state["opt_blocks"], hs, g))
@@ -69,9 +61,9 @@ def _flush(spec: parts.Spec, state):
 
     def body(i, carry):
         blocks, opts = carry
-        b, o = parts.update_part(spec, "block", _take(blocks, i), _take(opts, i), pend, count,
-                                 i.astype(jnp.uint32))
-        return _put(blocks, b, i), _put(opts, o, i)
+        b, o = parts.update_part(spec, "block", common.take(blocks, i), common.take(opts, i), pend,
+                                 count, i.astype(jnp.uint32))
+        return common.put(blocks, b, i), common.put(opts, o, i)
 
     blocks, opts = jax.lax.fori_loop(0, _depth(state), body,
                                      (state["blocks"], state["opt_blocks"]))
@@ -84,7 +76,7 @@ def _flush(spec: parts.Spec, state):
 def _forward(spec: parts.Spec, state, batch):
     h, ctx = parts.eval_embed(spec, state["outer"], batch)
     h = jax.lax.fori_loop(0, _depth(state), lambda i, h: parts.eval_block(
-        spec, _take(state["blocks"], i), h, ctx), h)
+        spec, common.take(state["blocks"], i), h, ctx), h)
     return parts.eval_head(spec, state["outer"], h, batch)
 
 
@@ -98,7 +90,8 @@ def _decode(spec: parts.Spec, state):
 
 
 _init_part = jax.jit(parts.init_part, static_argnums=(0, 1))
-_set_block = jax.jit(lambda blocks, opts, b, o, i: (_put(blocks, b, i), _put(opts, o, i)),
+_set_block = jax.jit(lambda blocks, opts, b, o, i: (common.put(blocks, b, i),
+                                                      common.put(opts, o, i)),
                      donate_argnums=(0, 1))
 
 
