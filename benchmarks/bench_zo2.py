@@ -116,6 +116,39 @@ def time_engine(engine, batch, steps: int, warmup: int, trace_dir: Optional[str]
     return {"step_s": total / steps, "dispatch_share": dispatch / total, "loss_finite": finite}
 
 
+def parse_variants(text: str) -> list:
+    """'W:hold:wrap,...' -> [(W, hold, wrap)]."""
+    out = []
+    for item in filter(None, text.split(",")):
+        try:
+            w, hold, wrap = (int(x) for x in item.split(":"))
+        except ValueError:
+            raise SystemExit(f"--stream-variants: {item!r} is not W:hold:wrap (three ints)")
+        if w < 1 or hold < 1 or wrap not in (0, 1):
+            raise SystemExit(f"--stream-variants: {item!r} needs W >= 1, hold >= 1, wrap 0 or 1")
+        out.append((w, hold, bool(wrap)))
+    return out
+
+
+def time_variants(eng, batch, variants, steps: int, reps: int) -> list:
+    """Step time of one ZO2 engine under other stream settings (same compiled functions, same
+    process), each variant timed `reps` times in turn (ABAB...); the engine's own settings are
+    restored afterwards. Peak device memory is not separated per variant."""
+    st = eng._stream
+    own = (st.max_inflight, st.hold, st.wrap)
+    out = [{"max_inflight": w, "hold": h, "wrap": wr, "step_s": []} for w, h, wr in variants]
+    for _ in range(reps):
+        for v in out:
+            st.drain()
+            st.max_inflight, st.hold, st.wrap = v["max_inflight"], v["hold"], v["wrap"]
+            v["step_s"].append(time_engine(eng, batch, steps, warmup=1)["step_s"])
+    st.drain()
+    st.max_inflight, st.hold, st.wrap = own
+    for v in out:
+        v["median_s"] = float(np.median(v["step_s"]))
+    return out
+
+
 def profile_blocks(eng, batch, reps: int = 5) -> dict:
     """Per-unit costs of a ZO2 step, each measured alone (nothing overlapping), in ms, for the
     first streamed unit (`blocks_per_call` blocks): its upload, the jitted unit function
@@ -238,10 +271,16 @@ def main(argv=None):
                    help="host storage of embeddings/head (default: as --storage)")
     p.add_argument("--profile", action="store_true",
                    help="after timing ZO2, measure each per-unit cost alone (profile_blocks)")
+    p.add_argument("--stream-variants", default="",
+                   help="after timing ZO2, time the same engine again with other stream settings, "
+                        "each 'W:hold:wrap' (e.g. '3:1:0,3:1:1,4:2:1'; BlockStream's "
+                        "max_inflight, hold and wrap), in that order, --variant-reps times")
+    p.add_argument("--variant-reps", type=int, default=2)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--json-out")
     a = p.parse_args(argv)
+    variants = parse_variants(a.stream_variants)
 
     cfg, compute, attn, model = build_model(a)
     storage = Storage(a.storage, rounding=a.rounding)
@@ -279,6 +318,9 @@ def main(argv=None):
             row[f"{name}_loss_finite"] = r["loss_finite"]
             row[f"{name}_peak_bytes"] = peak_bytes()
             row[f"{name}_host_peak_gb"] = host_peak_gb()
+            if name == "zo2" and variants:
+                row["zo2_variants"] = time_variants(eng, batch, variants, a.steps,
+                                                    a.variant_reps)
             if name == "zo2" and a.profile:
                 row["profile"] = profile_blocks(eng, batch)
             if name == "zo2":

@@ -178,8 +178,10 @@ def test_units_cut_runs_of_streamed_blocks_evenly():
         BlockStream(store, dev, dev, 2, [(0,), (2,)])
 
 
-@pytest.mark.parametrize("window,group", [(1, 1), (2, 1), (3, 1), (2, 2), (3, 2)])
-def test_pipeline_bounds_units_in_flight_and_prefetches(window, group):
+@pytest.mark.parametrize("window,group,ahead", [
+    (1, 1, False), (2, 1, False), (3, 1, False), (2, 2, False), (3, 2, False), (4, 1, False),
+    (1, 1, True), (2, 1, True), (3, 1, True), (3, 2, True), (4, 1, True), (5, 1, True)])
+def test_pipeline_bounds_units_in_flight_and_prefetches(window, group, ahead):
     dev = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="device")
     host = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
     n, res = 7, 2
@@ -198,11 +200,12 @@ def test_pipeline_bounds_units_in_flight_and_prefetches(window, group):
         stream.note("compute", u)
         return [b + 1.0 for b in blks], [o + 1.0 for o in opts]
 
-    for _ in range(2):  # two passes: the second starts from the first one's prefetch
-        stream.update_pass(fn)
+    for _ in range(3):  # passes after the first start from the previous one's uploads
+        stream.update_pass(fn, ahead=ahead)
         stream.note("head", -1)
         stream.prefetch(with_opt=True)
     assert stream.peak <= window
+    assert stream.hold == (1 if window <= 3 else 2)
     ev = stream.events
     computes = [k for k, e in enumerate(ev) if e[0] == "compute"]
     for c in computes:  # every streamed unit was uploaded before its compute in the same pass
@@ -211,20 +214,53 @@ def test_pipeline_bounds_units_in_flight_and_prefetches(window, group):
             ups = [k for k in range(c) if ev[k] == ("up", u)]
             assert ups, (u, ev)
     # never wait for the unit dispatched just before (that would idle the device), unless one
-    # slot forces it (max_inflight=1 serialises transfers and compute)
+    # slot forces it (max_inflight=1 serialises transfers and compute); from W = 4 on, nor for
+    # the one before it (its write-back ends about when the last compute does)
     for k, e in enumerate(ev):
         if e[0] == "wait" and window > 1:
-            last = [x for x in ev[:k] if x[0] == "compute" and x[1] != (res,)][-1]
-            assert e[1] != last[1], ev
+            recent = [x[1] for x in ev[:k] if x[0] == "compute" and x[1] != (res,)]
+            assert e[1] not in recent[-stream.hold:], ev
+    heads = [k for k, e in enumerate(ev) if e == ("head", -1)]
+    first = streamed[0]
+    for h0, h1 in zip(heads, heads[1:]):
+        # the next pass's first unit: uploaded during the pass (ahead) or after its head
+        c1 = min(k for k in range(h0, h1) if ev[k] == ("compute", first))
+        up = [k for k in range(h0 + 1, c1) if ev[k] == ("up", first)]
+        before = [k for k in range(h0) if ev[k] == ("up", first) and
+                  k > max(j for j in range(h0) if ev[j] == ("compute", first))]
+        if ahead and window >= 2:
+            assert before and not up, (h0, ev)
+        elif window >= 2:
+            assert up and not before, (h0, ev)
     if window >= 2:  # steady state: unit u+1 is uploaded while unit u computes
-        second = ev[ev.index(("head", -1)) + 1:]
+        second = ev[heads[0] + 1:heads[1]]
         after = [u for u in streamed if u[0] > res]
         for u, nxt in zip(after, after[1:]):
             assert second.index(("up", nxt)) < second.index(("compute", nxt)), second
             if window >= 3:  # and already before unit u computes
                 assert second.index(("up", nxt)) < second.index(("compute", u)), second
-    np.testing.assert_array_equal(np.asarray(store.blocks[6]), np.full((4,), 8.0))
+    np.testing.assert_array_equal(np.asarray(store.blocks[6]), np.full((4,), 9.0))
     assert [b.sharding.memory_kind for b in store.blocks] == [w.memory_kind for w in where]
+
+
+def test_stream_hold_and_wrap_settings():
+    """hold defaults to 1 up to W = 3 and 2 beyond, must be >= 1; wrap=False keeps a pass
+    with ahead=True from uploading into the next one."""
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="device")
+    host = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
+    store = BlockStore([jax.device_put(jnp.full((2,), float(i)), host) for i in range(5)],
+                       [jax.device_put(jnp.zeros(()), host) for i in range(5)], frozenset())
+    assert [BlockStream(store, dev, host, w).hold for w in (1, 2, 3, 4, 6)] == [1, 1, 1, 2, 2]
+    with pytest.raises(ValueError, match="hold must be >= 1"):
+        BlockStream(store, dev, host, 3, hold=0)
+    for wrap in (False, True):
+        stream = LoggingStream(store, dev, host, 3, wrap=wrap)
+        stream.update_pass(lambda u, b, o: ([x + 1.0 for x in b], o), ahead=True)
+        # uploaded ahead into the next pass: two slots besides the newest write-back's
+        assert set(stream._uploaded) == ({(0,), (1,)} if wrap else set())
+        assert len(stream._window) == 3
+        stream.drain()
+    np.testing.assert_array_equal(np.asarray(store.blocks[4]), np.full((2,), 6.0))
 
 
 @pytest.mark.parametrize("units_streamed", [1, 2])

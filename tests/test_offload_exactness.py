@@ -26,6 +26,10 @@ CONFIGS = {
     "mezo_sgd-fp32-q1-streamed-W2-unpacked-Gauto": (dict(tx=shared_sgd()),
                                                     dict(resident_blocks=0, max_inflight=2,
                                                          packed=False)),
+    # W = 4: the host never waits on the two units dispatched last (hold = 2)
+    "mezo_sgd-fp32-q1-streamed-W4-G1": (dict(tx=shared_sgd()),
+                                        dict(resident_blocks=0, max_inflight=4,
+                                             blocks_per_call=1)),
     # units of 2 and 1 blocks (two compiled sizes), packed blocks and optimiser states
     "momentum-bf16sr-q1-W2-G2": (dict(tx=optax.sgd(1e-3, momentum=0.9), storage=SR_BF16),
                                  dict(max_inflight=2, blocks_per_call=2)),

@@ -17,8 +17,24 @@ host blocks only while the device still has queued work. W = 2 double-buffers (u
 during compute of u, after the write-back of u-1); W >= 3 lets write-back and upload run at once
 (the engine's default: on an H100 the bus carries ~52 GB/s one way, ~84 GB/s both ways).
 
-After a pass, the first streamed units of the next pass are uploaded already (a prefetch across
-steps that overlaps the head, the metrics read-out and the next embed).
+**What a copy waits for.** A runtime `device_put`, in either direction, starts only after all the
+device work dispatched before it has finished (H200, jax 0.11.2: `benchmarks/overlap_probe.py`,
+BENCHMARKS.md call 7). An upload therefore hides only under computes dispatched *after* it, and
+the order of dispatch, not only the window, decides the overlap:
+- the upload of unit u+2 is dispatched after compute(u) and before compute(u+1), so it runs under
+  compute(u+1);
+- a pass that is followed by another (`ahead=True`: the steps of a training loop, evaluation
+  batches) runs its uploads on into the next pass's first units, so they run under this pass's
+  last computes instead of after the head;
+- the host waits for a slot only on write-backs of units older than the `hold` units dispatched
+  last. With W <= 3 that is hold = 1: the slot for u+2 is the write-back of u-1, which ends about
+  when compute(u) does, so the host dispatches compute(u+1) a little late whenever the bus is as
+  slow as the compute. With W >= 4 the default is hold = 2: the write-back of u-2 ended long
+  before, and the host never holds back the device's next compute.
+
+After a pass, the first streamed units of the next pass are uploaded already, as far as the
+window allows (a prefetch across steps that overlaps the head, the metrics read-out and the
+next embed).
 """
 
 from __future__ import annotations
@@ -80,12 +96,20 @@ class BlockStream:
       device, host: the device and pinned-host shardings.
       max_inflight: W, the most streamed units on the device at once (>= 1).
       units: the pass order (`make_units`); default one block per unit.
+      hold: the host never waits on the slots of the `hold` units dispatched last (>= 1);
+        default 1 for W <= 3, 2 for W >= 4 (see the module docstring).
+      wrap: whether passes called with `ahead=True` upload into the next pass (default True).
     """
 
     def __init__(self, store: BlockStore, device: jax.sharding.Sharding,
                  host: jax.sharding.Sharding, max_inflight: int,
-                 units: Optional[Sequence[Unit]] = None):
+                 units: Optional[Sequence[Unit]] = None, hold: Optional[int] = None,
+                 wrap: bool = True):
         self.store, self.device, self.host, self.max_inflight = store, device, host, max_inflight
+        self.hold = (1 if max_inflight <= 3 else 2) if hold is None else int(hold)
+        if self.hold < 1:
+            raise ValueError(f"hold must be >= 1, got {hold}")
+        self.wrap = bool(wrap)
         self.units = [tuple(u) for u in (units or [(i,) for i in range(store.n)])]
         if sorted(i for u in self.units for i in u) != list(range(store.n)):
             raise ValueError(f"units {self.units} do not cover blocks 0..{store.n - 1} once each")
@@ -102,16 +126,23 @@ class BlockStream:
         # whose write-back is still running), so entries, not units, identify slots.
         self._window: deque = deque()
         self._uploaded: dict = {}      # unit -> ([blocks], [opts] or None) on the device
-        self._next = 0                 # position in self.streamed of the next upload
-        self._last = None              # the window entry of the unit dispatched last
+        # position of the next upload in the pass order (>= len(streamed): the next pass's
+        # units, uploaded ahead), and the end of what the pass in progress may upload
+        self._next, self._limit = 0, len(self.streamed)
+        self._recent: deque = deque(maxlen=2)  # window entries of the units dispatched last
 
     # ---- slots ----------------------------------------------------------------------------------
 
-    def _make_room(self, last: Optional[list]) -> bool:
+    def _held(self) -> list:
+        """The window entries the host must not wait on now: those of the `hold` units
+        dispatched last (their write-backs are the device's newest work)."""
+        return list(self._recent)[-self.hold:]
+
+    def _make_room(self, held: Sequence[list]) -> bool:
         while len(self._window) >= self.max_inflight:
             entry = self._window[0]
             unit, token = entry
-            if token is None or entry is last:
+            if token is None or any(entry is h for h in held):
                 return False  # waiting now would idle the device (or wait for nothing)
             self._wait(unit, token)
             self._window.popleft()
@@ -127,22 +158,22 @@ class BlockStream:
             return jax.device_put(blks, self.device), None
         return jax.device_put((blks, [self.store.opts[j] for j in unit]), self.device)
 
-    def _source_ready(self, unit: Unit, last: Optional[list]) -> bool:
-        """Waits for the unit's own earlier slot (its write-back, with fewer streamed units than
-        W) unless that is the unit dispatched last; False if it is. An upload from a host copy
-        whose write-back is still running took 3x the step (H200, OPT-125M as one unit: 55 ms
-        against 18 ms, call 6e), so the engine never issues one."""
+    def _source_ready(self, unit: Unit, held: Sequence[list]) -> bool:
+        """Waits for the unit's own earlier slot (its write-back, when it is uploaded for the
+        next pass) unless that slot is held; False if it is. An upload from a host copy whose
+        write-back is still running took 3x the step (H200, OPT-125M as one unit: 55 ms against
+        18 ms, call 6e), so the engine never issues one."""
         for entry in [e for e in self._window if e[0] == unit]:
-            if entry is last or entry[1] is None:
+            if entry[1] is None or any(entry is h for h in held):
                 return False
             self._wait(unit, entry[1])
             self._window.remove(entry)
         return True
 
-    def _fill(self, with_opt: bool, last: Optional[list]) -> None:
-        while self._next < len(self.streamed):
-            u = self.streamed[self._next]
-            if not (self._source_ready(u, last) and self._make_room(last)):
+    def _fill(self, with_opt: bool, held: Sequence[list]) -> None:
+        while self._next < self._limit:
+            u = self.streamed[self._next % len(self.streamed)]
+            if not (self._source_ready(u, held) and self._make_room(held)):
                 return
             self._uploaded[u] = self._upload(u, with_opt)
             self._window.append([u, None])
@@ -150,7 +181,7 @@ class BlockStream:
 
     def _take(self, unit: Unit, with_opt: bool):
         if unit not in self._uploaded:  # not prefetched (W = 1, or a pass without prefetch)
-            self._fill(with_opt, last=None)
+            self._fill(with_opt, held=())
         blks, opts = self._uploaded.pop(unit)
         if with_opt and opts is None:
             opts = jax.device_put([self.store.opts[j] for j in unit], self.device)
@@ -167,11 +198,21 @@ class BlockStream:
 
     # ---- passes ---------------------------------------------------------------------------------
 
-    def update_pass(self, fn: Callable) -> None:
+    def _begin(self, ahead: bool) -> None:
+        n = len(self.streamed)
+        self._limit = 2 * n if ahead and self.wrap else n
+
+    def _end(self) -> None:
+        n = len(self.streamed)
+        self._next, self._limit = max(0, self._next - n), n
+
+    def update_pass(self, fn: Callable, ahead: bool = False) -> None:
         """blocks, opts <- fn(unit, [block_i], [opt_i]) for every unit (lists in the unit's
         order), streamed units round-tripping through the device; the results replace the
-        store's entries."""
-        store, last = self.store, None
+        store's entries. `ahead`: another pass follows at once (a training step), so uploads
+        run on into its first units while this pass's last units compute."""
+        store = self.store
+        self._begin(ahead)
         try:
             for u in self.units:
                 if u[0] in store.resident:
@@ -182,20 +223,22 @@ class BlockStream:
                     del blks, opts
                     blks, opts = jax.device_put((list(new[0]), list(new[1])), self.host)
                     del new
-                    last = self._release_when(u, (blks, opts))
+                    self._recent.append(self._release_when(u, (blks, opts)))
                 for i, b, o in zip(u, blks, opts):
                     store.blocks[i], store.opts[i] = b, o
                 del blks, opts
-                self._fill(True, last)
+                self._fill(True, self._held())
         except BaseException:
             self.reset()
             raise
-        self._next, self._last = 0, last
+        self._end()
 
-    def read_pass(self, fn: Callable) -> None:
+    def read_pass(self, fn: Callable, ahead: bool = False) -> None:
         """Calls token_u = fn(unit, [block_i]) for every unit (no write-back). A ready token_u
-        means the unit's device copies are no longer needed (its compute has finished)."""
-        store, last = self.store, None
+        means the unit's device copies are no longer needed (its compute has finished).
+        `ahead` as in `update_pass` (the next pass's uploads carry no optimiser states)."""
+        store = self.store
+        self._begin(ahead)
         try:
             for u in self.units:
                 if u[0] in store.resident:
@@ -204,18 +247,19 @@ class BlockStream:
                     blks, _ = self._take(u, with_opt=False)
                     token = fn(u, blks)
                     del blks
-                    last = self._release_when(u, token)
-                self._fill(False, last)
+                    self._recent.append(self._release_when(u, token))
+                self._fill(False, self._held())
         except BaseException:
             self.reset()
             raise
-        self._next, self._last = 0, last
+        self._end()
 
     def prefetch(self, with_opt: bool) -> None:
         """Uploads the first streamed units of the next pass, as far as free slots allow without
-        waiting on the unit dispatched last. Call it after dispatching the work that follows the
-        pass (the head), so the device has something to do while the host waits for a slot."""
-        self._fill(with_opt, self._last)
+        waiting on the units dispatched last. Call it after dispatching the work that follows
+        the pass (the head), so the device has something to do while the host waits for a
+        slot."""
+        self._fill(with_opt, self._held())
 
     def drain(self) -> None:
         """Waits for all write-backs and drops prefetched uploads (frees the device slots)."""

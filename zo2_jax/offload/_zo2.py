@@ -403,7 +403,7 @@ class ZO2Engine:
                 key, carry[0], ctx, carry[1])
             return blks, opts
 
-        self._stream.update_pass(compute)
+        self._stream.update_pass(compute, ahead=True)
         self._pending, self._count, self._skipped_total, metrics = _head_fn(
             self.spec, self._outer, key, carry[0], batch, carry[1], pend, count,
             self._skipped_total)
@@ -439,7 +439,7 @@ class ZO2Engine:
             carry[0] = _unit_eval_fn(self.spec, self._packing_of(unit), blks, carry[0], ctx)
             return carry[0]
 
-        self._stream.read_pass(compute)
+        self._stream.read_pass(compute, ahead=True)
         out = _eval_head(self.spec, self._outer, carry[0], batch)
         self._stream.prefetch(with_opt=False)
         return out
