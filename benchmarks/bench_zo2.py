@@ -117,9 +117,9 @@ def time_engine(engine, batch, steps: int, warmup: int, trace_dir: Optional[str]
 
 
 def parse_variants(text: str) -> list:
-    """'W:hold:wrap,...' -> [(W, hold, wrap)]."""
+    """'W:hold:wrap,...' (or '+'-separated, for run_ours.sh rows) -> [(W, hold, wrap)]."""
     out = []
-    for item in filter(None, text.split(",")):
+    for item in filter(None, text.replace("+", ",").split(",")):
         try:
             w, hold, wrap = (int(x) for x in item.split(":"))
         except ValueError:
@@ -273,7 +273,8 @@ def main(argv=None):
                    help="after timing ZO2, measure each per-unit cost alone (profile_blocks)")
     p.add_argument("--stream-variants", default="",
                    help="after timing ZO2, time the same engine again with other stream settings, "
-                        "each 'W:hold:wrap' (e.g. '3:1:0,3:1:1,4:2:1'; BlockStream's "
+                        "each 'W:hold:wrap', separated by ',' or '+' (e.g. '3:1:0+3:1:1+4:2:1'; "
+                        "BlockStream's "
                         "max_inflight, hold and wrap), in that order, --variant-reps times")
     p.add_argument("--variant-reps", type=int, default=2)
     p.add_argument("--steps", type=int, default=6)

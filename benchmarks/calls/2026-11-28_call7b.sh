@@ -8,19 +8,18 @@ set -u
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
 R=$OUT/call7b.jsonl
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-V=--stream-variants,3:1:0,3:1:1,4:1:1,4:2:1
+V=--stream-variants,3:1:0+3:1:1+4:1:1+4:2:1
 ROW_TIMEOUT=140 bash benchmarks/run_ours.sh $R opt_125m:1:2048:bfloat16:bfloat16:$V > /dev/null
 echo "t=${SECONDS}s"
-ROW_TIMEOUT=200 bash benchmarks/run_ours.sh $R opt_1_3b:1:2048:bfloat16:bfloat16:$V,5:2:1 > /dev/null
+ROW_TIMEOUT=200 bash benchmarks/run_ours.sh $R opt_1_3b:1:2048:bfloat16:bfloat16:$V+5:2:1 > /dev/null
 echo "t=${SECONDS}s"
 if (( SECONDS < 380 )); then
   ROW_TIMEOUT=100 bash benchmarks/run_ours.sh $R \
     opt_125m:1:2048:bfloat16:bfloat16:--engines,zo2,--blocks-per-call,2,$V > /dev/null
   echo "t=${SECONDS}s"
 fi
-if (( SECONDS < 470 )); then
-  timeout 100 python3 -m pytest -q tests/test_offload_exactness.py -k "W4 or G2" 2>&1 | tail -2
-fi
+# (the first attempt of this call ran `pytest tests/test_offload_exactness.py -k "W4 or G2"`:
+#  2 passed; its rows failed on the variant list's commas)
 python3 - "$R" <<'PY'
 import json, sys
 for line in open(sys.argv[1]):
