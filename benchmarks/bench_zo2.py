@@ -240,7 +240,8 @@ def add_model_args(p: argparse.ArgumentParser, engines: str) -> None:
     p.add_argument("--attn", default="cudnn", choices=["xla", "cudnn"],
                    help="attention kernel (xla for float32 compute and off GPUs)")
     p.add_argument("--engines", default=engines, help="comma-separated: zo2, mezo")
-    p.add_argument("--max-inflight", type=int, default=3)
+    p.add_argument("--max-inflight", default="auto", type=int_or_auto,
+                   help="ZO2's streamed units in flight: an int or 'auto'")
     p.add_argument("--branches", default="auto", choices=["auto", "fused", "sequential"],
                    help="ZO2's branch schedule in the block function (see ZO2Engine)")
     p.add_argument("--blocks-per-call", default="auto", type=int_or_auto,
@@ -328,7 +329,8 @@ def main(argv=None):
                 row["streamed_bytes"] = sum(
                     x.nbytes for i, b in enumerate(eng._store.blocks)
                     if i not in eng._store.resident for x in jax.tree.leaves(b))
-                row["max_inflight"] = a.max_inflight
+                row["max_inflight"] = eng.max_inflight
+                row["hold"] = eng._stream.hold
                 row["packed"] = eng.packed
                 row["branches"] = eng.branches
                 row["blocks_per_call"] = eng.blocks_per_call

@@ -165,7 +165,7 @@ def main(argv=None) -> dict:
             eng = ZO2Engine(model, params, max_inflight=a.max_inflight, branches=a.branches,
                             packed={"auto": "auto", "yes": True, "no": False}[a.packed],
                             blocks_per_call=a.blocks_per_call, **common)
-            row.update(max_inflight=a.max_inflight, packed=eng.packed, branches=eng.branches,
+            row.update(max_inflight=eng.max_inflight, packed=eng.packed, branches=eng.branches,
                        blocks_per_call=eng.blocks_per_call)
         else:
             eng = MeZOEngine(model, params, **common)

@@ -417,20 +417,37 @@ def test_optimizer_states_that_cannot_all_be_packed():
     assert_trees_identical(a.params(), b.params(), "PRNG-key optimiser state, restored")
 
 
-def test_blocks_per_call_auto_follows_the_block_size_and_is_validated(monkeypatch):
+def test_auto_slots_and_blocks_per_call_follow_the_block_size_and_are_validated(monkeypatch):
+    """max_inflight="auto": 4 slots for blocks up to INFLIGHT_AUTO_MAX_BYTES, else 3;
+    blocks_per_call="auto": as many blocks as fit in UNIT_AUTO_BYTES while at least W + 2
+    units stream; the stream holds back its waits on two units only with 4+ units."""
     import zo2_jax.offload._zo2 as zo2_mod
+    from _toy import ToyModel
 
     eng = ZO2Engine(MODEL, PARAMS, tx=shared_sgd())
-    assert eng.blocks_per_call == 3  # tiny blocks: one unit (capped at the number of blocks)
-    assert [len(u) for u in eng._stream.streamed] == [3]
-    per_block = ZO2Engine._stored_bytes(eng.spec, PARAMS["blocks"][0])
+    # tiny blocks, but 3 of them: W = 4 and one block per unit (3 < W + 2), hold 1 (3 units)
+    assert (eng.max_inflight, eng.blocks_per_call, eng._stream.hold) == (4, 1, 1)
+    deep = ToyModel(num_blocks=12)
+    deep_params = deep.init(jax.random.key(0))
+    eng = ZO2Engine(deep, deep_params, tx=shared_sgd())
+    assert (eng.max_inflight, eng.blocks_per_call, eng._stream.hold) == (4, 2, 2)  # 12 // 6
+    assert [len(u) for u in eng._stream.streamed] == [2] * 6
+    eng = ZO2Engine(deep, deep_params, tx=shared_sgd(), max_inflight=2)
+    assert (eng.max_inflight, eng.blocks_per_call, eng._stream.hold) == (2, 3, 1)  # 12 // 4
+    eng = ZO2Engine(deep, deep_params, tx=shared_sgd(), resident_blocks=6)
+    assert eng.blocks_per_call == 1 and len(eng._stream.streamed) == 6  # 6 streamed // 6
+    per_block = ZO2Engine._stored_bytes(eng.spec, deep_params["blocks"][0])
     monkeypatch.setattr(zo2_mod, "UNIT_AUTO_BYTES", 2 * per_block)
-    eng = ZO2Engine(MODEL, PARAMS, tx=shared_sgd(), packed=False)
-    assert [len(u) for u in eng._stream.streamed] == [2, 1] and eng.blocks_per_call == 2
+    eng = ZO2Engine(deep, deep_params, tx=shared_sgd(), packed=False, max_inflight=1)
+    assert [len(u) for u in eng._stream.streamed] == [2] * 6 and eng.blocks_per_call == 2
     monkeypatch.setattr(zo2_mod, "UNIT_AUTO_BYTES", 1)
-    assert ZO2Engine(MODEL, PARAMS, tx=shared_sgd(), packed=False).blocks_per_call == 1
+    assert ZO2Engine(deep, deep_params, tx=shared_sgd(), packed=False).blocks_per_call == 1
+    monkeypatch.setattr(zo2_mod, "INFLIGHT_AUTO_MAX_BYTES", per_block - 1)
+    eng = ZO2Engine(deep, deep_params, tx=shared_sgd(), packed=False)
+    assert (eng.max_inflight, eng._stream.hold) == (3, 1)
     for bad in (0, -1, True, 2.5, "many", None):
         with pytest.raises(ValueError, match="blocks_per_call must be an int >= 1 or 'auto'"):
             ZO2Engine(MODEL, PARAMS, tx=shared_sgd(), blocks_per_call=bad)
-    with pytest.raises(ValueError, match="max_inflight must be an int >= 1"):
-        ZO2Engine(MODEL, PARAMS, tx=shared_sgd(), max_inflight=True)
+        with pytest.raises(ValueError, match="max_inflight must be an int >= 1 or 'auto'"):
+            ZO2Engine(MODEL, PARAMS, tx=shared_sgd(), max_inflight=bad)
+

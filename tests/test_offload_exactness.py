@@ -22,10 +22,10 @@ CONFIGS = {
     "mezo_sgd-fp32-q1-streamed-W2-G1": (dict(tx=shared_sgd()),
                                         dict(resident_blocks=0, max_inflight=2,
                                              blocks_per_call=1)),
-    # one transfer per array; blocks_per_call="auto" puts the toy's 3 small blocks in one call
-    "mezo_sgd-fp32-q1-streamed-W2-unpacked-Gauto": (dict(tx=shared_sgd()),
-                                                    dict(resident_blocks=0, max_inflight=2,
-                                                         packed=False)),
+    # one transfer per array, the toy's 3 blocks in one call
+    "mezo_sgd-fp32-q1-streamed-W2-unpacked-G3": (dict(tx=shared_sgd()),
+                                                 dict(resident_blocks=0, max_inflight=2,
+                                                      packed=False, blocks_per_call=3)),
     # W = 4: the host never waits on the two units dispatched last (hold = 2)
     "mezo_sgd-fp32-q1-streamed-W4-G1": (dict(tx=shared_sgd()),
                                         dict(resident_blocks=0, max_inflight=4,

@@ -125,6 +125,9 @@ def test_killed_during_checkpointing_resumes_exactly(tiny, tmp_path):
     (["train", "--engine", "zo2", "--blocks-per-call", "many"], "expected an int or 'auto'"),
     (["train", "--engine", "zo2", "--blocks-per-call", "0"], "blocks_per_call must be an int"),
     (["train", "--engine", "mezo", "--blocks-per-call", "2"], "apply to engine='zo2' only"),
+    (["train", "--engine", "zo2", "--max-inflight", "0"], "max_inflight must be an int"),
+    (["train", "--engine", "zo2", "--max-inflight", "some"], "expected an int or 'auto'"),
+    (["train", "--engine", "mezo", "--max-inflight", "4"], "apply to engine='zo2' only"),
     (["train", "--storage-dtype", "int4"], "invalid choice: 'int4'"),
     (["train", "--schedule", "cosine", "--warmup-steps", "500", "--steps", "100"],
      "warmup_steps"),
@@ -182,7 +185,10 @@ def test_zo2_placement_options_reach_the_engine():
                       resident_blocks=1, blocks_per_call=1, progress=False)
     eng = make_engine(cfg, MODEL, PARAMS)
     assert (eng.packed, eng.branches, len(eng.resident_blocks)) == (False, "sequential", 1)
-    assert eng.blocks_per_call == 1
+    assert (eng.blocks_per_call, eng.max_inflight) == (1, 2)
     eng = make_engine(TrainConfig(engine="zo2", progress=False), MODEL, PARAMS)
-    # "auto" on tiny blocks: packed, fused, all three blocks in one call
-    assert (eng.packed, eng.branches, eng.blocks_per_call) == (True, "fused", 3)
+    # "auto" on three tiny blocks: packed, fused, 4 slots, one block per call (3 < W + 2)
+    assert (eng.packed, eng.branches, eng.max_inflight, eng.blocks_per_call) == (
+        True, "fused", 4, 1)
+    eng = make_engine(TrainConfig(engine="zo2", blocks_per_call=3, progress=False), MODEL, PARAMS)
+    assert eng.blocks_per_call == 3

@@ -45,7 +45,7 @@ def _add_config_flags(p: argparse.ArgumentParser):
             kw["action"] = argparse.BooleanOptionalAction
         elif f.name == "label_words":
             kw["nargs"] = "+"
-        elif f.name == "blocks_per_call":
+        elif f.name in ("blocks_per_call", "max_inflight"):
             kw["type"] = int_or_auto
         elif isinstance(f.default, int) or f.type in ("int", "Optional[int]"):
             kw["type"] = int

@@ -39,8 +39,11 @@ PACK_AUTO_MAX_BYTES = 1 << 30  # packed="auto": pack blocks up to this size (sto
 # dtype) is larger than this
 SEQUENTIAL_AUTO_MIN_BYTES = 1 << 30
 # blocks_per_call="auto": as many consecutive streamed blocks per jitted call as fit in this many
-# bytes (stored + optimiser state, per unit)
+# bytes (stored + optimiser state, per unit), keeping at least W + 2 streamed units
 UNIT_AUTO_BYTES = 64 << 20
+# max_inflight="auto": 4 slots while a block (stored + optimiser state) is at most this size,
+# 3 above it
+INFLIGHT_AUTO_MAX_BYTES = 1 << 30
 
 
 def _memory_kinds(device) -> list:
@@ -162,10 +165,16 @@ class ZO2Engine:
         of indices. Default 0 (every block streamed).
       max_inflight: W >= 1, the most streamed units (of `blocks_per_call` blocks) holding device
         memory at once, counting the one computing, the ones uploading and the ones being written
-        back. The default 3 lets the write-back of unit i-1 and the upload of unit i+1 run
-        together while unit i computes;
-        W = 2 serialises the two transfers (measured on an H100, OPT-1.3B shape, 8 layers,
-        bf16, 1x2048: 40.8 ms/step at W = 2, 26.2 ms at W = 3, 19.5 ms for MeZO).
+        back, or "auto" (default): 4 while a block (stored, with its optimiser state) is at
+        most `INFLIGHT_AUTO_MAX_BYTES` (1 GiB), else 3. W = 3 lets the write-back of unit u-1
+        and the upload of unit u+2 run together while unit u+1 computes, but the host has to
+        wait for that write-back, which ends about when unit u's compute does, before it
+        dispatches them. With W >= 4 it waits only on older write-backs and never holds the
+        device back (see `_stream.py`). Measured on an H200 (BENCHMARKS.md, call 7), bf16,
+        one process each: OPT-1.3B 1x2048 53.4 ms/step at W = 4 against 65.5 ms at W = 3
+        (MeZO 49.2 ms); OPT-2.7B 105.8 against 120.6 ms; OPT-6.7B 263 against 271 ms. W = 2
+        serialises the two transfers (H100, OPT-1.3B shape, 8 layers: 40.8 ms/step at W = 2,
+        26.2 ms at W = 3). Each slot costs one unit of device memory.
       device_budget_bytes: let the engine choose how many blocks stay resident so that its
         estimated peak fits; needs `batch_shape`. Raises if even the minimum does not fit.
       batch_shape: (B, T) of every batch (required with a budget; then enforced).
@@ -204,8 +213,11 @@ class ZO2Engine:
         streamed blocks hold device memory, and a computing unit of G >= 2 blocks makes a
         stacked copy of itself (its loop runs over one array per leaf; the device budget
         counts it through the compiled scratch). "auto" (default): as many blocks as fit in
-        `UNIT_AUTO_BYTES` (64 MiB, stored + optimiser state), at least one; runs of streamed
+        `UNIT_AUTO_BYTES` (64 MiB, stored + optimiser state) while at least W + 2 units stream
+        (W slots and a lookahead of two units need that many), at least one; runs of streamed
         blocks are cut into units of near-equal size. Resident blocks are units of their own.
+        At OPT-125M (12 blocks of 14 MB) that is 2 per call: 9.2 ms/step at W = 4 against
+        10.3 ms with 4 per call and 12.5-13.2 ms with one (H200, call 7).
         Bit-identical results for any G.
 
     Example:
@@ -221,7 +233,8 @@ class ZO2Engine:
                  compute_dtype: Any = jnp.float32, storage: Optional[Storage] = None,
                  outer_storage: Optional[Storage] = None, clip_norm: Optional[float] = None,
                  directions: str = "gaussian",
-                 resident_blocks: Union[int, Iterable[int]] = 0, max_inflight: int = 3,
+                 resident_blocks: Union[int, Iterable[int]] = 0,
+                 max_inflight: Union[int, str] = "auto",
                  device_budget_bytes: Optional[int] = None, batch_shape: Optional[tuple] = None,
                  device: Optional[jax.Device] = None,
                  packed: Union[bool, str] = "auto", branches: str = "auto",
@@ -252,9 +265,10 @@ class ZO2Engine:
                              f"{_memory_kinds(dev)}); ZO2 streams blocks from pinned host memory")
         self._dev = jax.sharding.SingleDeviceSharding(dev, memory_kind="device")
         self._host = jax.sharding.SingleDeviceSharding(dev, memory_kind="pinned_host")
-        if (isinstance(max_inflight, (bool, np.bool_)) or
-                not isinstance(max_inflight, (int, np.integer)) or max_inflight < 1):
-            raise ValueError(f"max_inflight must be an int >= 1, got {max_inflight!r}")
+        if max_inflight != "auto" and (isinstance(max_inflight, (bool, np.bool_)) or
+                                       not isinstance(max_inflight, (int, np.integer)) or
+                                       max_inflight < 1):
+            raise ValueError(f"max_inflight must be an int >= 1 or 'auto', got {max_inflight!r}")
         if batch_shape is not None:
             batch_shape = tuple(int(d) for d in batch_shape)
             if len(batch_shape) != 2 or min(batch_shape) < 1:
@@ -266,10 +280,15 @@ class ZO2Engine:
         if packed == "auto":
             packed = (packing is not None and
                       packing.block.nbytes + packing.opt.nbytes <= PACK_AUTO_MAX_BYTES)
+        per_block = (packing.block.nbytes + packing.opt.nbytes if packed
+                     else self._stored_bytes(spec, params["blocks"][0]))
+        if max_inflight == "auto":
+            max_inflight = 4 if per_block <= INFLIGHT_AUTO_MAX_BYTES else 3
+        self.max_inflight = max_inflight = int(max_inflight)
         if blocks_per_call == "auto":
-            per_block = (packing.block.nbytes + packing.opt.nbytes if packed
-                         else self._stored_bytes(spec, params["blocks"][0]))
-            blocks_per_call = max(1, UNIT_AUTO_BYTES // max(per_block, 1))
+            n_streamed = n - (len(resident) if resident_blocks not in (0, None) else 0)
+            blocks_per_call = max(1, min(UNIT_AUTO_BYTES // max(per_block, 1),
+                                         n_streamed // (max_inflight + 2)))
         group = min(int(blocks_per_call), n)
         self.footprint = None  # with a budget: the estimated peak's ingredients, in bytes
         if device_budget_bytes is not None:

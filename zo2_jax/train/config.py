@@ -45,15 +45,16 @@ class TrainConfig:
       eval_examples: cap on evaluation examples (0 = all).
       engine: "mezo" (all on the device) or "zo2" (blocks streamed from host memory).
       storage_dtype / rounding / compute_dtype: how parameters are stored and computed.
-      resident_blocks / max_inflight / device_budget_gb: ZO2 placement options.
+      resident_blocks / max_inflight / device_budget_gb: ZO2 placement options (max_inflight
+        an int >= 1 or "auto": 4 streamed units in flight for blocks up to 1 GiB, else 3).
       packed: ZO2 moves each streamed block as one buffer ("yes"), array by array ("no"), or
         packed up to 1 GiB blocks ("auto"; see ZO2Engine).
       branches: ZO2's block function makes both branches' weights in one pass ("fused"), one
         branch after the other ("sequential": less device memory, z generated again), or
         sequential where a block's perturbed copy is over 1 GiB ("auto"; see ZO2Engine).
       blocks_per_call: ZO2 streams this many consecutive blocks per jitted call (an int >= 1),
-        or as many as fit in 64 MiB ("auto"; see ZO2Engine): fewer host dispatches for small
-        blocks.
+        or as many as fit in 64 MiB while at least max_inflight + 2 units stream ("auto"; see
+        ZO2Engine): fewer host dispatches for small blocks.
       optimizer, lr, schedule, warmup_steps, weight_decay, momentum: the update (optax).
       eps, num_directions, directions: the SPSA estimate ("gaussian" z as MeZO, or "rademacher"
         +-1 z, much cheaper to generate: see MeZOEngine).
@@ -78,7 +79,7 @@ class TrainConfig:
     rounding: Rounding = "stochastic"
     compute_dtype: ComputeDtype = "float32"
     resident_blocks: int = 0
-    max_inflight: int = 3
+    max_inflight: Union[int, str] = "auto"
     device_budget_gb: Optional[float] = None
     packed: Packed = "auto"
     branches: Branches = "auto"
@@ -112,8 +113,8 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not allowed; expected one "
                                  f"of {list(allowed)}")
-        positive = ("lr", "eps", "steps", "batch_size", "num_directions", "max_inflight",
-                    "seq_len", "keep_checkpoints")
+        positive = ("lr", "eps", "steps", "batch_size", "num_directions", "seq_len",
+                    "keep_checkpoints")
         for name in positive:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
@@ -127,9 +128,10 @@ class TrainConfig:
             raise ValueError(f"weight_decay must be finite and >= 0, got {self.weight_decay!r}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
-        bpc = self.blocks_per_call
-        if bpc != "auto" and (isinstance(bpc, bool) or not isinstance(bpc, int) or bpc < 1):
-            raise ValueError(f"blocks_per_call must be an int >= 1 or 'auto', got {bpc!r}")
+        for name in ("max_inflight", "blocks_per_call"):
+            v = getattr(self, name)
+            if v != "auto" and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be an int >= 1 or 'auto', got {v!r}")
         if self.max_len is not None and self.max_len < 2:
             raise ValueError(f"max_len must be >= 2 or unset, got {self.max_len!r}")
         if self.device_budget_gb is not None and not self.device_budget_gb > 0:
@@ -140,9 +142,10 @@ class TrainConfig:
             raise ValueError("checkpoint_every is set but checkpoint_dir is not")
         if self.engine == "mezo" and (self.resident_blocks or self.device_budget_gb
                                       or self.packed != "auto" or self.branches != "auto"
-                                      or self.blocks_per_call != "auto"):
-            raise ValueError("resident_blocks / device_budget_gb / packed / branches / "
-                             "blocks_per_call apply to engine='zo2' only")
+                                      or self.blocks_per_call != "auto"
+                                      or self.max_inflight != "auto"):
+            raise ValueError("resident_blocks / max_inflight / device_budget_gb / packed / "
+                             "branches / blocks_per_call apply to engine='zo2' only")
         if self.model != DEFAULT_MODEL and not os.path.exists(self.model):
             raise FileNotFoundError(f"model {self.model!r}: no such file or folder (give a Hugging "
                                     f"Face folder, a .gguf file, or {DEFAULT_MODEL!r})")
