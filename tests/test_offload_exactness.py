@@ -168,3 +168,29 @@ def test_real_llama_model_bit_for_bit():
         assert np.array_equal(np.asarray(m1["loss"]), np.asarray(m2["loss"]))
         assert np.array_equal(np.asarray(m1["projected_grad"]), np.asarray(m2["projected_grad"]))
     assert_trees_identical(mezo.params(), zo2.params(), "LLaMA params after 2 steps")
+
+
+@pytest.mark.parametrize("group", [1, 2])
+def test_deep_stream_defaults_match_mezo_with_evals_between_steps(group):
+    """A deeper toy (8 blocks) streams enough units for the defaults' W = 4 with hold = 2 and
+    for uploads that run on into the next pass (and, at G=2, 4 units of 2): steps with eval
+    passes in between (read passes consume uploads made for an update pass, and upload into
+    the next), then flush, stay bit-identical to MeZO."""
+    from _toy import ToyModel
+
+    deep = ToyModel(num_blocks=8)
+    params = deep.init(jax.random.key(3))
+    kw = dict(tx=optax.sgd(1e-3, momentum=0.9), storage=SR_BF16)
+    mezo = MeZOEngine(deep, params, **kw)
+    zo2 = ZO2Engine(deep, params, blocks_per_call=group, **kw)
+    assert zo2.max_inflight == 4 and zo2._stream.hold == 2
+    assert len(zo2._stream.streamed) == 8 // group
+    for t in range(4):
+        batch, key = counting_batch(jax.random.key(t)), jax.random.key(100 + t)
+        m1, m2 = mezo.step(batch, key), zo2.step(batch, key)
+        assert np.array_equal(np.asarray(m1["loss"]), np.asarray(m2["loss"])), t
+        if t % 2:
+            e1, e2 = mezo.eval_loss(batch), zo2.eval_loss(batch)
+            assert np.array_equal(np.asarray(e1), np.asarray(e2)), t
+    assert_trees_identical(mezo.params(), zo2.params(), f"deep toy, G={group}")
+    assert_trees_identical(comparable_state(mezo), comparable_state(zo2), f"deep G={group} state")
