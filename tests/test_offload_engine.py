@@ -251,8 +251,13 @@ def test_stream_hold_and_wrap_settings():
     store = BlockStore([jax.device_put(jnp.full((2,), float(i)), host) for i in range(5)],
                        [jax.device_put(jnp.zeros(()), host) for i in range(5)], frozenset())
     assert [BlockStream(store, dev, host, w).hold for w in (1, 2, 3, 4, 6)] == [1, 1, 1, 2, 2]
-    with pytest.raises(ValueError, match="hold must be >= 1"):
-        BlockStream(store, dev, host, 3, hold=0)
+    for bad in (0, True, 2.5):
+        with pytest.raises(ValueError, match="hold must be an int >= 1"):
+            BlockStream(store, dev, host, 3, hold=bad)
+    deep = LoggingStream(store, dev, host, 5, hold=3)  # any hold is honoured, not only 1 or 2
+    deep.update_pass(lambda u, b, o: (b, o), ahead=True)
+    assert [e[0] for e in deep._held()] == [(2,), (3,), (4,)]
+    deep.drain()
     for wrap in (False, True):
         stream = LoggingStream(store, dev, host, 3, wrap=wrap)
         stream.update_pass(lambda u, b, o: ([x + 1.0 for x in b], o), ahead=True)
@@ -261,6 +266,39 @@ def test_stream_hold_and_wrap_settings():
         assert len(stream._window) == 3
         stream.drain()
     np.testing.assert_array_equal(np.asarray(store.blocks[4]), np.full((2,), 6.0))
+
+
+def test_a_unit_not_uploaded_ahead_waits_only_for_its_own_slot():
+    """After a pass without uploads ahead (flush, then an eval), the next pass's first unit may
+    wait for any slot it needs, but the lookahead after it still never waits on the write-backs
+    of the `hold` units dispatched last; a read pass's uploads ahead get their optimiser
+    states before the next update pass's first compute."""
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="device")
+    host = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
+    n = 6
+    store = BlockStore([jax.device_put(jnp.full((2,), float(i)), host) for i in range(n)],
+                       [jax.device_put(jnp.full((), float(i)), host) for i in range(n)],
+                       frozenset())
+    stream = LoggingStream(store, dev, host, 4)
+    assert stream.hold == 2
+
+    def upd(u, b, o):
+        stream.note("compute", u)
+        return [x + 1.0 for x in b], [x + 1.0 for x in o]
+
+    stream.update_pass(upd)  # like flush(): no uploads ahead
+    stream.events.clear()
+    stream.read_pass(lambda u, b: stream.note("compute", u) or b[0], ahead=True)
+    ev = stream.events
+    first = ev.index(("compute", (0,)))
+    assert ("wait", (4,)) not in ev[:first] and ("wait", (5,)) not in ev[:first], ev
+    assert stream._uploaded and all(o is None for _, o in stream._uploaded.values())
+    seen = []
+    stream.update_pass(lambda u, b, o: seen.append((u, o)) or upd(u, b, o), ahead=True)
+    for u, o in seen:  # every compute got device copies of its current optimiser states
+        assert o is not None and float(o[0]) == float(u[0]) + 1.0
+    stream.drain()
+    np.testing.assert_array_equal(np.asarray(store.blocks[5]), np.full((2,), 7.0))
 
 
 @pytest.mark.parametrize("units_streamed", [1, 2])
@@ -436,6 +474,20 @@ def test_auto_slots_and_blocks_per_call_follow_the_block_size_and_are_validated(
     assert (eng.max_inflight, eng.blocks_per_call, eng._stream.hold) == (2, 3, 1)  # 12 // 4
     eng = ZO2Engine(deep, deep_params, tx=shared_sgd(), resident_blocks=6)
     assert eng.blocks_per_call == 1 and len(eng._stream.streamed) == 6  # 6 streamed // 6
+    # resident blocks given as a numpy array; auto units over the streamed ones only
+    eng = ZO2Engine(deep, deep_params, tx=shared_sgd(), resident_blocks=np.array([0, 11]))
+    assert eng.resident_blocks == {0, 11} and eng.blocks_per_call == 1  # 10 // 6
+    # with a budget, "auto" falls back to 3 slots where 4 do not fit (as the old default)
+    from zo2_jax.offload._budget import _need
+    fp = ZO2Engine(deep, deep_params, tx=shared_sgd(), packed=False, max_inflight=3,
+                   blocks_per_call=2, batch_shape=(4, 8), device_budget_bytes=10**9).footprint
+    budget = _need(fp, 12, 0, 3 * 2)  # W=3 x G=2 fits exactly; W=4 x G=2 does not
+    eng = ZO2Engine(deep, deep_params, tx=shared_sgd(), packed=False, batch_shape=(4, 8),
+                    device_budget_bytes=budget)
+    assert (eng.max_inflight, eng.blocks_per_call, eng.resident_blocks) == (3, 2, frozenset())
+    with pytest.raises(ValueError, match="max_inflight=4 x blocks_per_call=2"):
+        ZO2Engine(deep, deep_params, tx=shared_sgd(), packed=False, batch_shape=(4, 8),
+                  device_budget_bytes=budget, max_inflight=4)
     per_block = ZO2Engine._stored_bytes(eng.spec, deep_params["blocks"][0])
     monkeypatch.setattr(zo2_mod, "UNIT_AUTO_BYTES", 2 * per_block)
     eng = ZO2Engine(deep, deep_params, tx=shared_sgd(), packed=False, max_inflight=1)
@@ -445,7 +497,7 @@ def test_auto_slots_and_blocks_per_call_follow_the_block_size_and_are_validated(
     monkeypatch.setattr(zo2_mod, "INFLIGHT_AUTO_MAX_BYTES", per_block - 1)
     eng = ZO2Engine(deep, deep_params, tx=shared_sgd(), packed=False)
     assert (eng.max_inflight, eng._stream.hold) == (3, 1)
-    for bad in (0, -1, True, 2.5, "many", None):
+    for bad in (0, -1, True, 2.5, "many", None, np.array([2, 3])):
         with pytest.raises(ValueError, match="blocks_per_call must be an int >= 1 or 'auto'"):
             ZO2Engine(MODEL, PARAMS, tx=shared_sgd(), blocks_per_call=bad)
         with pytest.raises(ValueError, match="max_inflight must be an int >= 1 or 'auto'"):

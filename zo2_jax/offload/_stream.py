@@ -2,35 +2,35 @@
 
 A *unit* is one block or a run of consecutive streamed blocks that travel and compute together:
 one batched upload, one jitted call, one batched write-back (`ZO2Engine(blocks_per_call=...)`).
-For unit u (in pass order), with W = max_inflight:
+For unit u (in pass order), with W = max_inflight >= 3:
 
-    upload(u+1) ........ issued as soon as a device slot is free (before/while unit u computes)
     compute(u) ......... the jitted per-unit function, on the uploaded copy (donated)
-    write_back(u) ...... device_put of the result to pinned host memory, overlapping compute(u+1)
+    write_back(u) ...... device_put of the result to pinned host memory, under compute(u+1)
+    upload(u+2) ........ dispatched next, once a slot is free: it runs under compute(u+1)
 
 Uploads and write-backs are runtime `device_put`s issued from Python: they run on the copy engines
 while the device computes (transfers inside one jitted scan over host-resident layers did not
 overlap; see DESIGN.md). At most W streamed units hold device memory at once: a unit holds a slot
 from its upload until its write-back (or, in read-only passes, its compute) has finished. A slot is
 freed by waiting on the write-back of an *older* unit, never on the one just dispatched, so the
-host blocks only while the device still has queued work. W = 2 double-buffers (upload of u+1
-during compute of u, after the write-back of u-1); W >= 3 lets write-back and upload run at once
-(the engine's default: on an H100 the bus carries ~52 GB/s one way, ~84 GB/s both ways).
+host blocks only while the device still has queued work.
 
 **What a copy waits for.** A runtime `device_put`, in either direction, starts only after all the
 device work dispatched before it has finished (H200, jax 0.11.2: `benchmarks/overlap_probe.py`,
 BENCHMARKS.md call 7). An upload therefore hides only under computes dispatched *after* it, and
 the order of dispatch, not only the window, decides the overlap:
 - the upload of unit u+2 is dispatched after compute(u) and before compute(u+1), so it runs under
-  compute(u+1);
+  compute(u+1), beside the write-back of unit u (the bus carries ~52 GB/s one way and 84-98 GB/s
+  both ways). With W = 2 the upload of u+1 can only be dispatched after compute(u), whose end it
+  waits for: uploads and computes take turns (measured at 1.8-2x the bus time);
 - a pass that is followed by another (`ahead=True`: the steps of a training loop, evaluation
   batches) runs its uploads on into the next pass's first units, so they run under this pass's
   last computes instead of after the head;
 - the host waits for a slot only on write-backs of units older than the `hold` units dispatched
   last. With W <= 3 that is hold = 1: the slot for u+2 is the write-back of u-1, which ends about
   when compute(u) does, so the host dispatches compute(u+1) a little late whenever the bus is as
-  slow as the compute. With W >= 4 the default is hold = 2: the write-back of u-2 ended long
-  before, and the host never holds back the device's next compute.
+  slow as the compute. With W >= 4 and at least 4 streamed units the default is hold = 2: the
+  write-back of u-2 ended long before, and the host never holds back the device's next compute.
 
 After a pass, the first streamed units of the next pass are uploaded already, as far as the
 window allows (a prefetch across steps that overlaps the head, the metrics read-out and the
@@ -116,24 +116,30 @@ class BlockStream:
         if any(i in store.resident for u in self.streamed for i in u) or any(
                 len(u) > 1 for u in self.units if u[0] in store.resident):
             raise ValueError(f"units {self.units} mix resident and streamed blocks")
+        if hold is not None and (isinstance(hold, bool) or not isinstance(hold, int) or hold < 1):
+            raise ValueError(f"hold must be an int >= 1, got {hold!r}")
         self.hold = (1 if max_inflight <= 3 or len(self.streamed) <= 3 else 2) if (
-            hold is None) else int(hold)
-        if self.hold < 1:
-            raise ValueError(f"hold must be >= 1, got {hold}")
+            hold is None) else hold
         self.wrap = bool(wrap)
         self.reset()
 
     def reset(self) -> None:
         """Forgets prefetched uploads and in-flight slots (after a restore or a failure)."""
-        # [unit, token] per upload: token ready => slot free; None = not run yet. One unit can
-        # hold two entries (fewer streamed units than W: the next pass's prefetch of a unit
-        # whose write-back is still running), so entries, not units, identify slots.
+        # [unit, token] per upload: token ready => slot free; None = not run yet. A unit's
+        # earlier entry is waited for and removed before it is uploaded again, so each unit has
+        # at most one entry; entries, not units, are what the host waits on.
+        for _, token in getattr(self, "_window", ()):
+            if token is not None:  # e.g. after a failed pass: the slots stay taken until then
+                try:
+                    jax.block_until_ready(token)
+                except Exception:  # the failure that brought us here is what the caller sees
+                    pass
         self._window: deque = deque()
         self._uploaded: dict = {}      # unit -> ([blocks], [opts] or None) on the device
         # position of the next upload in the pass order (>= len(streamed): the next pass's
         # units, uploaded ahead), and the end of what the pass in progress may upload
         self._next, self._limit = 0, len(self.streamed)
-        self._recent: deque = deque(maxlen=2)  # window entries of the units dispatched last
+        self._recent: deque = deque()  # window entries of the `hold` units dispatched last
 
     # ---- slots ----------------------------------------------------------------------------------
 
@@ -141,6 +147,11 @@ class BlockStream:
         """The window entries the host must not wait on now: those of the `hold` units
         dispatched last (their write-backs are the device's newest work)."""
         return list(self._recent)[-self.hold:]
+
+    def _dispatched(self, entry: Optional[list]) -> None:
+        self._recent.append(entry)
+        while len(self._recent) > self.hold:
+            self._recent.popleft()
 
     def _make_room(self, held: Sequence[list]) -> bool:
         while len(self._window) >= self.max_inflight:
@@ -174,7 +185,9 @@ class BlockStream:
             self._window.remove(entry)
         return True
 
-    def _fill(self, with_opt: bool, held: Sequence[list]) -> None:
+    def _fill(self, with_opt: bool, held: Sequence[list], until: Optional[Unit] = None) -> None:
+        """Uploads the next units in pass order while slots allow without waiting on `held`;
+        with `until`, stops once that unit is uploaded."""
         while self._next < self._limit:
             u = self.streamed[self._next % len(self.streamed)]
             if not (self._source_ready(u, held) and self._make_room(held)):
@@ -182,10 +195,14 @@ class BlockStream:
             self._uploaded[u] = self._upload(u, with_opt)
             self._window.append([u, None])
             self._next += 1
+            if u == until:
+                return
 
     def _take(self, unit: Unit, with_opt: bool):
-        if unit not in self._uploaded:  # not prefetched (W = 1, or a pass without prefetch)
-            self._fill(with_opt, held=())
+        if unit not in self._uploaded:  # not uploaded ahead (W = 1, or after a plain pass):
+            # the unit itself may wait on any write-back; the lookahead after it keeps `hold`
+            self._fill(with_opt, held=(), until=unit)
+            self._fill(with_opt, self._held())
         blks, opts = self._uploaded.pop(unit)
         if with_opt and opts is None:
             opts = jax.device_put([self.store.opts[j] for j in unit], self.device)
@@ -217,6 +234,12 @@ class BlockStream:
         run on into its first units while this pass's last units compute."""
         store = self.store
         self._begin(ahead)
+        # units uploaded ahead by a read pass came without optimiser states: send those now,
+        # before the first compute, so no compute waits for one
+        for u, (blks, opts) in list(self._uploaded.items()):
+            if opts is None:
+                self._uploaded[u] = (blks, jax.device_put([store.opts[j] for j in u],
+                                                          self.device))
         try:
             for u in self.units:
                 if u[0] in store.resident:
@@ -227,7 +250,7 @@ class BlockStream:
                     del blks, opts
                     blks, opts = jax.device_put((list(new[0]), list(new[1])), self.host)
                     del new
-                    self._recent.append(self._release_when(u, (blks, opts)))
+                    self._dispatched(self._release_when(u, (blks, opts)))
                 for i, b, o in zip(u, blks, opts):
                     store.blocks[i], store.opts[i] = b, o
                 del blks, opts
@@ -251,7 +274,7 @@ class BlockStream:
                     blks, _ = self._take(u, with_opt=False)
                     token = fn(u, blks)
                     del blks
-                    self._recent.append(self._release_when(u, token))
+                    self._dispatched(self._release_when(u, token))
                 self._fill(False, self._held())
         except BaseException:
             self.reset()

@@ -46,6 +46,10 @@ UNIT_AUTO_BYTES = 64 << 20
 INFLIGHT_AUTO_MAX_BYTES = 1 << 30
 
 
+def _is_auto(v) -> bool:
+    return isinstance(v, str) and v == "auto"
+
+
 def _memory_kinds(device) -> list:
     return [m.kind for m in device.addressable_memories()]
 
@@ -244,9 +248,9 @@ class ZO2Engine:
         packed = packed if packed == "auto" else bool(packed)
         if branches not in ("auto",) + parts.BRANCHES:
             raise ValueError(f"branches must be 'auto', 'fused' or 'sequential', got {branches!r}")
-        if blocks_per_call != "auto" and (isinstance(blocks_per_call, (bool, np.bool_)) or
-                                          not isinstance(blocks_per_call, (int, np.integer)) or
-                                          blocks_per_call < 1):
+        if not _is_auto(blocks_per_call) and (isinstance(blocks_per_call, (bool, np.bool_)) or
+                                              not isinstance(blocks_per_call, (int, np.integer))
+                                              or blocks_per_call < 1):
             raise ValueError(f"blocks_per_call must be an int >= 1 or 'auto', got "
                              f"{blocks_per_call!r}")
         spec, params, make_block = common.prepare(
@@ -265,9 +269,9 @@ class ZO2Engine:
                              f"{_memory_kinds(dev)}); ZO2 streams blocks from pinned host memory")
         self._dev = jax.sharding.SingleDeviceSharding(dev, memory_kind="device")
         self._host = jax.sharding.SingleDeviceSharding(dev, memory_kind="pinned_host")
-        if max_inflight != "auto" and (isinstance(max_inflight, (bool, np.bool_)) or
-                                       not isinstance(max_inflight, (int, np.integer)) or
-                                       max_inflight < 1):
+        if not _is_auto(max_inflight) and (isinstance(max_inflight, (bool, np.bool_)) or
+                                           not isinstance(max_inflight, (int, np.integer)) or
+                                           max_inflight < 1):
             raise ValueError(f"max_inflight must be an int >= 1 or 'auto', got {max_inflight!r}")
         if batch_shape is not None:
             batch_shape = tuple(int(d) for d in batch_shape)
@@ -282,29 +286,48 @@ class ZO2Engine:
                       packing.block.nbytes + packing.opt.nbytes <= PACK_AUTO_MAX_BYTES)
         per_block = (packing.block.nbytes + packing.opt.nbytes if packed
                      else self._stored_bytes(spec, params["blocks"][0]))
-        if max_inflight == "auto":
-            max_inflight = 4 if per_block <= INFLIGHT_AUTO_MAX_BYTES else 3
-        self.max_inflight = max_inflight = int(max_inflight)
-        if blocks_per_call == "auto":
-            n_streamed = n - (len(resident) if resident_blocks not in (0, None) else 0)
-            blocks_per_call = max(1, min(UNIT_AUTO_BYTES // max(per_block, 1),
-                                         n_streamed // (max_inflight + 2)))
-        group = min(int(blocks_per_call), n)
+        explicit = (None if resident_blocks is None or (
+            isinstance(resident_blocks, (int, np.integer)) and resident_blocks == 0) else resident)
+        if _is_auto(max_inflight):  # 4 slots for small blocks; 3 if a budget cannot hold 4
+            windows = [4, 3] if per_block <= INFLIGHT_AUTO_MAX_BYTES else [3]
+        else:
+            windows = [int(max_inflight)]
+
+        def auto_group(w: int, n_streamed: int) -> int:
+            return max(1, min(UNIT_AUTO_BYTES // max(per_block, 1), n_streamed // (w + 2)))
+
         self.footprint = None  # with a budget: the estimated peak's ingredients, in bytes
-        if device_budget_bytes is not None:
-            if batch_shape is None:
-                raise ValueError("device_budget_bytes needs batch_shape=(batch, seq) to estimate "
-                                 "the activations")
-            fp = footprint(spec, params, batch_shape,
-                           {"outer": _outer_fn, "block": _unit_fns[branches], "head": _head_fn},
-                           min(group, n), packing if packed else None)
-            if packed:  # measured at the OPT-175B block shape (BENCHMARKS.md, call 4): packed
-                # and unpacked copies of ~2 blocks coexist beyond what XLA's statistics show
-                fp["transport"] = 2 * fp["block"]
-            explicit = resident if resident_blocks not in (0, None) else None
-            resident = plan_resident(fp, n, int(max_inflight), int(device_budget_bytes),
-                                     explicit, group)
-            self.footprint = fp
+        if device_budget_bytes is not None and batch_shape is None:
+            raise ValueError("device_budget_bytes needs batch_shape=(batch, seq) to estimate "
+                             "the activations")
+        fps = {}
+        for k, w in enumerate(windows):
+            group = (auto_group(w, n - len(resident)) if _is_auto(blocks_per_call)
+                     else min(int(blocks_per_call), n))
+            if device_budget_bytes is None:
+                break
+            if group not in fps:
+                fp = footprint(spec, params, batch_shape,
+                               {"outer": _outer_fn, "block": _unit_fns[branches],
+                                "head": _head_fn}, group, packing if packed else None)
+                if packed:  # measured at the OPT-175B block shape (BENCHMARKS.md, call 4):
+                    # packed and unpacked copies of ~2 blocks coexist beyond XLA's statistics
+                    fp["transport"] = 2 * fp["block"]
+                fps[group] = fp
+            try:
+                planned = plan_resident(fps[group], n, w, int(device_budget_bytes), explicit,
+                                        group)
+            except ValueError:
+                if k + 1 < len(windows):
+                    continue  # "auto": one slot fewer
+                raise
+            self.footprint = fps[group]
+            if _is_auto(blocks_per_call):  # fewer streamed blocks than planned for: smaller
+                # units (never more memory than the plan counted)
+                group = min(group, auto_group(w, n - len(planned)))
+            resident = planned
+            break
+        self.max_inflight = max_inflight = w
         self.resident_blocks = resident
         self._packing = packing if packed and len(resident) < n else None
         self.packed = self._packing is not None
