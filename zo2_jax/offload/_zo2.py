@@ -170,11 +170,13 @@ class ZO2Engine:
       max_inflight: W >= 1, the most streamed units (of `blocks_per_call` blocks) holding device
         memory at once, counting the one computing, the ones uploading and the ones being written
         back, or "auto" (default): 4 while a block (stored, with its optimiser state) is at
-        most `INFLIGHT_AUTO_MAX_BYTES` (1 GiB), else 3. W = 3 lets the write-back of unit u-1
-        and the upload of unit u+2 run together while unit u+1 computes, but the host has to
-        wait for that write-back, which ends about when unit u's compute does, before it
-        dispatches them. With W >= 4 it waits only on older write-backs and never holds the
-        device back (see `_stream.py`). Measured on an H200 (BENCHMARKS.md, call 7), bf16,
+        most `INFLIGHT_AUTO_MAX_BYTES` (1 GiB), else 3; with a device budget that cannot hold
+        4, 3. A copy starts only after the device work dispatched before it, so the upload of
+        unit u+2 is dispatched after compute(u) and runs under compute(u+1), beside the
+        write-back of unit u. With W = 3 its slot is that of unit u-1, whose write-back ends
+        about when compute(u) does: the host waits for it before it can dispatch compute(u+1).
+        With W >= 4 it waits only on older write-backs and never holds the device back (see
+        `_stream.py`). Measured on an H200 (BENCHMARKS.md, call 7), bf16,
         one process each: OPT-1.3B 1x2048 53.4 ms/step at W = 4 against 65.5 ms at W = 3
         (MeZO 49.2 ms); OPT-2.7B 105.8 against 120.6 ms; OPT-6.7B 263 against 271 ms. W = 2
         serialises the two transfers (H100, OPT-1.3B shape, 8 layers: 40.8 ms/step at W = 2,
