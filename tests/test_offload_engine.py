@@ -301,6 +301,34 @@ def test_a_unit_not_uploaded_ahead_waits_only_for_its_own_slot():
     np.testing.assert_array_equal(np.asarray(store.blocks[5]), np.full((2,), 7.0))
 
 
+def test_a_failed_pass_waits_for_the_write_backs_it_leaves_running(monkeypatch):
+    """reset() after an exception mid-pass still waits for the write-backs in flight, so the
+    next pass neither exceeds W units on the device nor uploads from a host copy still being
+    written."""
+    import zo2_jax.offload._stream as stream_mod
+
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="device")
+    host = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
+    store = BlockStore([jax.device_put(jnp.full((2,), float(i)), host) for i in range(5)],
+                       [jax.device_put(jnp.zeros(()), host) for i in range(5)], frozenset())
+    stream = BlockStream(store, dev, host, 3)
+    stream.update_pass(lambda u, b, o: ([x + 1.0 for x in b], o), ahead=True)
+    pending = [t for _, t in stream._window if t is not None]
+    assert pending
+    waited = []
+    real = stream_mod.jax.block_until_ready
+    monkeypatch.setattr(stream_mod.jax, "block_until_ready",
+                        lambda x: waited.append(x) or real(x))
+
+    def boom(u, b):
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        stream.read_pass(boom)
+    assert all(any(t is w for w in waited) for t in pending)
+    assert not stream._window and not stream._uploaded
+
+
 @pytest.mark.parametrize("units_streamed", [1, 2])
 def test_fewer_units_than_slots_never_upload_a_copy_still_written_back(units_streamed):
     """With fewer streamed units than W, the next pass's first unit may still be on its way back
