@@ -125,15 +125,11 @@ class BlockStream:
 
     def reset(self) -> None:
         """Forgets prefetched uploads and in-flight slots (after a restore or a failure)."""
+        if hasattr(self, "_window"):  # e.g. after a failed pass: the slots stay taken until
+            self._wait_all(quiet=True)  # their write-backs end (that failure is the one raised)
         # [unit, token] per upload: token ready => slot free; None = not run yet. A unit's
         # earlier entry is waited for and removed before it is uploaded again, so each unit has
         # at most one entry; entries, not units, are what the host waits on.
-        for _, token in getattr(self, "_window", ()):
-            if token is not None:  # e.g. after a failed pass: the slots stay taken until then
-                try:
-                    jax.block_until_ready(token)
-                except Exception:  # the failure that brought us here is what the caller sees
-                    pass
         self._window: deque = deque()
         self._uploaded: dict = {}      # unit -> ([blocks], [opts] or None) on the device
         # position of the next upload in the pass order (>= len(streamed): the next pass's
@@ -165,6 +161,15 @@ class BlockStream:
 
     def _wait(self, unit: Unit, token) -> None:
         jax.block_until_ready(token)
+
+    def _wait_all(self, quiet: bool) -> None:
+        for _, token in self._window:
+            if token is not None:
+                try:
+                    jax.block_until_ready(token)
+                except Exception:
+                    if not quiet:
+                        raise
 
     def _upload(self, unit: Unit, with_opt: bool):
         """One batched device_put for the unit's blocks (and optimiser states)."""
@@ -203,10 +208,7 @@ class BlockStream:
             # the unit itself may wait on any write-back; the lookahead after it keeps `hold`
             self._fill(with_opt, held=(), until=unit)
             self._fill(with_opt, self._held())
-        blks, opts = self._uploaded.pop(unit)
-        if with_opt and opts is None:
-            opts = jax.device_put([self.store.opts[j] for j in unit], self.device)
-        return blks, opts
+        return self._uploaded.pop(unit)
 
     def _release_when(self, unit: Unit, token) -> Optional[list]:
         """Gives the unit's pending window entry (its oldest without a token) the token that
@@ -235,7 +237,8 @@ class BlockStream:
         store = self.store
         self._begin(ahead)
         # units uploaded ahead by a read pass came without optimiser states: send those now,
-        # before the first compute, so no compute waits for one
+        # before the first compute, so no compute waits for one (every later upload of this
+        # pass carries them)
         for u, (blks, opts) in list(self._uploaded.items()):
             if opts is None:
                 self._uploaded[u] = (blks, jax.device_put([store.opts[j] for j in u],
@@ -290,7 +293,5 @@ class BlockStream:
 
     def drain(self) -> None:
         """Waits for all write-backs and drops prefetched uploads (frees the device slots)."""
-        for _, token in self._window:
-            if token is not None:
-                jax.block_until_ready(token)
+        self._wait_all(quiet=False)
         self.reset()
