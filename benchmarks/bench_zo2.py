@@ -142,6 +142,8 @@ def time_variants(eng, batch, variants, steps: int, reps: int) -> list:
             st.drain()
             st.max_inflight, st.hold, st.wrap = v["max_inflight"], v["hold"], v["wrap"]
             v["step_s"].append(time_engine(eng, batch, steps, warmup=1)["step_s"])
+            print(f"[variant W={v['max_inflight']} hold={v['hold']} wrap={v['wrap']}] "
+                  f"{v['step_s'][-1] * 1e3:.1f} ms/step", file=sys.stderr, flush=True)
     st.drain()
     st.max_inflight, st.hold, st.wrap = own
     for v in out:
@@ -313,6 +315,10 @@ def main(argv=None):
                 eng = MeZOEngine(model, params, **common)
             del params
             row[f"{name}_init_s"] = time.perf_counter() - t
+            # Progress on stderr (run_ours.sh keeps it in the row's log): a row killed at its
+            # time limit still leaves what it had measured.
+            print(f"[{name}] set-up {row[f'{name}_init_s']:.1f} s, host peak "
+                  f"{host_peak_gb():.1f} GB", file=sys.stderr, flush=True)
             r = time_engine(eng, batch, a.steps, a.warmup)
             row[f"{name}_step_s"] = r["step_s"]
             row[f"{name}_tok_s"] = a.batch * a.seq / r["step_s"]
@@ -320,6 +326,9 @@ def main(argv=None):
             row[f"{name}_loss_finite"] = r["loss_finite"]
             row[f"{name}_peak_bytes"] = peak_bytes()
             row[f"{name}_host_peak_gb"] = host_peak_gb()
+            print(f"[{name}] {r['step_s'] * 1e3:.1f} ms/step, peak device "
+                  f"{row[f'{name}_peak_bytes'] / 1e9:.2f} GB, host peak "
+                  f"{row[f'{name}_host_peak_gb']:.1f} GB", file=sys.stderr, flush=True)
             if name == "zo2" and variants:
                 row["zo2_variants"] = time_variants(eng, batch, variants, a.steps,
                                                     a.variant_reps)
