@@ -74,7 +74,8 @@ def test_missing_config_field(tmp_path):
         zm.config_from_hf({"model_type": "llama", "num_attention_heads": 4})
 
 
-def test_missing_tensor(tmp_path):
+@pytest.mark.parametrize("lazy", [False, True])
+def test_missing_tensor(tmp_path, lazy):
     _, _, out = _tiny_opt(tmp_path)
     t = _tensors(out)
     name = "model.decoder.layers.1.fc2.weight"
@@ -82,27 +83,80 @@ def test_missing_tensor(tmp_path):
     _write_safetensors(out + "/model.safetensors", t)
     with pytest.raises(zm.CheckpointError, match=r"missing tensor 'model.decoder.layers.1.fc2"
                                                  r".weight' \(expected shape \(32, 48\)\)"):
-        zm.load(out)
+        zm.load(out, lazy_blocks=lazy)  # lazily: at load, not when the engine reads block 1
 
 
-def test_unexpected_tensor(tmp_path):
+@pytest.mark.parametrize("lazy", [False, True])
+def test_unexpected_tensor(tmp_path, lazy):
     _, _, out = _tiny_opt(tmp_path)
     t = _tensors(out)
     t["model.decoder.layers.2.fc1.weight"] = np.zeros((48, 32), np.float32)
     _write_safetensors(out + "/model.safetensors", t)
     with pytest.raises(zm.CheckpointError, match="unexpected tensors.*layers.2.fc1"):
-        zm.load(out)
+        zm.load(out, lazy_blocks=lazy)
 
 
-def test_shape_mismatch(tmp_path):
+@pytest.mark.parametrize("lazy", [False, True])
+def test_shape_mismatch(tmp_path, lazy):
     _, _, out = _tiny_opt(tmp_path)
     t = _tensors(out)
-    t["model.decoder.layers.0.self_attn.k_proj.weight"] = np.zeros((16, 32), np.float32)
+    t["model.decoder.layers.1.self_attn.k_proj.weight"] = np.zeros((16, 32), np.float32)
     _write_safetensors(out + "/model.safetensors", t)
     with pytest.raises(zm.CheckpointError,
-                       match=r"model.safetensors: tensor 'model.decoder.layers.0.self_attn.k_proj"
+                       match=r"model.safetensors: tensor 'model.decoder.layers.1.self_attn.k_proj"
                              r".weight' has shape \(16, 32\), expected \(32, 32\)"):
-        zm.load(out)
+        zm.load(out, lazy_blocks=lazy)
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_unreadable_dtype(tmp_path, lazy):
+    """A tensor whose dtype the reader does not know is refused from the header."""
+    _, _, out = _tiny_opt(tmp_path)
+    path = out + "/model.safetensors"
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header, data = json.loads(fh.read(n)), fh.read()
+    name = "model.decoder.layers.1.fc1.bias"
+    header[name]["dtype"] = "F8_E4M3"  # 1 byte per value: shorten its range to match
+    start, end = header[name]["data_offsets"]
+    header[name]["data_offsets"] = [start, start + (end - start) // 4]
+    blob = json.dumps(header).encode()
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(blob)) + blob + data)
+    with pytest.raises(zm.CheckpointError, match=r"'model.decoder.layers.1.fc1.bias' has dtype "
+                                                 r"F8_E4M3"):
+        zm.load(out, lazy_blocks=lazy)
+
+
+@pytest.mark.parametrize("model_type", ["opt", "gpt2"])
+def test_lazy_blocks_read_when_called(tmp_path, model_type):
+    """lazy_blocks=True: callables that give the eager blocks, placed by place_block; nothing of
+    a block is read before its call."""
+    if model_type == "opt":
+        model, params, out = _tiny_opt(tmp_path)
+    else:  # GPT-2's fused c_attn: each of q, k, v is a third of one tensor
+        model = zm.Model(zm.preset("gpt2", num_layers=2, hidden_size=32, num_heads=2,
+                                   intermediate_size=64, vocab_size=40))
+        params = model.init(jax.random.key(1))
+        out = zm.save_pretrained(model, params, str(tmp_path / "g"))
+    _, eager = zm.load(out)
+    seen = []
+
+    def place(i, tree):
+        seen.append(i)
+        return jax.device_put(tree)
+
+    _, lazy = zm.load(out, place_block=place, lazy_blocks=True)
+    assert seen == [] and all(callable(b) for b in lazy["blocks"])
+    assert "read when called" in repr(lazy["blocks"][1])
+    for i in (1, 0):
+        got = lazy["blocks"][i]()
+        assert jax.tree.structure(got) == jax.tree.structure(eager["blocks"][i])
+        for a, b in zip(jax.tree.leaves(eager["blocks"][i]), jax.tree.leaves(got)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert seen == [1, 0]
+    for a, b in zip(jax.tree.leaves(eager["outer"]), jax.tree.leaves(lazy["outer"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_not_a_safetensors_file(tmp_path):

@@ -531,3 +531,61 @@ def test_auto_slots_and_blocks_per_call_follow_the_block_size_and_are_validated(
         with pytest.raises(ValueError, match="max_inflight must be an int >= 1 or 'auto'"):
             ZO2Engine(MODEL, PARAMS, tx=shared_sgd(), max_inflight=bad)
 
+
+
+def test_pinned_pool_limit_reads_xla_s_variable():
+    from types import SimpleNamespace
+
+    from zo2_jax.offload._zo2 import pinned_pool_limit
+
+    gpu, cpu = SimpleNamespace(platform="gpu"), SimpleNamespace(platform="cpu")
+    key = "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"
+    assert pinned_pool_limit(gpu, {}) == 64 << 30  # XLA's default
+    assert pinned_pool_limit(gpu, {key: "400"}) == 400 << 30
+    assert pinned_pool_limit(gpu, {key: "lots"}) == 64 << 30  # XLA keeps its default too
+    assert pinned_pool_limit(cpu, {key: "1"}) is None  # no pinned pool on the CPU backend
+
+
+def test_host_memory_check_names_the_limit_and_the_fix():
+    from zo2_jax.offload import HostMemoryError
+    from zo2_jax.offload._zo2 import check_host_memory
+
+    check_host_memory(10 << 30, 64 << 30, 512 << 30)  # fits: nothing said
+    with pytest.raises(HostMemoryError, match=r"need about 375\.8 GB of pinned host memory, "
+                                              r"over the 68\.7 GB \(64 GiB\).*"
+                                              r"XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB to at least "
+                                              r"351 \(GiB\)"):
+        check_host_memory(350 << 30, 64 << 30, None)
+    with pytest.warns(ResourceWarning, match=r"more than the 34\.4 GB this host reports"):
+        check_host_memory(40 << 30, None, 32 << 30)
+
+
+def test_engine_refuses_blocks_over_the_pinned_pool_before_placing_them(monkeypatch):
+    """The refusal comes before any block is written to the host: of lazily given blocks only
+    block 0 (made for the argument checks) was made. The count includes the units in flight."""
+    import zo2_jax.offload._zo2 as zo2_mod
+    from zo2_jax.offload import HostMemoryError
+
+    calls = []
+
+    def maker(i):
+        def make():
+            calls.append(i)
+            return PARAMS["blocks"][i]
+        return make
+
+    n = len(PARAMS["blocks"])
+    lazy = {"outer": PARAMS["outer"], "blocks": [maker(i) for i in range(n)]}
+    per_block = ZO2Engine(MODEL, PARAMS, tx=shared_sgd(), max_inflight=1,
+                          blocks_per_call=1).streamed_bytes() // n
+    monkeypatch.setattr(zo2_mod, "_host_total_bytes", lambda: None)
+    # n stored blocks + W=2 units of 1 block being written back
+    monkeypatch.setattr(zo2_mod, "pinned_pool_limit", lambda dev: (n + 2) * per_block)
+    ZO2Engine(MODEL, PARAMS, tx=shared_sgd(), max_inflight=2, blocks_per_call=1)
+    monkeypatch.setattr(zo2_mod, "pinned_pool_limit", lambda dev: (n + 2) * per_block - 1)
+    with pytest.raises(HostMemoryError, match="pinned host memory"):
+        ZO2Engine(MODEL, lazy, tx=shared_sgd(), max_inflight=2, blocks_per_call=1)
+    assert calls == [0]
+    # resident blocks are not counted: one block fewer on the host fits again
+    ZO2Engine(MODEL, PARAMS, tx=shared_sgd(), max_inflight=2, blocks_per_call=1,
+              resident_blocks=[0])

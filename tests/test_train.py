@@ -192,3 +192,19 @@ def test_zo2_placement_options_reach_the_engine():
         True, "fused", 4, 1)
     eng = make_engine(TrainConfig(engine="zo2", blocks_per_call=3, progress=False), MODEL, PARAMS)
     assert eng.blocks_per_call == 3
+
+
+def test_cli_says_when_the_host_cannot_hold_the_blocks(tiny, tmp_path, capsys, monkeypatch):
+    """A model over the pinned pool's limit (XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB on a GPU) is
+    refused at the engine's start with the variable to set; the CLI prints it and exits 2."""
+    import zo2_jax.offload._zo2 as zo2_mod
+
+    monkeypatch.setattr(zo2_mod, "pinned_pool_limit", lambda dev: 1 << 10)
+    code = cli.main(["train", "--model", tiny, "--engine", "zo2", "--steps", "1",
+                     "--out-dir", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "zo2-jax train: error: ZO2Engine: the streamed blocks" in err
+    # the blocks' GiB rounded up, plus one for the pool's own overhead
+    assert "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB to at least 2 (GiB)" in err
+    assert not os.path.exists(tmp_path / "out" / "metrics.jsonl")

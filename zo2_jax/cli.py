@@ -182,7 +182,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return {"train": _cmd_train, "eval": _cmd_eval, "export": _cmd_export,
                 "generate": _cmd_generate}[args.command](args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, MemoryError) as e:
+        if isinstance(e, MemoryError) and not str(e):
+            raise  # the interpreter's own: the traceback says more than its empty message
         print(f"zo2-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -2,7 +2,8 @@
 
 Loading goes tensor by tensor: the safetensors files are memory-mapped, each block is assembled in
 its target dtype and handed to `place_block` (for example a pinned-host sharding) before the next
-one is read, so the whole model is never held twice.
+one is read, so the whole model is never held twice. With `lazy_blocks=True` a block is read only
+when the engine that takes it over asks for it, so no full-precision copy of the model is held.
 """
 
 from __future__ import annotations
@@ -65,11 +66,16 @@ class _Safetensors:
     def where(self, name) -> str:
         return self.index[name][0]
 
-    def get(self, name) -> np.ndarray:
-        f, info, base = self.index[name]
+    def check(self, name) -> None:
+        """Raises CheckpointError if `name`'s dtype cannot be read (header only)."""
+        f, info, _ = self.index[name]
         if info["dtype"] not in _ST_DTYPES:
             raise CheckpointError(f"{f}: tensor {name!r} has dtype {info['dtype']}, expected one "
                                   f"of {sorted(_ST_DTYPES)}")
+
+    def get(self, name) -> np.ndarray:
+        self.check(name)
+        f, info, base = self.index[name]
         if f not in self._maps:
             self._maps[f] = np.memmap(f, dtype=np.uint8, mode="r")
         start, end = info["data_offsets"]
@@ -93,6 +99,9 @@ class _GGUFSource:
 
     def where(self, name):
         return self.ckpt.path
+
+    def check(self, name) -> None:  # tensor types are checked when the file is opened
+        pass
 
     def get(self, name):
         return self.ckpt.get_tensor(name)
@@ -134,19 +143,34 @@ def _open(path: str):
     return config, _Safetensors(files), path
 
 
-def _convert(source, hf_name: str, how, expected_shape: tuple, dtype, where: str):
+def _expect(source, hf_name: str, how, expected_shape: tuple, where: str) -> None:
+    """Checks, from the headers alone, that `hf_name` exists, can be read and becomes a leaf of
+    `expected_shape` under `how`."""
     if not source.has(hf_name):
         raise CheckpointError(f"{where}: missing tensor {hf_name!r} (expected shape "
                               f"{_hf_shape(how, expected_shape)})")
+    shape = tuple(source.shape(hf_name))
+    if how == "T":
+        shape = tuple(reversed(shape))
+    elif isinstance(how, tuple) and how[0] == "qkv" and shape:
+        shape = shape[:-1] + (shape[-1] // 3,)
+    if shape != tuple(expected_shape):
+        raise CheckpointError(f"{source.where(hf_name)}: tensor {hf_name!r} has shape "
+                              f"{source.shape(hf_name)}, expected {_hf_shape(how, expected_shape)}")
+    source.check(hf_name)
+
+
+def _convert(source, hf_name: str, how, expected_shape: tuple, dtype, where: str):
+    _expect(source, hf_name, how, expected_shape, where)
     x = source.get(hf_name)
     if how == "T":
         x = x.T
     elif isinstance(how, tuple) and how[0] == "qkv":
         n = x.shape[-1] // 3
         x = x[..., how[1] * n:(how[1] + 1) * n]
-    if tuple(x.shape) != tuple(expected_shape):
-        raise CheckpointError(f"{source.where(hf_name)}: tensor {hf_name!r} has shape "
-                              f"{source.shape(hf_name)}, expected {_hf_shape(how, expected_shape)}")
+    if tuple(x.shape) != tuple(expected_shape):  # the data disagrees with its own header
+        raise CheckpointError(f"{source.where(hf_name)}: tensor {hf_name!r} read as shape "
+                              f"{tuple(x.shape)}, expected {tuple(expected_shape)}")
     return np.asarray(x, dtype=dtype)
 
 
@@ -166,6 +190,31 @@ def _fill(spec, shapes, source, dtype, where, used: set):
     return _convert(source, name, how, shapes.shape, dtype, where)
 
 
+def _check_all(spec, shapes, source, where, used: set) -> None:
+    """_fill's checks without reading any tensor data."""
+    if isinstance(spec, dict):
+        for k in spec:
+            _check_all(spec[k], shapes[k], source, where, used)
+        return
+    name, how = spec
+    used.add(name)
+    _expect(source, name, how, shapes.shape, where)
+
+
+class _BlockReader:
+    """A block of a checkpoint read when called (see `load(lazy_blocks=True)`)."""
+
+    def __init__(self, i, spec, shapes, source, dtype, where, placement):
+        self._args = (i, spec, shapes, source, dtype, where, placement)
+
+    def __call__(self):
+        i, spec, shapes, source, dtype, where, placement = self._args
+        return _place(placement, i, _fill(spec, shapes, source, dtype, where, set()))
+
+    def __repr__(self):
+        return f"<block {self._args[0]} of {self._args[5]}, read when called>"
+
+
 def _place(placement: Placement, i, tree):
     if placement is None:
         return jax.device_put(tree)
@@ -175,7 +224,8 @@ def _place(placement: Placement, i, tree):
 
 
 def load(path: str, dtype=jnp.float32, *, compute_dtype=None, attn_impl: str = "xla",
-         place_block: Placement = None, place_outer: Placement = None):
+         place_block: Placement = None, place_outer: Placement = None,
+         lazy_blocks: bool = False):
     """Load a model and its parameters from a Hugging Face folder or a GGUF file.
 
     Args:
@@ -185,9 +235,14 @@ def load(path: str, dtype=jnp.float32, *, compute_dtype=None, attn_impl: str = "
       attn_impl: "xla" or "cudnn" (see Model).
       place_block: where each block goes: a Sharding, or a function (index, tree) -> tree.
       place_outer: where the outer parameters go (Sharding or function (-1, tree) -> tree).
+      lazy_blocks: return each block as a zero-argument callable that reads (and places) it when
+        called, for the engines, which call each once and keep only their encoded copy: no
+        full-precision copy of the whole model exists anywhere. Every tensor's presence, shape
+        and dtype is still checked here, from the headers; the files must stay in place until
+        the engine has been built.
 
     Returns:
-      (model, params) with params = {"outer": dict, "blocks": [dict, ...]}.
+      (model, params) with params = {"outer": dict, "blocks": [dict or callable, ...]}.
     """
     config, source, where = _open(path)
     cfg = hf.config_from_hf(config, where)
@@ -204,13 +259,20 @@ def load(path: str, dtype=jnp.float32, *, compute_dtype=None, attn_impl: str = "
         used.update(n for n in names if n in ("lm_head.weight",))
     outer = _place(place_outer, -1, outer)
     shapes = model.block_shapes()
-    blocks = [_place(place_block, i, _fill(block_spec(i), shapes, source, dtype, where, used))
-              for i in range(cfg.num_layers)]
+    if lazy_blocks:
+        for i in range(cfg.num_layers):
+            _check_all(block_spec(i), shapes, source, where, used)
+    else:
+        blocks = [_place(place_block, i, _fill(block_spec(i), shapes, source, dtype, where, used))
+                  for i in range(cfg.num_layers)]
     unexpected = sorted(n for n in names - used if not any(s in n for s in adapter.ignored))
     if unexpected:
         raise CheckpointError(f"{where}: unexpected tensors for {cfg.model_type} with "
                               f"{cfg.num_layers} layers: {unexpected[:10]}"
                               f"{' ...' if len(unexpected) > 10 else ''}")
+    if lazy_blocks:
+        blocks = [_BlockReader(i, block_spec(i), shapes, source, dtype, where, place_block)
+                  for i in range(cfg.num_layers)]
     return model, {"outer": outer, "blocks": blocks}
 
 

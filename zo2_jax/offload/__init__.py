@@ -6,9 +6,11 @@ round-to-nearest or stochastic rounding); both engines use it.
 
 from zo2_jax.offload.codecs import Int8Leaf
 from zo2_jax.offload.codecs import Storage
+from zo2_jax.offload._zo2 import HostMemoryError
 from zo2_jax.offload._zo2 import ZO2Engine
 
 __all__ = [
+    "HostMemoryError",
     "Int8Leaf",
     "Storage",
     "ZO2Engine",

@@ -16,6 +16,8 @@ two engines give bit-identical parameters for the same keys, storage and compute
 from __future__ import annotations
 
 import functools
+import os
+import warnings
 from typing import Any, Iterable, Optional, Union
 
 import jax
@@ -46,8 +48,66 @@ UNIT_AUTO_BYTES = 64 << 20
 INFLIGHT_AUTO_MAX_BYTES = 1 << 30
 
 
+# XLA's GPU client keeps pinned host buffers in one pool that grows up to this many GiB, read
+# from XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB when the backend starts (64 when unset or not an int)
+PINNED_POOL_ENV = "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"
+PINNED_POOL_DEFAULT_GIB = 64
+
+
+class HostMemoryError(MemoryError):
+    """The streamed blocks cannot fit the pinned host memory that this process may use."""
+
+
 def _is_auto(v) -> bool:
     return isinstance(v, str) and v == "auto"
+
+
+def pinned_pool_limit(device, environ=os.environ) -> Optional[int]:
+    """Bytes of pinned host memory XLA lets `device`'s client hold, or None where no such pool
+    exists (the CPU backend's pinned_host is ordinary host memory)."""
+    if device.platform != "gpu":
+        return None
+    try:
+        gib = int(environ.get(PINNED_POOL_ENV, "") or PINNED_POOL_DEFAULT_GIB)
+    except ValueError:  # XLA logs an error and keeps its default
+        gib = PINNED_POOL_DEFAULT_GIB
+    return gib << 30
+
+
+def _host_total_bytes() -> Optional[int]:
+    """MemTotal of /proc/meminfo (None where unreadable)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_host_memory(need: int, limit: Optional[int], total: Optional[int]) -> None:
+    """Refuses (HostMemoryError) a model whose streamed blocks need more pinned host memory than
+    XLA's pool `limit` allows, before any block is made; warns where they need more than the
+    host's `total` memory, since pinned memory cannot be swapped out. `need` counts the stored
+    blocks and optimiser states, and the units being written back."""
+    if limit is not None and need > limit:
+        gib = -(-need // (1 << 30)) + 1
+        raise HostMemoryError(
+            f"ZO2Engine: the streamed blocks and their optimiser states need about "
+            f"{need / 1e9:.1f} GB of pinned host memory, over the {limit / 1e9:.1f} GB "
+            f"({limit >> 30} GiB) that XLA's pinned pool may hold ({PINNED_POOL_ENV}="
+            f"{os.environ.get(PINNED_POOL_ENV, f'unset, default {PINNED_POOL_DEFAULT_GIB}')}). "
+            f"Set {PINNED_POOL_ENV} to at least {gib} (GiB) before jax starts, and below the "
+            f"host's memory; or store fewer bytes (int8 storage halves bf16), or keep more "
+            f"blocks resident on the device (resident_blocks)")
+    if total is not None and need > total:
+        warnings.warn(
+            f"ZO2Engine: the streamed blocks need about {need / 1e9:.1f} GB of pinned host "
+            f"memory, more than the {total / 1e9:.1f} GB this host reports (MemTotal). Pinned "
+            f"memory cannot be swapped out: unless this host's memory grows on demand (some "
+            f"virtual machines), placing the blocks will fail partway", ResourceWarning,
+            stacklevel=3)
 
 
 def _memory_kinds(device) -> list:
@@ -333,6 +393,10 @@ class ZO2Engine:
         self.resident_blocks = resident
         self._packing = packing if packed and len(resident) < n else None
         self.packed = self._packing is not None
+        n_streamed = n - len(resident)
+        if n_streamed:  # before any block goes to the host (lazily given: only block 0 made)
+            check_host_memory(per_block * (n_streamed + w * min(group, n_streamed)),
+                              pinned_pool_limit(dev), _host_total_bytes())
 
         self._outer, self._opt_outer = _init_fn(spec, "outer",
                                                 jax.device_put(params["outer"], self._dev))

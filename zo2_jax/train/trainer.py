@@ -38,14 +38,13 @@ def resolve_model_path(model: str) -> str:
 
 
 def load_model(cfg: TrainConfig):
-    """(model, params, tokenizer); ZO2 places every block straight into pinned host memory."""
+    """(model, params, tokenizer), with the blocks as callables that read each block from the
+    checkpoint when `make_engine`'s engine asks for it (`zm.load(lazy_blocks=True)`): the engine
+    encodes it on the device into its storage and, for ZO2, writes it to pinned host memory.
+    The full-precision model is never held whole, on the host or on the device."""
     path = resolve_model_path(cfg.model)
-    place_block = None
-    if cfg.engine == "zo2":
-        place_block = jax.sharding.SingleDeviceSharding(jax.devices()[0],
-                                                        memory_kind="pinned_host")
     model, params = zm.load(path, jnp.float32, compute_dtype=_DTYPES[cfg.compute_dtype],
-                            place_block=place_block)
+                            lazy_blocks=True)
     return model, params, zm.load_tokenizer(path)
 
 
