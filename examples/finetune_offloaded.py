@@ -51,6 +51,9 @@ def build(args, host):
     store = jnp.float32 if args.storage == "int8" else _DTYPES[args.storage]
     compute = _DTYPES[args.compute]
     if args.model:
+        if args.storage == "int8":  # each block read when the engine encodes it, so no
+            # float32 copy of the model sits in pinned host memory beside the int8 one
+            return zm.load(args.model, store, compute_dtype=compute, lazy_blocks=True)
         return zm.load(args.model, store, compute_dtype=compute, place_block=host)
     over = dict(_TINY) if args.tiny else {}
     over["max_positions"] = max(over.get("max_positions", 2048), args.seq)

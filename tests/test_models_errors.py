@@ -212,3 +212,45 @@ def test_init_places_blocks_in_pinned_host():
         assert leaf.sharding.memory_kind == "pinned_host" and leaf.dtype == jnp.bfloat16
     assert not np.array_equal(np.asarray(params["blocks"][0]["attn"]["q"]["kernel"]),
                               np.asarray(params["blocks"][1]["attn"]["q"]["kernel"]))
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_truncated_file_is_refused_when_opened(tmp_path, lazy):
+    """A truncated download fails at load, naming the file and the tensor, not minutes later
+    when an engine reads the block."""
+    _, _, out = _tiny_opt(tmp_path)
+    path = out + "/model.safetensors"
+    with open(path, "r+b") as fh:
+        fh.truncate(len(open(path, "rb").read()) - 100)
+    with pytest.raises(zm.CheckpointError, match=r"model.safetensors: tensor .* of a \d+-byte "
+                                                 r"file: the file is truncated or corrupt"):
+        zm.load(out, lazy_blocks=lazy)
+
+
+def test_byte_range_unlike_the_shape_is_refused(tmp_path):
+    _, _, out = _tiny_opt(tmp_path)
+    path = out + "/model.safetensors"
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header, data = json.loads(fh.read(n)), fh.read()
+    name = "model.decoder.layers.0.fc1.bias"
+    header[name]["shape"] = [47]
+    blob = json.dumps(header).encode()
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(blob)) + blob + data)
+    with pytest.raises(zm.CheckpointError, match=r"'model.decoder.layers.0.fc1.bias' spans 192 "
+                                                 r"bytes, expected 188 for shape \(47,\) in F32"):
+        zm.load(out, lazy_blocks=True)
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_fused_qkv_must_split_in_equal_thirds(tmp_path, lazy):
+    model = zm.Model(zm.preset("gpt2", num_layers=1, hidden_size=32, num_heads=2,
+                               intermediate_size=64, vocab_size=40))
+    out = zm.save_pretrained(model, model.init(jax.random.key(1)), str(tmp_path / "g"))
+    t = _tensors(out)
+    t["transformer.h.0.attn.c_attn.weight"] = np.zeros((32, 98), np.float32)  # 96 + 2 stray
+    _write_safetensors(out + "/model.safetensors", t)
+    with pytest.raises(zm.CheckpointError, match=r"c_attn.weight' has shape \(32, 98\), "
+                                                 r"expected \(32, 96\)"):
+        zm.load(out, lazy_blocks=lazy)

@@ -556,7 +556,7 @@ def test_host_memory_check_names_the_limit_and_the_fix():
                                               r"XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB to at least "
                                               r"351 \(GiB\)"):
         check_host_memory(350 << 30, 64 << 30, None)
-    with pytest.warns(ResourceWarning, match=r"more than the 34\.4 GB this host reports"):
+    with pytest.warns(RuntimeWarning, match=r"more than the 34\.4 GB this host reports"):
         check_host_memory(40 << 30, None, 32 << 30)
 
 

@@ -51,8 +51,29 @@ class _Safetensors:
                 except (ValueError, UnicodeDecodeError) as e:
                     raise CheckpointError(f"{f}: not a safetensors file ({e})") from None
             header.pop("__metadata__", None)
+            size = os.path.getsize(f)
             for name, info in header.items():
+                self._check_entry(f, name, info, 8 + n, size)
                 self.index[name] = (f, info, 8 + n)
+
+    @staticmethod
+    def _check_entry(f, name, info, base, size) -> None:
+        """A header entry whose byte range disagrees with its shape and dtype, or runs past the
+        end of the file (a truncated download), is refused when the file is opened."""
+        try:
+            shape = [int(d) for d in info["shape"]]
+            start, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{f}: tensor {name!r} has a malformed header entry "
+                                  f"{info!r}") from None
+        if info.get("dtype") in _ST_DTYPES:
+            want = int(np.prod(shape)) * np.dtype(_ST_DTYPES[info["dtype"]]).itemsize
+            if end - start != want:
+                raise CheckpointError(f"{f}: tensor {name!r} spans {end - start} bytes, expected "
+                                      f"{want} for shape {tuple(shape)} in {info['dtype']}")
+        if not 0 <= start <= end or base + end > size:
+            raise CheckpointError(f"{f}: tensor {name!r} lies at bytes {base + start}..{base + end}"
+                                  f" of a {size}-byte file: the file is truncated or corrupt")
 
     def names(self) -> list[str]:
         return list(self.index)
@@ -152,8 +173,8 @@ def _expect(source, hf_name: str, how, expected_shape: tuple, where: str) -> Non
     shape = tuple(source.shape(hf_name))
     if how == "T":
         shape = tuple(reversed(shape))
-    elif isinstance(how, tuple) and how[0] == "qkv" and shape:
-        shape = shape[:-1] + (shape[-1] // 3,)
+    elif isinstance(how, tuple) and how[0] == "qkv" and shape:  # q, k, v: equal thirds
+        shape = shape[:-1] + ((shape[-1] // 3,) if shape[-1] % 3 == 0 else (None,))
     if shape != tuple(expected_shape):
         raise CheckpointError(f"{source.where(hf_name)}: tensor {hf_name!r} has shape "
                               f"{source.shape(hf_name)}, expected {_hf_shape(how, expected_shape)}")

@@ -99,14 +99,15 @@ def check_host_memory(need: int, limit: Optional[int], total: Optional[int]) -> 
             f"({limit >> 30} GiB) that XLA's pinned pool may hold ({PINNED_POOL_ENV}="
             f"{os.environ.get(PINNED_POOL_ENV, f'unset, default {PINNED_POOL_DEFAULT_GIB}')}). "
             f"Set {PINNED_POOL_ENV} to at least {gib} (GiB) before jax starts, and below the "
-            f"host's memory; or store fewer bytes (int8 storage halves bf16), or keep more "
-            f"blocks resident on the device (resident_blocks)")
+            f"host's memory; or store fewer bytes (int8 storage halves bf16; the CLI's "
+            f"--storage-dtype int8), or keep more blocks resident on the device "
+            f"(resident_blocks; --resident-blocks)")
     if total is not None and need > total:
         warnings.warn(
             f"ZO2Engine: the streamed blocks need about {need / 1e9:.1f} GB of pinned host "
             f"memory, more than the {total / 1e9:.1f} GB this host reports (MemTotal). Pinned "
             f"memory cannot be swapped out: unless this host's memory grows on demand (some "
-            f"virtual machines), placing the blocks will fail partway", ResourceWarning,
+            f"virtual machines), placing the blocks will fail partway", RuntimeWarning,
             stacklevel=3)
 
 

@@ -37,14 +37,15 @@ def resolve_model_path(model: str) -> str:
     return model
 
 
-def load_model(cfg: TrainConfig):
-    """(model, params, tokenizer), with the blocks as callables that read each block from the
-    checkpoint when `make_engine`'s engine asks for it (`zm.load(lazy_blocks=True)`): the engine
-    encodes it on the device into its storage and, for ZO2, writes it to pinned host memory.
-    The full-precision model is never held whole, on the host or on the device."""
+def load_model(cfg: TrainConfig, lazy_blocks: bool = True):
+    """(model, params, tokenizer). By default the blocks are callables that read each block from
+    the checkpoint when `make_engine`'s engine asks for it (`zm.load(lazy_blocks=True)`): the
+    engine encodes it on the device into its storage and, for ZO2, writes it to pinned host
+    memory, so the full-precision model is never held whole. Such params are for an engine
+    only; `lazy_blocks=False` gives arrays on the default device (for `zm.logits`, `generate`)."""
     path = resolve_model_path(cfg.model)
     model, params = zm.load(path, jnp.float32, compute_dtype=_DTYPES[cfg.compute_dtype],
-                            lazy_blocks=True)
+                            lazy_blocks=lazy_blocks)
     return model, params, zm.load_tokenizer(path)
 
 
