@@ -116,6 +116,22 @@ def time_engine(engine, batch, steps: int, warmup: int, trace_dir: Optional[str]
     return {"step_s": total / steps, "dispatch_share": dispatch / total, "loss_finite": finite}
 
 
+def interleave(engines: dict, batch, steps: int, reps: int) -> dict:
+    """Each engine timed `reps` more times, alternately, in one process (after both were built
+    and timed once): {name: [step_s, ...], name_median_s: ..., 'zo2_over_mezo': ...}."""
+    out = {name: [] for name in engines}
+    for _ in range(reps):
+        for name, eng in engines.items():
+            out[name].append(time_engine(eng, batch, steps, warmup=1)["step_s"])
+            print(f"[interleave {name}] {out[name][-1] * 1e3:.2f} ms/step", file=sys.stderr,
+                  flush=True)
+    for name in engines:
+        out[f"{name}_median_s"] = float(np.median(out[name]))
+    if "zo2" in engines and "mezo" in engines:
+        out["zo2_over_mezo"] = out["zo2_median_s"] / out["mezo_median_s"]
+    return out
+
+
 def parse_variants(text: str) -> list:
     """'W:hold:wrap,...' (or '+'-separated, for run_ours.sh rows) -> [(W, hold, wrap)]."""
     out = []
@@ -280,6 +296,11 @@ def main(argv=None):
                         "BlockStream's "
                         "max_inflight, hold and wrap), in that order, --variant-reps times")
     p.add_argument("--variant-reps", type=int, default=2)
+    p.add_argument("--interleave", type=int, default=0,
+                   help="after both engines are built and timed, time them N more times each, "
+                        "alternately (ZO2, MeZO, ZO2, ...), in the same process: a same-process "
+                        "A/B with repeats (both engines stay alive: small shapes only; MeZO's "
+                        "peak then includes ZO2's buffers)")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--json-out")
@@ -297,6 +318,7 @@ def main(argv=None):
            "jax": jax.__version__, "date": time.strftime("%Y-%m-%d")}
     init_dtype = jnp.float32 if a.storage == "float32" else jnp.bfloat16
     tx = mezo_sgd(1e-6, weight_decay=0.0)
+    kept = {}  # with --interleave: the engines, kept alive for the alternating repeats
     for name in a.engines.split(","):
         t = time.perf_counter()
         reset_host_peak()
@@ -344,10 +366,16 @@ def main(argv=None):
                 row["branches"] = eng.branches
                 row["blocks_per_call"] = eng.blocks_per_call
                 row["units"] = len(eng._stream.streamed)
+            if a.interleave:
+                kept[name] = eng
             del eng
         except Exception as e:  # an OOM for MeZO at large shapes is a result, not a crash
             row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
-        jax.clear_caches()
+        if not a.interleave:
+            jax.clear_caches()
+    if a.interleave and len(kept) > 1:
+        row["interleaved"] = interleave(kept, batch, a.steps, a.interleave)
+    kept.clear()
     row.update(bandwidth())  # after the engines: its 1 GiB buffers would set the peak
     ps = row.get("streamed_bytes")
     if ps:
