@@ -29,6 +29,17 @@ def _tensors(path):
     return {n: np.array(src.get(n)) for n in src.names()}
 
 
+def _edit_header(path, edit):
+    """Rewrites a safetensors file's header with edit(header), keeping its data bytes."""
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header, data = json.loads(fh.read(n)), fh.read()
+    edit(header)
+    blob = json.dumps(header).encode()
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(blob)) + blob + data)
+
+
 def test_round_trip_of_random_model(tmp_path):
     model, params, out = _tiny_opt(tmp_path)
     m2, p2 = zm.load(out)
@@ -112,17 +123,14 @@ def test_shape_mismatch(tmp_path, lazy):
 def test_unreadable_dtype(tmp_path, lazy):
     """A tensor whose dtype the reader does not know is refused from the header."""
     _, _, out = _tiny_opt(tmp_path)
-    path = out + "/model.safetensors"
-    with open(path, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        header, data = json.loads(fh.read(n)), fh.read()
-    name = "model.decoder.layers.1.fc1.bias"
-    header[name]["dtype"] = "F8_E4M3"  # 1 byte per value: shorten its range to match
-    start, end = header[name]["data_offsets"]
-    header[name]["data_offsets"] = [start, start + (end - start) // 4]
-    blob = json.dumps(header).encode()
-    with open(path, "wb") as fh:
-        fh.write(struct.pack("<Q", len(blob)) + blob + data)
+
+    def to_fp8(header):
+        entry = header["model.decoder.layers.1.fc1.bias"]
+        entry["dtype"] = "F8_E4M3"  # 1 byte per value: shorten its range to match
+        start, end = entry["data_offsets"]
+        entry["data_offsets"] = [start, start + (end - start) // 4]
+
+    _edit_header(out + "/model.safetensors", to_fp8)
     with pytest.raises(zm.CheckpointError, match=r"'model.decoder.layers.1.fc1.bias' has dtype "
                                                  r"F8_E4M3"):
         zm.load(out, lazy_blocks=lazy)
@@ -229,15 +237,8 @@ def test_truncated_file_is_refused_when_opened(tmp_path, lazy):
 
 def test_byte_range_unlike_the_shape_is_refused(tmp_path):
     _, _, out = _tiny_opt(tmp_path)
-    path = out + "/model.safetensors"
-    with open(path, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        header, data = json.loads(fh.read(n)), fh.read()
-    name = "model.decoder.layers.0.fc1.bias"
-    header[name]["shape"] = [47]
-    blob = json.dumps(header).encode()
-    with open(path, "wb") as fh:
-        fh.write(struct.pack("<Q", len(blob)) + blob + data)
+    _edit_header(out + "/model.safetensors",
+                 lambda h: h["model.decoder.layers.0.fc1.bias"].update(shape=[47]))
     with pytest.raises(zm.CheckpointError, match=r"'model.decoder.layers.0.fc1.bias' spans 192 "
                                                  r"bytes, expected 188 for shape \(47,\) in F32"):
         zm.load(out, lazy_blocks=True)

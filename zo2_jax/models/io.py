@@ -203,23 +203,15 @@ def _hf_shape(how, shape):
     return tuple(shape)
 
 
-def _fill(spec, shapes, source, dtype, where, used: set):
+def _fill(spec, shapes, source, dtype, where, used: set, read: bool = True):
+    """The tree of `spec`'s tensors, converted; with read=False only their header checks."""
     if isinstance(spec, dict):
-        return {k: _fill(spec[k], shapes[k], source, dtype, where, used) for k in spec}
+        return {k: _fill(spec[k], shapes[k], source, dtype, where, used, read) for k in spec}
     name, how = spec
     used.add(name)
+    if not read:
+        return _expect(source, name, how, shapes.shape, where)
     return _convert(source, name, how, shapes.shape, dtype, where)
-
-
-def _check_all(spec, shapes, source, where, used: set) -> None:
-    """_fill's checks without reading any tensor data."""
-    if isinstance(spec, dict):
-        for k in spec:
-            _check_all(spec[k], shapes[k], source, where, used)
-        return
-    name, how = spec
-    used.add(name)
-    _expect(source, name, how, shapes.shape, where)
 
 
 class _BlockReader:
@@ -282,7 +274,7 @@ def load(path: str, dtype=jnp.float32, *, compute_dtype=None, attn_impl: str = "
     shapes = model.block_shapes()
     if lazy_blocks:
         for i in range(cfg.num_layers):
-            _check_all(block_spec(i), shapes, source, where, used)
+            _fill(block_spec(i), shapes, source, dtype, where, used, read=False)
     else:
         blocks = [_place(place_block, i, _fill(block_spec(i), shapes, source, dtype, where, used))
                   for i in range(cfg.num_layers)]

@@ -96,8 +96,8 @@ def check_host_memory(need: int, limit: Optional[int], total: Optional[int]) -> 
         raise HostMemoryError(
             f"ZO2Engine: the streamed blocks and their optimiser states need about "
             f"{need / 1e9:.1f} GB of pinned host memory, over the {limit / 1e9:.1f} GB "
-            f"({limit >> 30} GiB) that XLA's pinned pool may hold ({PINNED_POOL_ENV}="
-            f"{os.environ.get(PINNED_POOL_ENV, f'unset, default {PINNED_POOL_DEFAULT_GIB}')}). "
+            f"({limit >> 30} GiB) that XLA's pinned pool may hold ({PINNED_POOL_ENV}, "
+            f"{PINNED_POOL_DEFAULT_GIB} when unset). "
             f"Set {PINNED_POOL_ENV} to at least {gib} (GiB) before jax starts, and below the "
             f"host's memory; or store fewer bytes (int8 storage halves bf16; the CLI's "
             f"--storage-dtype int8), or keep more blocks resident on the device "
