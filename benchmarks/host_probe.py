@@ -1,0 +1,164 @@
+"""Where a small-shape ZO2 step loses time to the host: per-step host work and waits, alone and
+beside a live MeZO engine, with and without Python's garbage collector, plus device traces.
+
+    python benchmarks/host_probe.py --model opt_125m --batch 1 --seq 2048 --reps 5 \
+        --out $OUT/trace --json-out $OUT/probe.jsonl
+
+At OPT-125M a ZO2 step (~9-13 ms) is a few units of ~1.5 ms of kernels each, so any host delay
+between them idles the device. For each phase, ZO2 is timed `--reps` times (`--steps` steps after
+one warm-up step, as `bench_zo2.py --interleave` does) and each step's host time is split into:
+- `wait_ms`: blocked in the stream waiting for an older unit's write-back (a free slot);
+- `busy_ms`: everything else inside `engine.step` (Python and XLA dispatch);
+- the rest of the step's wall time: reading the previous step's loss (the host waiting for the
+  device to finish that step), and the final drain.
+A host-bound step has busy_ms close to the step time; a device-bound one waits instead.
+
+Phases, in one process: `alone` (ZO2 only); `beside_mezo` (MeZO built and timed, then ZO2 and
+MeZO alternately); `beside_mezo_gc_off` (the same with `gc.disable()` while timing);
+`after_mezo` (MeZO deleted). With `--out`, one traced ZO2 rep per phase `alone` and
+`beside_mezo` (`timeline.summarize`: kernel busy and device idle per step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from zo2_jax.offload import Storage, ZO2Engine  # noqa: E402
+from zo2_jax.zo import MeZOEngine, mezo_sgd  # noqa: E402
+
+from bench_zo2 import add_model_args, build_model, lazy_params, make_batch  # noqa: E402
+from timeline import load, summarize  # noqa: E402
+
+
+def instrument(eng) -> dict:
+    """Counts the time eng's stream spends blocked on slots (per call, accumulated)."""
+    acc = {"wait": 0.0}
+    st = eng._stream
+    inner = st._wait
+
+    def timed_wait(unit, token):
+        t = time.perf_counter()
+        inner(unit, token)
+        acc["wait"] += time.perf_counter() - t
+
+    st._wait = timed_wait
+    return acc
+
+
+def timed_rep(eng, acc, batch, steps: int, key_base: int, trace_dir=None) -> dict:
+    """One warm-up step, then `steps` timed ones (metrics read a step late): mean ms per step
+    of the wall time, the host's busy and waiting time inside step(), and the loss reads."""
+    key = jax.random.key(key_base)
+    jax.block_until_ready(eng.step(batch, jax.random.fold_in(key, 0)))
+    ctx = jax.profiler.trace(trace_dir) if trace_dir else None
+    if ctx:
+        ctx.__enter__()
+    prev, inside, read, step_ends = None, 0.0, 0.0, []
+    acc["wait"] = 0.0
+    t0 = time.perf_counter()
+    for s in range(steps):
+        t = time.perf_counter()
+        m = eng.step(batch, jax.random.fold_in(key, 1 + s))
+        t1 = time.perf_counter()
+        inside += t1 - t
+        if prev is not None:
+            float(prev["loss"])
+            read += time.perf_counter() - t1
+            step_ends.append(time.perf_counter())
+        prev = m
+    jax.block_until_ready(prev)
+    total = time.perf_counter() - t0
+    if ctx:
+        ctx.__exit__(None, None, None)
+    wait = acc.get("wait", 0.0)
+    gaps = np.diff(step_ends) * 1e3 if len(step_ends) > 1 else np.array([np.nan])
+    ms = lambda x: round(x / steps * 1e3, 3)  # noqa: E731
+    return {"step_ms": ms(total), "busy_ms": ms(inside - wait), "wait_ms": ms(wait),
+            "read_ms": ms(read), "step_gap_ms_min": round(float(gaps.min()), 3),
+            "step_gap_ms_max": round(float(gaps.max()), 3)}
+
+
+def phase(name, engines: dict, accs: dict, batch, steps: int, reps: int, gc_off=False) -> dict:
+    out = {n: [] for n in engines}
+    if gc_off:
+        gc.collect()
+        gc.disable()
+    try:
+        for r in range(reps):
+            for n, eng in engines.items():
+                out[n].append(timed_rep(eng, accs[n], batch, steps, key_base=100 + r))
+                print(f"[{name}] {n} {out[n][-1]}", file=sys.stderr, flush=True)
+    finally:
+        if gc_off:
+            gc.enable()
+    summary = {}
+    for n, rows in out.items():
+        summary[n] = {k: round(float(np.median([x[k] for x in rows])), 3) for k in rows[0]}
+        summary[n]["step_ms_all"] = [x["step_ms"] for x in rows]
+    return summary
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_args(p, engines="zo2,mezo")
+    p.add_argument("--storage-rounding", default="stochastic", choices=["nearest", "stochastic"])
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--out", help="folder for the traces (one ZO2 rep traced per phase)")
+    p.add_argument("--json-out")
+    a = p.parse_args(argv)
+    if a.steps < 2 or a.reps < 1:
+        p.error("--steps must be >= 2 and --reps >= 1")
+    cfg, compute, _, model = build_model(a)
+    common = dict(tx=mezo_sgd(1e-6, weight_decay=0.0), eps=1e-3, compute_dtype=compute,
+                  storage=Storage(a.storage, rounding=a.storage_rounding))
+    init_dtype = jnp.float32 if a.storage == "float32" else jnp.bfloat16
+    batch = make_batch(cfg, a.batch, a.seq)
+    row = {"model": a.model, "layers": cfg.num_layers, "batch": a.batch, "seq": a.seq,
+           "storage": a.storage, "compute": a.compute, "device": jax.devices()[0].device_kind,
+           "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"), "steps": a.steps,
+           "reps": a.reps}
+    zo2 = ZO2Engine(model, lazy_params(model, init_dtype), max_inflight=a.max_inflight,
+                    branches=a.branches, blocks_per_call=a.blocks_per_call, **common)
+    row.update(max_inflight=zo2.max_inflight, hold=zo2._stream.hold,
+               blocks_per_call=zo2.blocks_per_call, units=len(zo2._stream.streamed))
+    accs = {"zo2": instrument(zo2), "mezo": {}}
+    jax.block_until_ready(zo2.step(batch, jax.random.key(0)))  # compile
+    row["alone"] = phase("alone", {"zo2": zo2}, accs, batch, a.steps, a.reps)
+    if a.out:
+        row["alone_trace"] = timed_rep(zo2, accs["zo2"], batch, 5, 7,
+                                       trace_dir=os.path.join(a.out, "alone"))
+        row["alone_trace"]["devices"] = summarize(load(os.path.join(a.out, "alone")), 5)
+    mezo = MeZOEngine(model, lazy_params(model, init_dtype), **common)
+    jax.block_until_ready(mezo.step(batch, jax.random.key(0)))
+    both = {"zo2": zo2, "mezo": mezo}
+    row["beside_mezo"] = phase("beside_mezo", both, accs, batch, a.steps, a.reps)
+    row["beside_mezo_gc_off"] = phase("beside_mezo_gc_off", both, accs, batch, a.steps, a.reps,
+                                      gc_off=True)
+    if a.out:
+        row["beside_trace"] = timed_rep(zo2, accs["zo2"], batch, 5, 8,
+                                        trace_dir=os.path.join(a.out, "beside"))
+        row["beside_trace"]["devices"] = summarize(load(os.path.join(a.out, "beside")), 5)
+    del both, mezo
+    gc.collect()
+    row["after_mezo"] = phase("after_mezo", {"zo2": zo2}, accs, batch, a.steps, a.reps)
+    print(json.dumps(row), flush=True)
+    if a.json_out:
+        with open(a.json_out, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+    return row
+
+
+if __name__ == "__main__":
+    main()
