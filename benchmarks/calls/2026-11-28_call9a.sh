@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Prepared in session 7 (2026-11-28), NOT YET RUN: the device time ran out. It settles what
+# Call 9a (2026-11-28, one-GPU H200; prepared in session 7, run in session 8). It settles what
 # BENCHMARKS.md "Not measured yet" leaves open, in one call (~8 min on a one-GPU H200 host):
 # 1. OPT-125M 1x2048 with bf16 (the default), int8 and fp32 host storage: ZO2 and MeZO timed
 #    alternately in one process, 5 times each (--interleave), against the spread between
 #    processes (int8: 13.67 ms beside MeZO in call 8b, 9.58 ms alone in call 8d);
 # 2. OPT-30B at W=4, hold 2 against the default W=3 on the same engine (1.153 x T_bus in 8c).
-# Rename to the date and call number when run, and add the results to BENCHMARKS.md.
+# Results: benchmarks/results/2026-11-28_h200_call9a.jsonl; BENCHMARKS.md "Call 9".
 set -u
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB=100
 R=$OUT/call.jsonl
