@@ -22,6 +22,9 @@ MeZO alternately); `beside_mezo_gc_off` (the same with `gc.disable()` while timi
 from __future__ import annotations
 
 import argparse
+import collections
+import cProfile
+import pstats
 import gc
 import json
 import os
@@ -89,6 +92,66 @@ def timed_rep(eng, acc, batch, steps: int, key_base: int, trace_dir=None) -> dic
             "step_gap_ms_max": round(float(gaps.max()), 3)}
 
 
+def breakdown(eng, acc, batch, steps: int) -> dict:
+    """Host time inside `eng.step` by call, per step (ms) and per call (us), over one rep of
+    `steps` steps; the engine's module-level jitted functions and jax's transfer and wait
+    functions are wrapped for its duration. A cProfile of a second rep goes to stderr."""
+    from zo2_jax.offload import _zo2
+
+    tot, cnt = collections.defaultdict(float), collections.Counter()
+
+    def wrap(name, f):
+        def g(*args, **kw):
+            t = time.perf_counter()
+            try:
+                return f(*args, **kw)
+            finally:
+                tot[name] += time.perf_counter() - t
+                cnt[name] += 1
+        return g
+
+    saved = {"put": jax.device_put, "bur": jax.block_until_ready, "outer": _zo2._outer_fn,
+             "head": _zo2._head_fn, "units": dict(_zo2._unit_fns)}
+    jax.device_put = wrap("device_put", saved["put"])
+    jax.block_until_ready = wrap("block_until_ready", saved["bur"])
+    _zo2._outer_fn, _zo2._head_fn = wrap("outer_fn", saved["outer"]), wrap("head_fn", saved["head"])
+    for b, f in saved["units"].items():
+        _zo2._unit_fns[b] = wrap("unit_fn", f)
+    try:
+        rep = timed_rep(eng, acc, batch, steps, key_base=300)
+        key = jax.random.key(301)
+        saved["bur"](eng.step(batch, key))  # a warm-up step, not counted
+        tot.clear()
+        cnt.clear()
+        inside = 0.0
+        prev = None
+        for s in range(steps):
+            t = time.perf_counter()
+            m = eng.step(batch, jax.random.fold_in(key, s))
+            inside += time.perf_counter() - t
+            if prev is not None:
+                saved["bur"](prev["loss"])  # not counted: outside step()
+            prev = m
+        saved["bur"](prev)
+        out = {"step_ms_unwrapped": rep["step_ms"], "inside_step_ms": round(inside / steps * 1e3, 3),
+               "by_call": {k: {"per_step": round(cnt[k] / steps, 2),
+                               "ms_per_step": round(tot[k] / steps * 1e3, 3),
+                               "us_per_call": round(tot[k] / max(cnt[k], 1) * 1e6, 1)}
+                           for k in tot}}
+        pr = cProfile.Profile()
+        pr.enable()
+        for s in range(steps):
+            eng.step(batch, jax.random.fold_in(key, 100 + s))
+        pr.disable()
+        saved["bur"](eng.step(batch, jax.random.fold_in(key, 999)))
+        pstats.Stats(pr, stream=sys.stderr).sort_stats("tottime").print_stats(20)
+    finally:
+        jax.device_put, jax.block_until_ready = saved["put"], saved["bur"]
+        _zo2._outer_fn, _zo2._head_fn = saved["outer"], saved["head"]
+        _zo2._unit_fns.update(saved["units"])
+    return out
+
+
 def phase(name, engines: dict, accs: dict, batch, steps: int, reps: int, gc_off=False) -> dict:
     out = {n: [] for n in engines}
     if gc_off:
@@ -115,6 +178,9 @@ def main(argv=None):
     p.add_argument("--storage-rounding", default="stochastic", choices=["nearest", "stochastic"])
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--breakdown", action="store_true",
+                   help="one more rep alone, its host time inside step() split by call")
+    p.add_argument("--only-alone", action="store_true", help="skip the MeZO phases")
     p.add_argument("--out", help="folder for the traces (one ZO2 rep traced per phase)")
     p.add_argument("--json-out")
     a = p.parse_args(argv)
@@ -140,6 +206,11 @@ def main(argv=None):
         row["alone_trace"] = timed_rep(zo2, accs["zo2"], batch, 5, 7,
                                        trace_dir=os.path.join(a.out, "alone"))
         row["alone_trace"]["devices"] = summarize(load(os.path.join(a.out, "alone")), 5)
+    if a.breakdown:
+        row["breakdown"] = breakdown(zo2, accs["zo2"], batch, a.steps)
+        print(f"[breakdown] {row['breakdown']}", file=sys.stderr, flush=True)
+    if a.only_alone:
+        return finish(row, a.json_out)
     mezo = MeZOEngine(model, lazy_params(model, init_dtype), **common)
     jax.block_until_ready(mezo.step(batch, jax.random.key(0)))
     both = {"zo2": zo2, "mezo": mezo}
@@ -153,9 +224,13 @@ def main(argv=None):
     del both, mezo
     gc.collect()
     row["after_mezo"] = phase("after_mezo", {"zo2": zo2}, accs, batch, a.steps, a.reps)
+    return finish(row, a.json_out)
+
+
+def finish(row: dict, json_out) -> dict:
     print(json.dumps(row), flush=True)
-    if a.json_out:
-        with open(a.json_out, "a") as fh:
+    if json_out:
+        with open(json_out, "a") as fh:
             fh.write(json.dumps(row) + "\n")
     return row
 
