@@ -498,8 +498,8 @@ class ZO2Engine:
         A step that raises midway (e.g. out of memory) leaves some blocks updated and others
         not: restore a saved `state()` before going on."""
         common.check_batch(batch, self._batch_shape)
-        batch = jax.device_put(dict(batch), self._dev)
-        key = jax.device_put(as_key(key), self._dev)
+        batch = self._to_device(dict(batch))
+        key = self._to_device(as_key(key))
         pend, count = self._pending, self._count
         self._outer, self._opt_outer, hs, ctx, g = _outer_fn(
             self.spec, self._outer, self._opt_outer, pend, count, key, batch)
@@ -540,7 +540,7 @@ class ZO2Engine:
     def _forward(self, batch):
         common.check_batch(batch, self._batch_shape)
         self.flush()
-        batch = jax.device_put(dict(batch), self._dev)
+        batch = self._to_device(dict(batch))
         h, ctx = _eval_embed(self.spec, self._outer, batch)
         carry = [h]
 
@@ -588,6 +588,15 @@ class ZO2Engine:
         else:
             self._stream.read_pass(decode)
         return {"outer": _decode(self.spec.outer_storage, self._outer), "blocks": blocks}
+
+    def _to_device(self, tree):
+        """`tree` on the engine's device. A jax.device_put costs ~0.2 ms of host time even when
+        it has nothing to move (H200 host, BENCHMARKS.md call 9c), a few % of a small model's
+        step, whose speed is the host's (call 9b): leaves already there are passed as they are."""
+        if all(isinstance(x, jax.Array) and x.sharding == self._dev
+               for x in jax.tree.leaves(tree)):
+            return tree
+        return jax.device_put(tree, self._dev)
 
     def _packing_of(self, unit) -> Optional[Packing]:
         return None if unit[0] in self._store.resident else self._packing
