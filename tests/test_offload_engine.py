@@ -148,9 +148,9 @@ class LoggingStream(BlockStream):
         super().__init__(*a, **kw)
         self.events, self.peak = [], 0
 
-    def _upload(self, u, with_opt):
+    def _payload(self, u, with_opt):  # every upload, alone or beside a write-back
         self.events.append(("up", u))
-        return super()._upload(u, with_opt)
+        return super()._payload(u, with_opt)
 
     def _wait(self, u, token):
         self.events.append(("wait", u))
@@ -589,3 +589,45 @@ def test_engine_refuses_blocks_over_the_pinned_pool_before_placing_them(monkeypa
     # resident blocks are not counted: one block fewer on the host fits again
     ZO2Engine(MODEL, PARAMS, tx=shared_sgd(), max_inflight=2, blocks_per_call=1,
               resident_blocks=[0])
+
+
+def test_a_training_step_makes_one_transfer_call_per_streamed_unit(monkeypatch):
+    """Each unit's write-back goes out in one device_put with the uploads that follow it, and a
+    batch and key already on the device are not put there again: a device_put costs ~0.2 ms of
+    host time, which bounds small models' steps (BENCHMARKS.md call 9)."""
+    import zo2_jax.offload._stream as stream_mod
+
+    engine = ZO2Engine(MODEL, PARAMS, tx=shared_sgd(), resident_blocks=0, max_inflight=3,
+                       blocks_per_call=1)
+    n_units = len(engine._stream.streamed)
+    assert n_units >= 3
+    dev = engine._dev
+    batch = jax.device_put(counting_batch(jax.random.key(0)), dev)
+    for t in range(2):
+        engine.step(batch, jax.random.key(t))
+    calls = []
+    real = stream_mod.jax.device_put
+    monkeypatch.setattr(stream_mod.jax, "device_put", lambda x, s, **kw: calls.append(
+        (jax.tree.structure(x), s)) or real(x, s, **kw))
+    uploads = []
+    monkeypatch.setattr(engine._stream, "_payload", lambda u, w, f=engine._stream._payload:
+                        uploads.append(u) or f(u, w))
+    m = engine.step(batch, jax.random.key(7))
+    assert np.isfinite(float(m["loss"]))
+    # a unit's write-back and the uploads after it; then the prefetch after the head, if any
+    assert len(calls) <= n_units + 1, calls
+    assert sorted(uploads) == sorted(engine._stream.streamed), uploads  # each unit once a step
+    # a batch given on the host still works, and is put on the device
+    m = engine.step(counting_batch(jax.random.key(1)), jax.random.key(8))
+    assert np.isfinite(float(m["loss"]))
+
+
+def test_to_device_moves_only_what_is_not_there():
+    engine = ZO2Engine(MODEL, PARAMS, tx=shared_sgd())
+    on = {"a": jax.device_put(jnp.ones(3), engine._dev)}
+    assert engine._to_device(on) is on
+    host = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
+    for tree in ({"a": np.ones(3)}, {"a": jax.device_put(jnp.ones(3), host)}):
+        out = engine._to_device(tree)
+        assert out["a"].sharding == engine._dev
+        np.testing.assert_array_equal(np.asarray(out["a"]), np.ones(3))

@@ -6,7 +6,7 @@ For unit u (in pass order), with W = max_inflight >= 3:
 
     compute(u) ......... the jitted per-unit function, on the uploaded copy (donated)
     write_back(u) ...... device_put of the result to pinned host memory, under compute(u+1)
-    upload(u+2) ........ dispatched next, once a slot is free: it runs under compute(u+1)
+    upload(u+2) ........ in the same device_put, once a slot is free: it runs under compute(u+1)
 
 Uploads and write-backs are runtime `device_put`s issued from Python: they run on the copy engines
 while the device computes (transfers inside one jitted scan over host-resident layers did not
@@ -171,12 +171,14 @@ class BlockStream:
                     if not quiet:
                         raise
 
+    def _payload(self, unit: Unit, with_opt: bool) -> tuple:
+        """What an upload of the unit sends: ([blocks], [optimiser states] or None)."""
+        blks = [self.store.blocks[j] for j in unit]
+        return blks, ([self.store.opts[j] for j in unit] if with_opt else None)
+
     def _upload(self, unit: Unit, with_opt: bool):
         """One batched device_put for the unit's blocks (and optimiser states)."""
-        blks = [self.store.blocks[j] for j in unit]
-        if not with_opt:
-            return jax.device_put(blks, self.device), None
-        return jax.device_put((blks, [self.store.opts[j] for j in unit]), self.device)
+        return jax.device_put(self._payload(unit, with_opt), self.device)
 
     def _source_ready(self, unit: Unit, held: Sequence[list]) -> bool:
         """Waits for the unit's own earlier slot (its write-back, when it is uploaded for the
@@ -190,14 +192,19 @@ class BlockStream:
             self._window.remove(entry)
         return True
 
-    def _fill(self, with_opt: bool, held: Sequence[list], until: Optional[Unit] = None) -> None:
+    def _fill(self, with_opt: bool, held: Sequence[list], until: Optional[Unit] = None,
+              collect: Optional[list] = None) -> None:
         """Uploads the next units in pass order while slots allow without waiting on `held`;
-        with `until`, stops once that unit is uploaded."""
+        with `until`, stops once that unit is uploaded. With `collect`, the units are taken
+        (their slots too) but appended to it instead of uploaded: the caller sends them."""
         while self._next < self._limit:
             u = self.streamed[self._next % len(self.streamed)]
             if not (self._source_ready(u, held) and self._make_room(held)):
                 return
-            self._uploaded[u] = self._upload(u, with_opt)
+            if collect is None:
+                self._uploaded[u] = self._upload(u, with_opt)
+            else:
+                collect.append(u)
             self._window.append([u, None])
             self._next += 1
             if u == until:
@@ -218,6 +225,25 @@ class BlockStream:
                 entry[1] = token
                 return entry
         return None
+
+    def _write_back_and_fill(self, unit: Unit, new_blks: list, new_opts: list) -> tuple:
+        """The unit's write-back and the uploads that follow it (`_fill` with the slots held
+        now) in one device_put: each device_put costs ~0.2 ms of host time, which at OPT-125M
+        is what bounds the step (BENCHMARKS.md call 9). The write-back comes first in it, as
+        it did in its own call, and the slot decisions are `_fill`'s: the unit's own entry
+        counts as held (it is the newest) while its token does not exist yet. Returns the
+        host copies (blocks, opts)."""
+        entry = self._release_when(unit, None)
+        self._dispatched(entry)
+        ups: list = []
+        self._fill(True, self._held(), collect=ups)
+        (blks, opts), sent = jax.device_put(
+            ((new_blks, new_opts), [self._payload(u, True) for u in ups]),
+            (self.host, self.device))
+        if entry is not None:
+            entry[1] = (blks, opts)
+        self._uploaded.update(zip(ups, sent))
+        return blks, opts
 
     # ---- passes ---------------------------------------------------------------------------------
 
@@ -251,13 +277,13 @@ class BlockStream:
                     blks, opts = self._take(u, with_opt=True)
                     new = fn(u, blks, opts)
                     del blks, opts
-                    blks, opts = jax.device_put((list(new[0]), list(new[1])), self.host)
+                    blks, opts = self._write_back_and_fill(u, list(new[0]), list(new[1]))
                     del new
-                    self._dispatched(self._release_when(u, (blks, opts)))
                 for i, b, o in zip(u, blks, opts):
                     store.blocks[i], store.opts[i] = b, o
                 del blks, opts
-                self._fill(True, self._held())
+                if u[0] in store.resident:
+                    self._fill(True, self._held())
         except BaseException:
             self.reset()
             raise
