@@ -251,6 +251,8 @@ def add_model_args(p: argparse.ArgumentParser, engines: str) -> None:
     ZO2's placement options."""
     p.add_argument("--model", default="opt_1_3b", help="preset name (reference nanoGPT shape)")
     p.add_argument("--layers", type=int, help="override the number of layers")
+    p.add_argument("--vocab-size", type=int,
+                   help="override the vocabulary (50304): small values make quick CPU runs")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--storage", default="bfloat16", choices=["float32", "bfloat16", "int8"])
@@ -271,6 +273,8 @@ def build_model(a):
     cfg = nanogpt_shape(a.model, a.seq)
     if a.layers:
         cfg = cfg.replace(num_layers=a.layers)
+    if a.vocab_size:
+        cfg = cfg.replace(vocab_size=a.vocab_size)
     compute = DTYPES[a.compute]
     attn = a.attn if compute != jnp.float32 and jax.default_backend() == "gpu" else "xla"
     return cfg, compute, attn, zm.Model(cfg, compute, attn)
