@@ -133,7 +133,7 @@ def breakdown(eng, acc, batch, steps: int) -> dict:
                 saved["bur"](prev["loss"])  # not counted: outside step()
             prev = m
         saved["bur"](prev)
-        out = {"step_ms_unwrapped": rep["step_ms"],
+        out = {"step_ms_wrapped": rep["step_ms"],
                "inside_step_ms": round(inside / steps * 1e3, 3),
                "by_call": {k: {"per_step": round(cnt[k] / steps, 2),
                                "ms_per_step": round(tot[k] / steps * 1e3, 3),
