@@ -612,7 +612,7 @@ def test_a_training_step_makes_one_transfer_call_per_streamed_unit(monkeypatch):
     uploads = []
     monkeypatch.setattr(engine._stream, "_payload", lambda u, w, f=engine._stream._payload:
                         uploads.append(u) or f(u, w))
-    m = engine.step(batch, jax.random.key(7))
+    m = engine.step(batch, jax.device_put(jax.random.key(7), dev))  # committed: not put again
     assert np.isfinite(float(m["loss"]))
     # a unit's write-back and the uploads after it; then the prefetch after the head, if any
     assert len(calls) <= n_units + 1, calls
@@ -626,6 +626,8 @@ def test_to_device_moves_only_what_is_not_there():
     engine = ZO2Engine(MODEL, PARAMS, tx=shared_sgd())
     on = {"a": jax.device_put(jnp.ones(3), engine._dev)}
     assert engine._to_device(on) is on
+    loose = {"a": jnp.ones(3)}  # on the device but uncommitted: committed, so jit caches once
+    assert not loose["a"].committed and engine._to_device(loose)["a"].committed
     host = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
     for tree in ({"a": np.ones(3)}, {"a": jax.device_put(jnp.ones(3), host)}):
         out = engine._to_device(tree)

@@ -232,7 +232,10 @@ class BlockStream:
         is what bounds the step (BENCHMARKS.md call 9). The write-back comes first in it, as
         it did in its own call, and the slot decisions are `_fill`'s: the unit's own entry
         counts as held (it is the newest) while its token does not exist yet. Returns the
-        host copies (blocks, opts)."""
+        host copies (blocks, opts). This relies on hold >= 1: the unit's entry, dispatched last,
+        is in `_held()`, so no slot decision waits on its missing token. With hold = 1 (W <= 3)
+        the fill may wait on the previous unit's write-back before this one is queued."""
+        assert self.hold >= 1
         entry = self._release_when(unit, None)
         self._dispatched(entry)
         ups: list = []
