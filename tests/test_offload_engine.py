@@ -626,10 +626,30 @@ def test_to_device_moves_only_what_is_not_there():
     engine = ZO2Engine(MODEL, PARAMS, tx=shared_sgd())
     on = {"a": jax.device_put(jnp.ones(3), engine._dev)}
     assert engine._to_device(on) is on
-    loose = {"a": jnp.ones(3)}  # on the device but uncommitted: committed, so jit caches once
-    assert not loose["a"].committed and engine._to_device(loose)["a"].committed
+    loose = {"a": jnp.ones(3)}  # on the device, uncommitted: passed too (no put per step)
+    assert not loose["a"].committed and engine._to_device(loose) is loose
     host = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
     for tree in ({"a": np.ones(3)}, {"a": jax.device_put(jnp.ones(3), host)}):
         out = engine._to_device(tree)
         assert out["a"].sharding == engine._dev
         np.testing.assert_array_equal(np.asarray(out["a"]), np.ones(3))
+
+
+def test_a_loop_mixing_committed_and_uncommitted_inputs_trains_the_same():
+    """Uncommitted keys and batches are passed through, not put (committed) on every step; a
+    loop switching between the two compiles each pattern once and computes the same step."""
+    ref = ZO2Engine(MODEL, PARAMS, tx=shared_sgd(), resident_blocks=0)
+    mixed = ZO2Engine(MODEL, PARAMS, tx=shared_sgd(), resident_blocks=0)
+    dev = mixed._dev
+    for t in range(4):
+        batch, key = counting_batch(jax.random.key(t)), jax.random.fold_in(jax.random.key(9), t)
+        ref.step(batch, key)
+        if t % 2:
+            batch, key = jax.device_put(batch, dev), jax.device_put(key, dev)
+            assert key.committed
+        else:
+            assert not key.committed and not batch["input_ids"].committed
+        mixed.step(batch, key)
+    ref.flush()
+    mixed.flush()
+    assert_trees_identical(mixed.state(), ref.state(), "mixed inputs")

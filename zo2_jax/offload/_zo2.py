@@ -591,11 +591,13 @@ class ZO2Engine:
 
     def _to_device(self, tree):
         """`tree` on the engine's device. A jax.device_put costs ~0.2 ms of host time even when
-        it has nothing to move (H200 host, BENCHMARKS.md call 9c), a few % of a small model's
-        step, whose speed is the host's (call 9b): leaves already there, committed, are passed as
-        they are. Uncommitted ones are put (committed): jit compiles committed and uncommitted
-        arguments separately, so a loop mixing them would compile the step again."""
-        if all(isinstance(x, jax.Array) and x.committed and x.sharding == self._dev
+        it has nothing to move (H200 host, BENCHMARKS.md call 9c; a key array costs as much as a
+        batch), a few % of a small model's step, whose speed is the host's (call 9b): leaves
+        already on the device are passed as they are, committed or not. jit keeps one executable
+        per pattern of committed arguments, so a loop that switches between committed and
+        uncommitted keys or batches compiles each pattern once, a one-off cost where committing
+        them here would cost on every step."""
+        if all(isinstance(x, jax.Array) and x.sharding == self._dev
                for x in jax.tree.leaves(tree)):
             return tree
         return jax.device_put(tree, self._dev)
