@@ -114,8 +114,7 @@ def _restored_engine(args):
         if not os.path.isdir(args.checkpoint_dir):
             raise FileNotFoundError(f"--checkpoint-dir {args.checkpoint_dir!r}: no such folder")
         ck = Checkpointer(args.checkpoint_dir)
-        state, _, meta = ck.restore(None, engine.state())
-        engine.restore(state)
+        _, meta = ck.restore_engine(engine)
         print(f"restored step {meta['step']} from {args.checkpoint_dir}", file=sys.stderr)
     engine.flush()
     return cfg, model, tok, engine

@@ -27,6 +27,21 @@ PyTree = Any
 ALIGN_WORDS = 128  # 512-byte alignment of every leaf inside the buffer
 
 
+
+def host_copy(x) -> np.ndarray:
+    """`x` as a numpy array on the host. For a jax array this is what `np.asarray` gives (on a
+    GPU a copy, on the CPU backend a read-only view of the buffer) without jax caching the copy
+    on `x` for as long as `x` lives: reading every streamed block in turn (a checkpoint) then
+    holds one block's copy at a time, not a second copy of the model."""
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return x  # a typed PRNG key stays a jax array (numpy has no such dtype)
+    if isinstance(x, jax.Array) and len(x.sharding.device_set) == 1:
+        to_np = getattr(x, "_single_device_array_to_np_array_did_copy", None)
+        if to_np is not None:  # jax's own np.asarray path, less its cache
+            x.block_until_ready()
+            return to_np()[0]
+    return np.asarray(x)
+
 class _Leaf(NamedTuple):
     shape: tuple
     dtype: str
@@ -141,10 +156,9 @@ class Layout(NamedTuple):
     # ---- host (numpy) ---------------------------------------------------------------------------
 
     def unpack_host(self, buf) -> PyTree:
-        """The tree stored in a host buffer, as numpy views of `np.asarray(buf)`: a host copy
-        (which jax also caches on `buf` for as long as `buf` lives), or on the CPU backend the
-        immutable buffer itself."""
-        raw = np.asarray(buf)
+        """The tree stored in a host buffer, as numpy views of `host_copy(buf)`: a host copy
+        (not cached on `buf`), or on the CPU backend the immutable buffer itself."""
+        raw = host_copy(buf)
         if raw.dtype != np.uint32 or raw.shape != (self.words,):
             raise ValueError(f"expected a uint32[{self.words}] packed buffer, got "
                              f"{raw.dtype}{list(raw.shape)}")

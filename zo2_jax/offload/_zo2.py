@@ -26,7 +26,7 @@ import numpy as np
 import optax
 
 from zo2_jax.offload._budget import footprint, plan_resident, spread
-from zo2_jax.offload._pack import Packing
+from zo2_jax.offload._pack import Packing, host_copy
 from zo2_jax.offload._stream import BlockStore, BlockStream, make_units
 from zo2_jax.offload.codecs import Storage, tree_nbytes, tree_size
 # Modules, not names: zo and offload import each other (zo's engine needs the codecs, offload's
@@ -433,6 +433,7 @@ class ZO2Engine:
         self._count = jax.device_put(jnp.zeros([], jnp.int32), self._dev)
         self._skipped_total = jax.device_put(jnp.zeros([], jnp.int32), self._dev)
         self._dirty = False
+        self._broken: Optional[str] = None  # why the engine must not run (a failed restore)
 
     @staticmethod
     def _layout(spec, block, packed) -> Optional[Packing]:
@@ -497,6 +498,7 @@ class ZO2Engine:
 
         A step that raises midway (e.g. out of memory) leaves some blocks updated and others
         not: restore a saved `state()` before going on."""
+        self._check_usable()
         common.check_batch(batch, self._batch_shape)
         batch = self._to_device(dict(batch))
         key = self._to_device(as_key(key))
@@ -522,6 +524,7 @@ class ZO2Engine:
 
     def flush(self) -> None:
         """Applies the pending update to every part (before evaluating, saving or exporting)."""
+        self._check_usable()
         if not self._dirty:
             return
         pend, count = self._pending, self._count
@@ -538,6 +541,7 @@ class ZO2Engine:
     # ---- evaluation -----------------------------------------------------------------------------
 
     def _forward(self, batch):
+        self._check_usable()
         common.check_batch(batch, self._batch_shape)
         self.flush()
         batch = self._to_device(dict(batch))
@@ -619,53 +623,123 @@ class ZO2Engine:
                 blocks[i], opts[i] = self._packing.unpack_host(blocks[i], opts[i])
         return blocks, opts
 
-    def state(self) -> dict:
+    def state(self, blocks: bool = True) -> dict:
         """Everything an exact resume needs (see MeZOEngine.state); blocks and their optimiser
         states are lists. Streamed blocks are host arrays: pinned host jax arrays (the engine's
         own; it never writes into them), or, for packed blocks, numpy arrays unpacked from a
         host copy of each packed buffer (on a GPU jax keeps that copy cached on the buffer
         until the block is next updated; on the CPU backend they are views of the buffer).
         Device arrays are the engine's own: save them before the next step, which donates
-        them."""
-        blocks, opts = self._unpacked()
-        return {"outer": self._outer, "blocks": blocks,
-                "opt_outer": self._opt_outer, "opt_blocks": opts,
+        them. With `blocks=False`, without "blocks" and "opt_blocks": what
+        `Checkpointer.save_engine` saves beside the blocks it reads one at a time through
+        `block_state`, so a checkpoint never holds a second copy of every block."""
+        self._check_usable()
+        out = self._small_state()
+        if blocks:
+            out["blocks"], out["opt_blocks"] = self._unpacked()
+        return out
+
+    def _small_state(self) -> dict:
+        return {"outer": self._outer, "opt_outer": self._opt_outer,
                 "pending": common.pending_to_tree(self._pending), "count": self._count,
                 "skipped_total": self._skipped_total,
                 "meta": common.meta(self.spec, "ZO2Engine", self.num_blocks,
                                     str(jax.random.key_impl(self._pending.key)))}
 
-    def restore(self, state: dict) -> None:
-        """Loads a `state()` of this engine or of a MeZOEngine with the same storage and q."""
+    def state_like(self) -> dict:
+        """`state(blocks=False)` as jax.ShapeDtypeStructs placed where the engine keeps each
+        part (a restore's target; usable after a failed restore too); `block_like(i)` gives
+        the blocks'."""
+        return jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+            if isinstance(x, jax.Array) else x, self._small_state())
+
+    def block_state(self, i: int) -> tuple[PyTree, PyTree]:
+        """Block `i` and its optimiser state as in `state()["blocks"][i]`, as numpy arrays on
+        the host (packed blocks unpacked), copied from the engine's arrays without jax keeping
+        the copy cached on them: reading every block in turn holds one block's copy at a time.
+        The pending update is not applied (it is part of the state)."""
+        self._check_usable()
+        if not 0 <= i < self.num_blocks:
+            raise IndexError(f"block {i}: the engine has blocks 0..{self.num_blocks - 1}")
+        blk, opt = self._store.blocks[i], self._store.opts[i]
+        if self._is_packed(i):
+            return self._packing.unpack_host(
+                host_copy(blk), opt if self._packing.opt.empty else host_copy(opt))
+        return jax.tree.map(host_copy, blk), jax.tree.map(host_copy, opt)
+
+    def block_like(self, i: int) -> tuple[PyTree, PyTree]:
+        """Shapes and dtypes (jax.ShapeDtypeStruct) of `block_state(i)`, read from nothing."""
+        if self._is_packed(i):
+            return self._packing.abstract()
+        sds = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)  # noqa: E731
+        return jax.tree.map(sds, self._store.blocks[i]), jax.tree.map(sds, self._store.opts[i])
+
+    def _check_usable(self) -> None:
+        if self._broken is not None:
+            raise RuntimeError(self._broken)
+
+    def restore(self, state: dict, read_block=None) -> None:
+        """Loads a `state()` of this engine or of a MeZOEngine with the same storage and q.
+
+        With `read_block`, `state` has no "blocks" or "opt_blocks": `read_block(i)` returns
+        block i and its optimiser state (like `block_state(i)`) and is called for one block at
+        a time, each placed before the next is read, so a restore holds one block beyond the
+        engine's own (`Checkpointer.restore_engine` reads a checkpoint this way). Should a
+        block fail to read or not match after earlier ones were placed, the engine refuses to
+        run until a later restore succeeds: it would hold blocks of two states."""
         common.check_meta(self.spec, self.num_blocks, state["meta"])
-        blocks, opts = state["blocks"], state["opt_blocks"]
-        if common.is_stacked(blocks):
-            blocks = common.unstack(blocks, self.num_blocks)
-            opts = common.unstack(opts, self.num_blocks)
-        blocks, opts = list(blocks), list(opts)
+        if read_block is None:
+            blocks, opts = state["blocks"], state["opt_blocks"]
+            if common.is_stacked(blocks):
+                blocks = common.unstack(blocks, self.num_blocks)
+                opts = common.unstack(opts, self.num_blocks)
+            blocks, opts = list(blocks), list(opts)
+        elif "blocks" in state or "opt_blocks" in state:
+            raise ValueError("restore: the blocks come either in state['blocks'] or from "
+                             "read_block, not both")
         for name, got, want in (("outer", state["outer"], self._outer),
                                 ("opt_outer", state["opt_outer"], self._opt_outer),
                                 ("count", state["count"], self._count),
                                 ("skipped_total", state["skipped_total"], self._skipped_total)):
             common.check_like(name, got, want)
-        for i in range(self.num_blocks):
-            want = (self._packing.abstract() if self._is_packed(i)
-                    else (self._store.blocks[i], self._store.opts[i]))
-            common.check_like(f"blocks[{i}]", blocks[i], want[0])
-            common.check_like(f"opt_blocks[{i}]", opts[i], want[1])
+        if read_block is None:
+            for i in range(self.num_blocks):
+                want = self.block_like(i)
+                common.check_like(f"blocks[{i}]", blocks[i], want[0])
+                common.check_like(f"opt_blocks[{i}]", opts[i], want[1])
         pending = common.pending_from_tree(state["pending"], state["meta"]["key_impl"])
         common.check_like("pending", pending.coef, self._pending.coef)
         self._stream.drain()
         for i in range(self.num_blocks):
+            if read_block is None:
+                blk, opt = blocks[i], opts[i]
+                blocks[i] = opts[i] = None  # the engine's copy is the only one left
+            else:
+                try:
+                    blk, opt = read_block(i)
+                    want = self.block_like(i)
+                    common.check_like(f"blocks[{i}]", blk, want[0])
+                    common.check_like(f"opt_blocks[{i}]", opt, want[1])
+                except BaseException as e:
+                    if i > 0:
+                        self._broken = (
+                            f"this engine's restore failed at block {i} of {self.num_blocks} "
+                            f"({type(e).__name__}: {e}); it holds blocks 0..{i - 1} of the "
+                            f"restored state and the rest of its earlier one: restore a "
+                            f"state again, or build a new engine")
+                    raise
             if self._is_packed(i):  # packed on the device, one block at a time
                 new = jax.device_put(_pack_fn(self._packing, *jax.device_put(
-                    (blocks[i], opts[i]), self._dev)), self._host)
+                    (blk, opt), self._dev)), self._host)
                 self._store.blocks[i], self._store.opts[i] = jax.block_until_ready(new)
-                continue
-            where = self._dev if i in self._store.resident else self._host
-            self._store.blocks[i], self._store.opts[i] = jax.device_put((blocks[i], opts[i]),
-                                                                        where)
+            else:
+                where = self._dev if i in self._store.resident else self._host
+                self._store.blocks[i], self._store.opts[i] = jax.block_until_ready(
+                    jax.device_put((blk, opt), where))
+            del blk, opt
         self._outer, self._opt_outer, self._pending, self._count, self._skipped_total = (
             jax.device_put((state["outer"], state["opt_outer"], pending, state["count"],
                             state["skipped_total"]), self._dev))
+        self._broken = None
         self._dirty = True

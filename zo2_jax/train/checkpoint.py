@@ -6,14 +6,24 @@ states, the pending deferred update (key and projected gradient), the step, and 
 position. Orbax writes each step into a temporary folder and renames it only when complete, so a
 run killed during a save leaves the previous checkpoint intact; the leftover temporary folder is
 removed the next time the manager opens the directory.
+
+`save_engine` / `restore_engine` move an engine with streamed blocks (ZO2Engine) one block at a
+time: its blocks go to a "blocks" item, one file per block with its optimiser state, written
+during the save call (the rest is saved in the background as usual), and are read back one at a
+time into the engine. Neither holds a second copy of the model in host memory, which a model
+whose blocks fill most of the host (OPT-175B: 348 GB of bf16 blocks on a 512 GiB host) needs.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 PyTree = Any
@@ -29,6 +39,129 @@ def _split(state: dict) -> tuple[dict, Optional[dict]]:
     """Arrays (saved by orbax's array handler) apart from the engine's JSON metadata."""
     state = dict(state)
     return state, state.pop("meta", None)
+
+
+_BLOCKS_FORMAT = 1
+
+
+def _leaf_entries(tree) -> list:
+    return [(jax.tree_util.keystr(path), x) for path, x in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+def _is_key(x) -> bool:
+    return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _dtype_name(x) -> str:
+    return str(x.dtype) if _is_key(x) else np.dtype(x.dtype).name
+
+
+class _BlocksHandler(ocp.CheckpointHandler):
+    """An engine's blocks, one file per block (its leaves, then its optimiser state's, raw
+    bytes back to back) and `index.json` naming each leaf's path, shape, dtype and offset. The
+    save reads one block at a time from `read(i)`; the restore returns a `_BlockReader`."""
+
+    def save(self, directory, args: "_BlocksSave") -> None:
+        directory = os.fspath(directory)
+        index = {"format": _BLOCKS_FORMAT, "num_blocks": args.num_blocks, "blocks": []}
+        for i in range(args.num_blocks):
+            tree = args.read(i)
+            name, offset, leaves = f"{i:05d}.bin", 0, []
+            with open(os.path.join(directory, name), "wb") as f:
+                for path, x in _leaf_entries(tree):
+                    entry = {"path": path, "shape": list(np.shape(x)), "dtype": _dtype_name(x)}
+                    if _is_key(x):  # a typed PRNG key: its data, and its implementation
+                        entry["key_impl"] = str(jax.random.key_impl(x))
+                        x = jax.random.key_data(x)
+                    a = np.ascontiguousarray(x)
+                    leaves.append({**entry, "offset": offset, "nbytes": a.nbytes})
+                    f.write(a.reshape(-1).view(np.uint8).data)
+                    offset += a.nbytes
+            index["blocks"].append({"file": name, "nbytes": offset, "leaves": leaves})
+            del tree
+        with open(os.path.join(directory, "index.json"), "w") as f:
+            json.dump(index, f)
+
+    def restore(self, directory, args: "_BlocksRestore" = None) -> "_BlockReader":
+        return _BlockReader(os.fspath(directory))
+
+
+@ocp.args.register_with_handler(_BlocksHandler, for_save=True)
+@dataclasses.dataclass
+class _BlocksSave(ocp.args.CheckpointArgs):
+    num_blocks: int
+    read: Callable[[int], Any]  # i -> (block, optimiser state), host arrays
+
+
+@ocp.args.register_with_handler(_BlocksHandler, for_restore=True)
+@dataclasses.dataclass
+class _BlocksRestore(ocp.args.CheckpointArgs):
+    pass
+
+
+class _BlockReader:
+    """Reads a saved block (and its optimiser state) into numpy arrays shaped like a given
+    tree; `check` compares the whole index with the engine's blocks before any is read."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        path = os.path.join(directory, "index.json")
+        try:
+            with open(path) as f:
+                self.index = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: the checkpoint's block index cannot be read ({e})") from e
+        if self.index.get("format") != _BLOCKS_FORMAT:
+            raise ValueError(f"{path}: block format {self.index.get('format')!r}, this version "
+                             f"reads {_BLOCKS_FORMAT}")
+
+    def check(self, likes: list) -> None:
+        """Raises, naming the block and leaf, unless the saved blocks have the count, leaves,
+        shapes and dtypes of `likes` (one (block, opt) tree of ShapeDtypeStructs per block)
+        and every block file has its full size."""
+        saved = self.index["blocks"]
+        if len(saved) != len(likes):
+            raise ValueError(f"{self.directory}: the checkpoint has {len(saved)} blocks, the "
+                             f"engine {len(likes)}; was it written for another model?")
+        for i, (entry, like) in enumerate(zip(saved, likes)):
+            want = _leaf_entries(like)
+            if len(entry["leaves"]) != len(want):
+                raise ValueError(f"{self.directory}: block {i} has {len(entry['leaves'])} arrays "
+                                 f"saved, the engine expects {len(want)} (another optimiser "
+                                 f"or storage?)")
+            for got, (path, x) in zip(entry["leaves"], want):
+                if tuple(got["shape"]) != tuple(x.shape) or got["dtype"] != _dtype_name(x):
+                    raise ValueError(
+                        f"{self.directory}: block {i} leaf {got['path']} is saved as "
+                        f"{got['dtype']}{got['shape']}, the engine expects {path} as "
+                        f"{_dtype_name(x)}{list(x.shape)}")
+            path = os.path.join(self.directory, entry["file"])
+            size = os.path.getsize(path) if os.path.exists(path) else None
+            if size != entry["nbytes"]:
+                raise ValueError(f"{path}: block {i}'s file has "
+                                 f"{'no file' if size is None else f'{size} bytes'}, its index "
+                                 f"says {entry['nbytes']} bytes (a truncated or damaged "
+                                 f"checkpoint: restore an earlier step)")
+
+    def read(self, i: int, like):
+        """Block i as numpy arrays in `like`'s tree structure."""
+        entry = self.index["blocks"][i]
+        path = os.path.join(self.directory, entry["file"])
+        out = []
+        with open(path, "rb") as f:
+            for lf in entry["leaves"]:
+                f.seek(lf["offset"])
+                raw = np.empty(lf["nbytes"], np.uint8)
+                got = f.readinto(memoryview(raw))
+                if got != lf["nbytes"]:
+                    raise ValueError(f"{path}: block {i} leaf {lf['path']} ends after "
+                                     f"{got} of {lf['nbytes']} bytes (a truncated file)")
+                if "key_impl" in lf:
+                    data = raw.view(np.uint32).reshape(*lf["shape"], -1)
+                    out.append(jax.random.wrap_key_data(data, impl=lf["key_impl"]))
+                else:
+                    out.append(raw.view(jnp.dtype(lf["dtype"])).reshape(lf["shape"]))
+        return jax.tree.unflatten(jax.tree.structure(like), out)
 
 
 class Checkpointer:
@@ -63,15 +196,85 @@ class Checkpointer:
                                   meta=ocp.args.JsonSave({**meta, "engine_meta": engine_meta}))
         self._manager.save(step, args=args, force=True)
 
-    def restore(self, step: Optional[int], like: PyTree) -> tuple[PyTree, dict, dict]:
-        """Restore `step` (latest if None) into arrays placed like `like`."""
+    def save_engine(self, step: int, engine, data_state: dict, meta: dict) -> None:
+        """Save `engine`'s state: an engine with streamed blocks (`block_state`, ZO2Engine) has
+        them written one at a time during this call, the rest in the background; any other
+        engine is saved as `save(step, engine.state(), ...)`."""
+        if not hasattr(engine, "block_state"):
+            return self.save(step, engine.state(), data_state, meta)
+        arrays, engine_meta = _split(engine.state(blocks=False))
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(arrays),
+            blocks=_BlocksSave(engine.num_blocks, lambda i: engine.block_state(i)),
+            data=ocp.args.JsonSave(data_state),
+            meta=ocp.args.JsonSave({**meta, "engine_meta": engine_meta}))
+        self._manager.save(step, args=args, force=True)
+
+    def restore_engine(self, engine, step: Optional[int] = None) -> tuple[dict, dict]:
+        """Restore `step` (latest if None) into `engine`; returns (data state, metadata). Blocks
+        saved one per file (`save_engine` with a ZO2Engine) are checked against the engine's
+        before any is read, then read one at a time into it (into a MeZOEngine: all read, then
+        restored). Checkpoints written by `save` are restored as `restore` does."""
+        step = self._step(step)
+        blocks_dir = os.path.join(self.directory, str(step), "blocks")
+        if not os.path.isdir(blocks_dir):
+            state, data, meta = self.restore(step, engine.state())
+            engine.restore(state)
+            return data, meta
+        streamed = hasattr(engine, "block_state")
+        if streamed:
+            like = engine.state_like()
+            likes = [engine.block_like(i) for i in range(engine.num_blocks)]
+        else:
+            like = dict(engine.state())
+            one = lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype)  # noqa: E731
+            b, o = (jax.tree.map(one, like.pop(k)) for k in ("blocks", "opt_blocks"))
+            likes = [(b, o)] * engine.num_blocks
+        reader = _BlockReader(blocks_dir)
+        reader.check(likes)  # before anything is read
+        arrays, _ = _split(like)
+        out = self._restore_items(step, arrays)
+        state, meta = self._rebuild(step, arrays, out)
+        if streamed:
+            engine.restore(state, read_block=lambda i: reader.read(i, likes[i]))
+        else:
+            pairs = [reader.read(i, likes[i]) for i in range(engine.num_blocks)]
+            state["blocks"] = [p[0] for p in pairs]
+            state["opt_blocks"] = [p[1] for p in pairs]
+            engine.restore(state)
+        return dict(out["data"]), meta
+
+    def _step(self, step: Optional[int]) -> int:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"{self.directory}: no complete checkpoint to restore")
+        return step
+
+    def restore(self, step: Optional[int], like: PyTree) -> tuple[PyTree, dict, dict]:
+        """Restore `step` (latest if None) into arrays placed like `like` (a checkpoint written
+        by `save`; `restore_engine` reads either kind)."""
+        step = self._step(step)
+        if os.path.isdir(os.path.join(self.directory, str(step), "blocks")):
+            raise ValueError(f"{self.directory}/{step} holds its blocks one per file "
+                             f"(save_engine): restore it with restore_engine(engine)")
         arrays, _ = _split(like)
+        out = self._restore_items(step, arrays)
+        state, meta = self._rebuild(step, arrays, out)
+        return state, dict(out["data"]), meta
+
+    def _restore_items(self, step: int, arrays: PyTree):
         args = ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(arrays)),
                                   data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
-        out = self._manager.restore(step, args=args)
+        try:
+            return self._manager.restore(step, args=args)
+        except ValueError as e:
+            if "do not match" not in str(e):
+                raise
+            raise ValueError(f"{self.directory}/{step}: the saved state does not have this "
+                             f"engine's structure (written with another optimiser, storage or "
+                             f"model?): {e}") from e
+
+    def _rebuild(self, step: int, arrays: PyTree, out) -> tuple[dict, dict]:
         meta = dict(out["meta"])
         # Orbax hands back lists and dicts where the state had tuples and named tuples: rebuild
         # the exact containers of `like` from the restored leaves (same order, same count).
@@ -84,7 +287,7 @@ class Checkpointer:
         state = dict(jax.tree.unflatten(structure, leaves))
         if meta.get("engine_meta") is not None:
             state["meta"] = meta.pop("engine_meta")
-        return state, dict(out["data"]), meta
+        return state, meta
 
     def wait(self) -> None:
         """Block until background saves have finished."""

@@ -154,8 +154,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> Result:
     ckpt = Checkpointer(cfg.checkpoint_dir, cfg.keep_checkpoints) if cfg.checkpoint_dir else None
     start = 0
     if ckpt is not None and ckpt.latest_step() is not None:
-        state, data_state, meta = ckpt.restore(None, engine.state())
-        engine.restore(state)
+        data_state, meta = ckpt.restore_engine(engine)
         data.loader.restore(data_state)
         start = int(meta["step"])
         log(f"resumed from {ckpt.directory} at step {start}")
@@ -187,7 +186,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> Result:
             mlog.write({"kind": "eval", "step": done, **ev})
             log(f"step {done}: {_fmt(ev)}")
         if ckpt is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
-            ckpt.save(done, engine.state(), data.loader.state(),
+            ckpt.save_engine(done, engine, data.loader.state(),
                       {"step": done, "config": cfg.to_json()})
     if pending is not None:
         rec = _to_host(*pending, t_prev, pending_tokens)
@@ -200,7 +199,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> Result:
     log(f"after {cfg.steps} steps: {_fmt(after)}")
     if ckpt is not None:
         if cfg.checkpoint_every and cfg.steps % cfg.checkpoint_every:
-            ckpt.save(cfg.steps, engine.state(), data.loader.state(),
+            ckpt.save_engine(cfg.steps, engine, data.loader.state(),
                       {"step": cfg.steps, "config": cfg.to_json()})
         ckpt.close()
     mlog.close()
