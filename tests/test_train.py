@@ -78,15 +78,16 @@ from zo2_jax.train.config import TrainConfig
 from zo2_jax.train.trainer import train
 cfg = TrainConfig(model={model!r}, steps=400, batch_size=4, lr=1e-3, eps=1e-2, eval_examples=8,
                   out_dir={out!r}, progress=False, seed=3, checkpoint_dir={ck!r},
-                  checkpoint_every=1, keep_checkpoints=2)
+                  checkpoint_every=1, keep_checkpoints=2, engine={engine!r})
 train(cfg, log=lambda s: print(s, flush=True))
 """
 
 
-def test_killed_during_checkpointing_resumes_exactly(tiny, tmp_path):
+@pytest.mark.parametrize("engine", ["mezo", "zo2"])  # zo2: blocks one file each (save_engine)
+def test_killed_during_checkpointing_resumes_exactly(tiny, tmp_path, engine):
     ck = str(tmp_path / "ck")
     script = _KILL_SCRIPT.format(tests=os.path.dirname(__file__), model=tiny,
-                                 out=str(tmp_path / "o1"), ck=ck)
+                                 out=str(tmp_path / "o1"), ck=ck, engine=engine)
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:  # checkpoints are written every step, so a kill lands in or near a save
@@ -102,7 +103,7 @@ def test_killed_during_checkpointing_resumes_exactly(tiny, tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     # Resume to step 8 from whatever survived, and compare with an uninterrupted run.
-    base = _cfg(tiny, tmp_path / "x", steps=8, eval_examples=8, batch_size=4)
+    base = _cfg(tiny, tmp_path / "x", steps=8, eval_examples=8, batch_size=4, engine=engine)
     resumed = train(base.replace(checkpoint_dir=ck, checkpoint_every=1, keep_checkpoints=2,
                                  out_dir=str(tmp_path / "o2")), log=lambda s: None)
     full = train(base, log=lambda s: None)

@@ -2,7 +2,9 @@
 # Planned, not run (session 9 had no device time left): the four bit-identity tests call 9e's time limit cut off
 # (int8 W3, adam, the deep stream twice), on the GPU with the landed stream; then, at the
 # OPT-175B block shape (4 layers, bf16), W=3 with unpacked blocks, fused against sequential
-# branches in the same call, and W=4 with hold 2 as a variant on the defaults' engine.
+# branches in the same call, and W=4 with hold 2 as a variant on the defaults' engine; then
+# checkpoint_memory.py (save_engine/restore_engine against save(state())) at OPT-1.3B and
+# OPT-30B blocks (8 layers, unpacked) in pinned host memory.
 set -u
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
@@ -21,6 +23,11 @@ echo "t=${SECONDS}s unpacked"
 (( SECONDS < 500 )) && ROW_TIMEOUT=$((590 - SECONDS)) bash benchmarks/run_ours.sh $R \
   $L,--stream-variants,4:2:1,--variant-reps,2
 echo "t=${SECONDS}s defaults+W4"
+(( SECONDS < 540 )) && for m in "opt_1_3b" "opt_30b --layers 8"; do
+  timeout $((590 - SECONDS)) python3 benchmarks/checkpoint_memory.py --model $m --dir /tmp/ckm \
+    --json-out $OUT/ckpt_memory.jsonl 2>>$OUT/ckpt_memory.log | grep -v -i warn
+done
+echo "t=${SECONDS}s checkpoint memory"
 grep -v -i warn ${R%.jsonl}.log | grep -i "error\|fail" | tail -4
 python3 benchmarks/table.py $R
 python3 - "$R" <<'PY'
