@@ -183,3 +183,41 @@ def test_a_typed_prng_key_in_a_block_state_round_trips(tmp_path):
     np.testing.assert_array_equal(got[0]["w"], tree[0]["w"])
     assert got[1]["k"].dtype == key.dtype
     np.testing.assert_array_equal(jax.random.key_data(got[1]["k"]), jax.random.key_data(key))
+
+
+@pytest.mark.parametrize("where", ["step", "flush"])
+def test_a_step_or_flush_raising_midway_stops_the_engine_until_a_restore(tmp_path, where,
+                                                                         monkeypatch):
+    """Out of memory in the second unit: the outer part and the first unit hold the update,
+    the rest not. The engine says so instead of training on, and a restore makes it whole."""
+    kw = dict(tx=shared_sgd(), resident_blocks=0, blocks_per_call=1)
+    straight = _engine(kw)
+    _run(straight, range(3))
+    engine = _engine(kw)
+    _run(engine, range(2))
+    ck = Checkpointer(str(tmp_path / "ck"), asynchronous=False)
+    ck.save_engine(2, engine, {}, {"step": 2})
+    stream = engine._stream
+    real = stream.update_pass
+
+    def failing(compute, **kw):
+        def c(unit, *args):
+            if unit == stream.streamed[1]:
+                raise MemoryError("RESOURCE_EXHAUSTED: out of memory")
+            return compute(unit, *args)
+        return real(c, **kw)
+
+    monkeypatch.setattr(stream, "update_pass", failing)
+    with pytest.raises(MemoryError):
+        if where == "step":
+            engine.step(BATCHES[2], jax.random.key(102))
+        else:
+            engine.flush()
+    monkeypatch.setattr(stream, "update_pass", real)
+    for call in (lambda: engine.step(BATCHES[2], jax.random.key(102)), engine.state,
+                 lambda: engine.logits(BATCHES[0])):
+        with pytest.raises(RuntimeError, match=f"a {where} raised midway .*MemoryError"):
+            call()
+    ck.restore_engine(engine)
+    _run(engine, range(2, 3))
+    assert_trees_identical(straight.state(), engine.state(), "restored after a failed " + where)

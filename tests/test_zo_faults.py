@@ -95,6 +95,7 @@ def test_malformed_batches(engine_cls):
             engine.eval_loss(batch)
     with pytest.raises(TypeError, match="expected a PRNG key"):
         engine.step(good, 3)
+    engine.step(good, jax.random.key(0))  # refused before any change: the engine goes on
 
 
 def test_restore_refuses_a_different_configuration():

@@ -15,6 +15,7 @@ two engines give bit-identical parameters for the same keys, storage and compute
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import warnings
@@ -496,8 +497,9 @@ class ZO2Engine:
         reading forces the host to wait for this step). The host waits only for write-backs
         of older units, to keep at most `max_inflight` streamed units on the device.
 
-        A step that raises midway (e.g. out of memory) leaves some blocks updated and others
-        not: restore a saved `state()` before going on."""
+        A step that raises once the outer parameters are updated (e.g. out of memory in a
+        block) leaves some blocks updated and others not: the engine then refuses to run, or to
+        give its state, until `restore` (e.g. `Checkpointer.restore_engine`) succeeds."""
         self._check_usable()
         common.check_batch(batch, self._batch_shape)
         batch = self._to_device(dict(batch))
@@ -505,6 +507,21 @@ class ZO2Engine:
         pend, count = self._pending, self._count
         self._outer, self._opt_outer, hs, ctx, g = _outer_fn(
             self.spec, self._outer, self._opt_outer, pend, count, key, batch)
+        with self._partial("a step"):
+            return self._step_blocks(batch, key, pend, count, hs, ctx, g)
+
+    @contextlib.contextmanager
+    def _partial(self, what: str):
+        """Marks the engine unusable when the body raises: its parts hold two states."""
+        try:
+            yield
+        except BaseException as e:
+            self._broken = (f"{what} raised midway ({type(e).__name__}: {e}): some of this "
+                            f"engine's parts hold its update and others not; restore a saved "
+                            f"state (Checkpointer.restore_engine) or build a new engine")
+            raise
+
+    def _step_blocks(self, batch, key, pend, count, hs, ctx, g) -> dict:
         carry = [hs, g]
         unit_fn = _unit_fns[self.branches]
 
@@ -530,8 +547,10 @@ class ZO2Engine:
         pend, count = self._pending, self._count
         self._outer, self._opt_outer = _update_fn(self.spec, "outer", self._outer,
                                                   self._opt_outer, pend, count, OUTER_PART)
-        self._stream.update_pass(lambda unit, blks, opts: _unit_update_fn(
-            self.spec, self._packing_of(unit), blks, opts, pend, count, self._unit_ids(unit)))
+        with self._partial("a flush"):
+            self._stream.update_pass(lambda unit, blks, opts: _unit_update_fn(
+                self.spec, self._packing_of(unit), blks, opts, pend, count,
+                self._unit_ids(unit)))
         # Committed to the device like the step's outputs, so the next step hits the jit cache.
         self._count, self._pending = jax.device_put(
             (count + pend.valid.astype(jnp.int32),
