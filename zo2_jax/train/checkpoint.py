@@ -167,6 +167,13 @@ class _BlockReader:
 class Checkpointer:
     """Asynchronous save / restore of (engine state, data state, metadata) by step.
 
+    For an engine, `save_engine` / `restore_engine` (blocks one at a time for a ZO2Engine);
+    `save` / `restore` take any state tree:
+
+      >>> ck = Checkpointer("ckpt", keep=2)
+      >>> ck.save_engine(step, engine, loader.state(), {"step": step})
+      >>> data_state, meta = ck.restore_engine(engine)   # the latest step
+
     Args:
       directory: where checkpoints live (created if missing).
       keep: how many recent checkpoints to keep.
