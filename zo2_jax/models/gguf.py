@@ -35,6 +35,10 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # only its "llama" tensor processor un-permutes.
 _PERMUTED_ARCHITECTURES = {"llama"}
 
+# Special tokens by their llama.cpp id keys (as transformers' GGUF tokenizer loader names them).
+_SPECIAL_TOKENS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id",
+                   "unk_token": "unknown_token_id", "pad_token": "padding_token_id"}
+
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
                  "output": "lm_head"}
 _BLOCK_NAMES = {
@@ -70,6 +74,23 @@ class _Reader(gguf.GGUFReader):
         if type(self.data) is np.memmap:
             self.data = self.data.view(np.ndarray)  # its .base keeps the mapping alive
         return super()._get(offset, dtype, count, override_order)
+
+    def _build_tensors(self, start_offs, fields):
+        """Checks that every tensor's bytes lie inside the file before gguf slices them (a
+        truncated file would otherwise fail in a reshape that names no tensor)."""
+        size = len(self.data)
+        for field in fields:
+            _, name, _, dims, raw_type, offset = field.parts
+            try:
+                block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(raw_type[0])]
+            except (ValueError, KeyError):
+                continue  # an unknown type: gguf's own check names it
+            end = int(start_offs + offset[0]) + int(np.prod(dims)) * type_size // block
+            if end > size:
+                raise GGUFError(f"tensor {bytes(name).decode(errors='replace')!r} needs the file's "
+                                f"bytes up to {end:,}, but the file has {size:,} bytes: it is "
+                                f"truncated (an incomplete download or copy?)")
+        super()._build_tensors(start_offs, fields)
 
 
 def smollm2_gguf_path() -> str:
@@ -327,9 +348,10 @@ class GGUFCheckpoint:
     def tokenizer(self):
         """The tokenizer stored in the file, as a `transformers.PreTrainedTokenizerFast`.
 
-        Built by transformers' own GGUF converter from the vocabulary, merges, token types and
-        special-token ids, so it encodes exactly as
-        `AutoTokenizer.from_pretrained(dirname, gguf_file=basename)` does.
+        The vocabulary, merges, token types and special tokens are read here (with the `gguf`
+        package) and handed to transformers' GGUF tokenizer converter, so it encodes exactly as
+        `AutoTokenizer.from_pretrained(dirname, gguf_file=basename)` does, without the torch that
+        transformers' own GGUF metadata reader imports.
         """
         from transformers import PreTrainedTokenizerFast
 
@@ -337,16 +359,40 @@ class GGUFCheckpoint:
             raise GGUFError(f"{self.path}: expected a tokenizer (metadata key "
                             "'tokenizer.ggml.tokens'), found none.")
         try:
-            from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
-        except ImportError:  # transformers before its integrations/gguf package: same converter
+            from transformers.integrations.gguf import convert_gguf_tokenizer
+        except ImportError:  # transformers 4.x: its own loader, which needs no torch for this
             return PreTrainedTokenizerFast.from_pretrained(
                 os.path.dirname(os.path.abspath(self.path)), gguf_file=os.path.basename(self.path))
+        architecture, tokenizer_dict, tokenizer_config = self.tokenizer_fields()
         try:
-            architecture, tokenizer_dict, tokenizer_config = get_gguf_tokenizer(self.path)
             backend, extra = convert_gguf_tokenizer(architecture, tokenizer_dict)
-        except (ValueError, KeyError) as e:
+        except (ValueError, KeyError, IndexError) as e:
             raise GGUFError(f"{self.path}: cannot build its tokenizer: {e}") from e
         return PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)
+
+    def tokenizer_fields(self) -> tuple[str, dict, dict]:
+        """`(architecture, tokenizer_dict, tokenizer_config)` as transformers'
+        `get_gguf_tokenizer` returns them: llama.cpp's tokenizer metadata under transformers'
+        names, and the special tokens spelled out."""
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING
+
+        fields = self._reader.fields
+        grouped = {group: {name: fields[f"tokenizer.{key}"].contents()
+                           for key, name in renames.items() if f"tokenizer.{key}" in fields}
+                   for group, renames in GGUF_TOKENIZER_MAPPING.items()}
+        tokenizer, config = grouped["tokenizer"], grouped["tokenizer_config"]
+        if tokenizer.get("tokenizer_type") == "llama":  # llama.cpp adds BOS unless told not to
+            config.setdefault("add_bos_token", True)
+        elif tokenizer.get("tokenizer_type") == "gemma4":
+            config["add_bos_token"] = False
+        tokens = tokenizer["tokens"]
+        for name, key in _SPECIAL_TOKENS.items():
+            token_id = self._meta(f"tokenizer.ggml.{key}", int, None)
+            if token_id is not None and not 0 <= token_id < len(tokens):
+                raise GGUFError(f"{self.path}: tokenizer.ggml.{key} is {token_id}, outside the "
+                                f"vocabulary of {len(tokens)} tokens.")
+            config[name] = tokens[token_id] if token_id is not None else None
+        return self._arch, tokenizer, config
 
 
 def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
@@ -368,6 +414,8 @@ def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
         raise GGUFError(f"{path}: not a GGUF file (expected magic b'GGUF', found {magic!r}).")
     try:
         reader = _Reader(path)
+    except GGUFError as e:
+        raise GGUFError(f"{path}: {e}") from None
     except (ValueError, KeyError, IndexError) as e:  # bad version, truncation, duplicate keys
         raise GGUFError(f"{path}: cannot parse GGUF: {e}") from e
     return GGUFCheckpoint(path, reader)

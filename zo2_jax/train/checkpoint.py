@@ -178,13 +178,17 @@ class Checkpointer:
       directory: where checkpoints live (created if missing).
       keep: how many recent checkpoints to keep.
       asynchronous: write in the background; the training loop continues meanwhile.
+      create: create `directory` when missing (else it must exist).
     """
 
-    def __init__(self, directory: str, keep: int = 3, asynchronous: bool = True):
+    def __init__(self, directory: str, keep: int = 3, asynchronous: bool = True,
+                 create: bool = True):
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         self.directory = os.path.abspath(directory)
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+        if not create and not os.path.isdir(self.directory):
+            raise FileNotFoundError(f"{directory}: no such checkpoint folder")
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
                                                enable_async_checkpointing=asynchronous,
                                                cleanup_tmp_directories=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
@@ -194,6 +198,16 @@ class Checkpointer:
 
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
+
+    def read_meta(self, step: Optional[int] = None) -> dict:
+        """The metadata saved with `step` (latest if None), without reading any array."""
+        step = self._step(step)
+        try:
+            out = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        except Exception as e:  # orbax's own errors name neither the folder nor the cure
+            raise ValueError(f"{self.directory}/{step}: its metadata cannot be read ({e}); is it "
+                             f"a zo2_jax checkpoint?") from e
+        return dict(out["meta"])
 
     def save(self, step: int, state: PyTree, data_state: dict, meta: dict) -> None:
         """Start saving; returns once the arrays are safe to change (device work may go on)."""
@@ -275,11 +289,15 @@ class Checkpointer:
         try:
             return self._manager.restore(step, args=args)
         except ValueError as e:
-            if "do not match" not in str(e):
-                raise
-            raise ValueError(f"{self.directory}/{step}: the saved state does not have this "
-                             f"engine's structure (written with another optimiser, storage or "
-                             f"model?): {e}") from e
+            if "do not match" in str(e):
+                raise ValueError(f"{self.directory}/{step}: the saved state does not have this "
+                                 f"engine's structure (written with another optimiser, storage "
+                                 f"or model?): {e}") from e
+            if "Requested shape" in str(e) or "strict=False" in str(e):
+                raise ValueError(f"{self.directory}/{step}: the saved parameters have other "
+                                 f"shapes than this model's: the checkpoint was written for "
+                                 f"another model (its run's --model is in its metadata)") from None
+            raise
 
     def _rebuild(self, step: int, arrays: PyTree, out) -> tuple[dict, dict]:
         meta = dict(out["meta"])

@@ -23,7 +23,8 @@ import zo2_jax.models as zm
 from zo2_jax.train import data as D
 from zo2_jax.train import metrics as M
 from zo2_jax.train.checkpoint import Checkpointer
-from zo2_jax.train.config import DEFAULT_MODEL, TrainConfig
+from zo2_jax.train.config import (DEFAULT_MODEL, TrainConfig, against_checkpoint,
+                                    same_path, saved_config)
 
 MODEL_KEYS = ("input_ids", "attention_mask", "loss_mask")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -51,36 +52,58 @@ def load_model(cfg: TrainConfig, lazy_blocks: bool = True):
 
 @dataclasses.dataclass
 class Data:
-    loader: D.Loader
+    loader: Optional[D.Loader]  # None for evaluation only
     eval_batches: list  # classification: prompt-only batches; lm: packed windows
     task: Optional[D.ClassificationTask]
 
 
-def make_data(cfg: TrainConfig, tokenizer) -> Data:
-    """Training loader and evaluation batches for the configured task."""
+@dataclasses.dataclass
+class Texts:
+    """A task's examples or documents as read from its files, before any tokenizer is involved."""
+    train: list
+    eval: list
+    task: Optional[D.ClassificationTask]
+
+
+def read_data(cfg: TrainConfig, train: bool = True) -> Texts:
+    """Reads and checks the configured data files (or the shipped task): a bad file, line or
+    label is reported here, before a model is loaded. `train=False` reads what evaluation needs."""
     if cfg.task == "lm":
-        docs = D.load_texts(cfg.train_file)
-        loader = D.lm_loader(docs, tokenizer, cfg.seq_len, cfg.batch_size, seed=cfg.seed)
-        ev = D.load_texts(cfg.eval_file) if cfg.eval_file else docs
-        eval_batches = list(D.batches(D.pack(ev, tokenizer, cfg.seq_len), cfg.batch_size,
-                                      D.Padding(pad_id=D.pad_id_of(tokenizer),
-                                                length=cfg.seq_len)))
-        if cfg.eval_examples:
-            eval_batches = eval_batches[:max(1, cfg.eval_examples // cfg.batch_size)]
-        return Data(loader, eval_batches, None)
+        docs = D.load_texts(cfg.train_file) if train or not cfg.eval_file else []
+        return Texts(docs, D.load_texts(cfg.eval_file) if cfg.eval_file else docs, None)
     task = D.ClassificationTask(cfg.template, cfg.label_words)
-    train = D.load_examples(cfg.train_file or D.shipped_path("sentiment_train.jsonl"),
-                            task.num_classes)
-    if cfg.k_shot:
-        train = D.kshot(train, cfg.k_shot, cfg.seed)
+    examples = []
+    if train:
+        examples = D.load_examples(cfg.train_file or D.shipped_path("sentiment_train.jsonl"),
+                                   task.num_classes)
+        if cfg.k_shot:
+            examples = D.kshot(examples, cfg.k_shot, cfg.seed)
     ev = D.load_examples(cfg.eval_file or D.shipped_path("sentiment_eval.jsonl"),
                          task.num_classes)
     if cfg.eval_examples:
         ev = D.kshot(ev, cfg.eval_examples // task.num_classes, cfg.seed) \
             if cfg.eval_examples // task.num_classes else ev[:cfg.eval_examples]
-    loader = task.loader(train, tokenizer, cfg.batch_size, seed=cfg.seed, max_len=cfg.max_len)
-    return Data(loader, task.eval_batches(ev, tokenizer, cfg.batch_size, max_len=cfg.max_len),
-                task)
+    return Texts(examples, ev, task)
+
+
+def make_data(cfg: TrainConfig, tokenizer, texts: Optional[Texts] = None) -> Data:
+    """Training loader and evaluation batches for the configured task (`texts` from `read_data`,
+    read now when not given; with `texts` read for evaluation only, no loader)."""
+    texts = read_data(cfg) if texts is None else texts
+    if cfg.task == "lm":
+        loader = D.lm_loader(texts.train, tokenizer, cfg.seq_len, cfg.batch_size,
+                             seed=cfg.seed) if texts.train else None
+        eval_batches = list(D.batches(D.pack(texts.eval, tokenizer, cfg.seq_len), cfg.batch_size,
+                                      D.Padding(pad_id=D.pad_id_of(tokenizer),
+                                                length=cfg.seq_len)))
+        if cfg.eval_examples:
+            eval_batches = eval_batches[:max(1, cfg.eval_examples // cfg.batch_size)]
+        return Data(loader, eval_batches, None)
+    task = texts.task
+    loader = task.loader(texts.train, tokenizer, cfg.batch_size, seed=cfg.seed,
+                         max_len=cfg.max_len) if texts.train else None
+    return Data(loader, task.eval_batches(texts.eval, tokenizer, cfg.batch_size,
+                                          max_len=cfg.max_len), task)
 
 
 def make_engine(cfg: TrainConfig, model, params):
@@ -121,9 +144,9 @@ def evaluate(engine, data: Data) -> dict:
 
 @dataclasses.dataclass
 class Result:
-    before: dict
+    before: dict  # evaluation before training ({} when resumed from a checkpoint without it)
     after: dict
-    steps: int
+    steps: int  # steps run by this call
     seconds: float
     metrics_path: str
     plot_path: Optional[str]
@@ -131,6 +154,22 @@ class Result:
     engine: Any = None  # holds the trained parameters (flushed), e.g. for export
     model: Any = None
     tokenizer: Any = None
+    resumed_from: Optional[int] = None  # the checkpoint's step, when the run resumed
+    export_path: Optional[str] = None  # where the fine-tuned model was exported (export_dir)
+    config: Optional[TrainConfig] = None  # the run's config (a resumed run's, as merged)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped `train`; the message says which step is saved and how to resume.
+
+    Attributes:
+      step: the last step that completed.
+      saved_step: the newest checkpoint's step, or None when none exists.
+    """
+
+    def __init__(self, message: str, step: int, saved_step: Optional[int]):
+        super().__init__(message)
+        self.step, self.saved_step = step, saved_step
 
 
 def _to_host(step, m, t0, tokens):
@@ -144,72 +183,174 @@ def _to_host(step, m, t0, tokens):
     return rec
 
 
+def resume_config(cfg: TrainConfig, given: Optional[dict] = None
+                  ) -> tuple[TrainConfig, Optional[dict], list[str]]:
+    """(config, saved metadata or None, notes) for a run of `cfg` in its checkpoint_dir.
+
+    With a checkpoint there, the run continues the saved one: the saved config with `given` (the
+    settings given anew; by default every field of `cfg` that differs from the saved value)
+    merged in by `against_checkpoint`, which refuses a change to the model, optimiser, data or
+    schedule and notes any other."""
+    if not cfg.checkpoint_dir or not os.path.isdir(cfg.checkpoint_dir):
+        return cfg, None, []
+    meta = read_checkpoint_meta(cfg.checkpoint_dir)
+    if meta is None:
+        return cfg, None, []
+    saved = meta.get("config")
+    if not isinstance(saved, dict):
+        raise ValueError(f"{cfg.checkpoint_dir}: its checkpoint of step {meta.get('step')} "
+                         f"records no training config (not written by zo2_jax's trainer?)")
+    if given is None:
+        mine = cfg.to_json()
+        given = {k: v for k, v in mine.items() if k not in saved or _differs(k, v, saved[k])}
+    merged, notes = against_checkpoint(saved, {**given, "checkpoint_dir": cfg.checkpoint_dir},
+                                       "train", cfg.checkpoint_dir)
+    return merged, meta, notes
+
+
+def _differs(name, a, b) -> bool:
+    if name in ("model", "train_file", "eval_file", "out_dir", "export_dir", "checkpoint_dir"):
+        return not same_path(a, b)
+    return a != b
+
+
+def read_checkpoint_meta(directory: str, step: Optional[int] = None) -> Optional[dict]:
+    """The metadata of the newest (or given) checkpoint in `directory` (its step, the config it
+    was trained with, the evaluation before training), or None when there is none."""
+    ck = Checkpointer(directory, create=False)
+    try:
+        if (step if step is not None else ck.latest_step()) is None:
+            return None
+        return ck.read_meta(step)
+    finally:
+        ck.close()
+
+
 def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> Result:
-    """Run the configured fine-tuning job end to end (resuming from checkpoint_dir if present)."""
+    """Run the configured fine-tuning job end to end.
+
+    With a checkpoint in `cfg.checkpoint_dir`, the run resumes from it with the config it was
+    saved with (see `resume_config`). Ctrl-C stops the run cleanly: with a checkpoint_dir the
+    last completed step is saved first (a second Ctrl-C aborts the save), and
+    `TrainingInterrupted` says what is saved and how to resume.
+    """
     t_start = time.perf_counter()
+    cfg, meta, notes = resume_config(cfg)
+    for note in notes:
+        log(f"note: {note}")
+    texts = read_data(cfg)  # bad data files fail here, before the model loads
     model, params, tok = load_model(cfg)
-    data = make_data(cfg, tok)
+    data = make_data(cfg, tok, texts)
     engine = make_engine(cfg, model, params)
     del params
     ckpt = Checkpointer(cfg.checkpoint_dir, cfg.keep_checkpoints) if cfg.checkpoint_dir else None
-    start = 0
-    if ckpt is not None and ckpt.latest_step() is not None:
-        data_state, meta = ckpt.restore_engine(engine)
-        data.loader.restore(data_state)
-        start = int(meta["step"])
-        log(f"resumed from {ckpt.directory} at step {start}")
-    mlog = M.MetricsLog(cfg.out_dir, resume_step=start if start else None)
-    before = evaluate(engine, data) if start == 0 else {}
-    if before:
-        mlog.write({"kind": "eval", "step": 0, **before})
-        log(f"before: {_fmt(before)}")
-    base_key = jax.random.key(cfg.seed)
-    bar = None
-    if cfg.progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=cfg.steps, initial=start, desc=f"{cfg.engine} {cfg.optimizer}",
-                   dynamic_ncols=True)
-    pending, skipped, t_prev = None, 0, time.perf_counter()
-    for step in range(start, cfg.steps):
-        batch = next(data.loader)
-        mb = model_batch(batch)
-        m = engine.step(mb, jax.random.fold_in(base_key, step))
-        if pending is not None:  # step-1's scalars: the device is already busy with `step`
+    start, before, mlog = 0, {}, None
+    completed, data_state = 0, None
+    try:
+        if meta is not None:
+            data_state, meta = ckpt.restore_engine(engine)
+            data.loader.restore(data_state)
+            start = completed = int(meta["step"])
+            before = dict(meta.get("before") or {})
+            log(f"resumed from {ckpt.directory} at step {start}")
+        data_state = data.loader.state()
+        mlog = M.MetricsLog(cfg.out_dir, resume_step=start if start else None)
+        if start == 0:
+            before = evaluate(engine, data)
+            mlog.write({"kind": "eval", "step": 0, **before})
+            log(f"before: {_fmt(before)}")
+        run_meta = lambda step: {"step": step, "config": saved_config(cfg),  # noqa: E731
+                                 "before": before}
+        base_key = jax.random.key(cfg.seed)
+        bar = None
+        if cfg.progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=cfg.steps, initial=start, desc=f"{cfg.engine} {cfg.optimizer}",
+                       dynamic_ncols=True)
+        pending, skipped, t_prev = None, 0, time.perf_counter()
+        for step in range(start, cfg.steps):
+            batch = next(data.loader)
+            mb = model_batch(batch)
+            m = engine.step(mb, jax.random.fold_in(base_key, step))
+            completed, data_state = step + 1, data.loader.state()
+            if pending is not None:  # step-1's scalars: the device is already busy with `step`
+                rec = _to_host(*pending, t_prev, pending_tokens)
+                t_prev = time.perf_counter()
+                skipped = int(rec.get("skipped_total", skipped))
+                _report(rec, mlog, bar)
+            pending, pending_tokens = (step, m), int(np.asarray(batch["attention_mask"]).sum())
+            done = step + 1
+            if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
+                ev = evaluate(engine, data)
+                mlog.write({"kind": "eval", "step": done, **ev})
+                log(f"step {done}: {_fmt(ev)}")
+            if ckpt is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
+                ckpt.save_engine(done, engine, data_state, run_meta(done))
+        if pending is not None:
             rec = _to_host(*pending, t_prev, pending_tokens)
-            t_prev = time.perf_counter()
             skipped = int(rec.get("skipped_total", skipped))
             _report(rec, mlog, bar)
-        pending, pending_tokens = (step, m), int(np.asarray(batch["attention_mask"]).sum())
-        done = step + 1
-        if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
-            ev = evaluate(engine, data)
-            mlog.write({"kind": "eval", "step": done, **ev})
-            log(f"step {done}: {_fmt(ev)}")
-        if ckpt is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
-            ckpt.save_engine(done, engine, data.loader.state(),
-                      {"step": done, "config": cfg.to_json()})
-    if pending is not None:
-        rec = _to_host(*pending, t_prev, pending_tokens)
-        skipped = int(rec.get("skipped_total", skipped))
-        _report(rec, mlog, bar)
-    if bar is not None:
-        bar.close()
-    after = evaluate(engine, data)
-    mlog.write({"kind": "eval", "step": cfg.steps, **after})
-    log(f"after {cfg.steps} steps: {_fmt(after)}")
-    if ckpt is not None:
-        if cfg.checkpoint_every and cfg.steps % cfg.checkpoint_every:
-            ckpt.save_engine(cfg.steps, engine, data.loader.state(),
-                      {"step": cfg.steps, "config": cfg.to_json()})
-        ckpt.close()
-    mlog.close()
+        if bar is not None:
+            bar.close()
+        after = evaluate(engine, data)
+        mlog.write({"kind": "eval", "step": cfg.steps, **after})
+        log(f"after {cfg.steps} steps: {_fmt(after)}")
+        if ckpt is not None and ckpt.latest_step() != cfg.steps:
+            ckpt.save_engine(cfg.steps, engine, data_state, run_meta(cfg.steps))
+        export_path = None
+        if cfg.export_dir:
+            export_path = zm.save_pretrained(model, engine.params(), cfg.export_dir,
+                                             tokenizer=tok)
+    except KeyboardInterrupt as e:
+        if isinstance(e, TrainingInterrupted):
+            raise
+        raise _interrupted(cfg, ckpt, engine, completed, data_state,
+                           lambda: run_meta(completed), log) from None
+    finally:
+        if ckpt is not None:
+            ckpt.close()
+        if mlog is not None:
+            mlog.close()
     plot_path = None
     try:
         plot_path = M.plot(mlog.path, os.path.join(cfg.out_dir, "training.png"))
     except Exception as e:  # a missing font or backend must not lose a finished run
         warnings.warn(f"could not draw the plot: {e}")
     return Result(before, after, cfg.steps - start, time.perf_counter() - t_start, mlog.path,
-                  plot_path, skipped, engine, model, tok)
+                  plot_path, skipped, engine, model, tok, resumed_from=start or None,
+                  export_path=export_path, config=cfg)
+
+
+def _interrupted(cfg, ckpt, engine, completed, data_state, meta, log) -> TrainingInterrupted:
+    """Saves the last completed step (when there is a checkpoint_dir) after a Ctrl-C; a second
+    Ctrl-C during the save aborts it, leaving the checkpoints saved before intact."""
+    head = f"interrupted after step {completed} of {cfg.steps}"
+    if ckpt is None:
+        return TrainingInterrupted(
+            f"{head}; nothing was saved (no checkpoint_dir). To be able to stop and resume a "
+            f"run, give it --checkpoint-dir DIR.", completed, None)
+    last = ckpt.latest_step()
+    resume = f"resume with: zo2-jax train --checkpoint-dir {cfg.checkpoint_dir}"
+    if completed == 0 or last == completed or data_state is None:
+        saved = "nothing saved yet" if last is None else f"the newest checkpoint is step {last}"
+        return TrainingInterrupted(f"{head}; {saved}." + (f" {resume}" if last else ""),
+                                   completed, last)
+    log(f"{head}: saving step {completed} to {ckpt.directory} (Ctrl-C again to abort the save)")
+    try:
+        ckpt.save_engine(completed, engine, data_state, meta())
+        ckpt.wait()
+    except KeyboardInterrupt:
+        return TrainingInterrupted(f"{head}; the save of step {completed} was aborted, the "
+                                   f"newest checkpoint is "
+                                   f"{'none' if last is None else f'step {last}'}."
+                                   + (f" {resume}" if last else ""), completed, last)
+    except Exception as e:  # e.g. the interrupt came mid-step: the engine's state is not whole
+        return TrainingInterrupted(f"{head}; step {completed} could not be saved ({e}); the "
+                                   f"newest checkpoint is "
+                                   f"{'none' if last is None else f'step {last}'}."
+                                   + (f" {resume}" if last else ""), completed, last)
+    return TrainingInterrupted(f"{head}; saved step {completed} in {ckpt.directory}. {resume}",
+                               completed, completed)
 
 
 def _report(rec, mlog, bar):
