@@ -283,7 +283,34 @@ class Checkpointer:
         state, meta = self._rebuild(step, arrays, out)
         return state, dict(out["data"]), meta
 
+    def _check_shapes(self, step: int, arrays: PyTree) -> None:
+        """Compares the saved arrays' shapes with `arrays`' before reading any: a failed orbax
+        read leaves background reads that print tracebacks when the process exits."""
+        from etils import epath
+
+        try:
+            saved = ocp.StandardCheckpointHandler().metadata(
+                epath.Path(self.directory) / str(step) / "state")
+        except Exception:  # noqa: BLE001 - no metadata to check against: orbax's own checks
+            return
+        saved = getattr(saved, "tree", saved)
+        got = [x for x in jax.tree.leaves(saved) if hasattr(x, "shape")]
+        want = jax.tree_util.tree_leaves_with_path(arrays)
+        if len(got) != len(want):
+            raise ValueError(f"{self.directory}/{step}: the checkpoint has {len(got)} arrays, this "
+                             f"engine's state {len(want)}: it was written for another model, "
+                             f"optimiser or storage (its run's settings are in its metadata)")
+        if sorted(tuple(g.shape) for g in got) == sorted(tuple(np.shape(w)) for _, w in want):
+            return  # (leaf order is orbax's business; only the shapes are compared here)
+        for g, (path, w) in zip(got, want):
+            if tuple(g.shape) != tuple(np.shape(w)):
+                raise ValueError(f"{self.directory}/{step}: {jax.tree_util.keystr(path)} is saved "
+                                 f"with shape {tuple(g.shape)}, this model's is "
+                                 f"{tuple(np.shape(w))}: the checkpoint was written for another "
+                                 f"model (its run's --model is in its metadata)")
+
     def _restore_items(self, step: int, arrays: PyTree):
+        self._check_shapes(step, arrays)
         args = ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(arrays)),
                                   data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
         try:
