@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import signal
+import threading
 import time
 import warnings
 from typing import Any, Callable, Optional
@@ -268,24 +270,29 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> Result:
             bar = tqdm(total=cfg.steps, initial=start, desc=f"{cfg.engine} {cfg.optimizer}",
                        dynamic_ncols=True)
         pending, skipped, t_prev = None, 0, time.perf_counter()
-        for step in range(start, cfg.steps):
-            batch = next(data.loader)
-            mb = model_batch(batch)
-            m = engine.step(mb, jax.random.fold_in(base_key, step))
-            completed, data_state = step + 1, data.loader.state()
-            if pending is not None:  # step-1's scalars: the device is already busy with `step`
-                rec = _to_host(*pending, t_prev, pending_tokens)
-                t_prev = time.perf_counter()
-                skipped = int(rec.get("skipped_total", skipped))
-                _report(rec, mlog, bar)
-            pending, pending_tokens = (step, m), int(np.asarray(batch["attention_mask"]).sum())
-            done = step + 1
-            if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
-                ev = evaluate(engine, data)
-                mlog.write({"kind": "eval", "step": done, **ev})
-                log(f"step {done}: {_fmt(ev)}")
-            if ckpt is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
-                ckpt.save_engine(done, engine, data_state, run_meta(done))
+        with _DeferInterrupt(log) as stop:  # a Ctrl-C ends the loop between steps
+            for step in range(start, cfg.steps):
+                if stop.requested:
+                    break
+                batch = next(data.loader)
+                mb = model_batch(batch)
+                m = engine.step(mb, jax.random.fold_in(base_key, step))
+                completed, data_state = step + 1, data.loader.state()
+                if pending is not None:  # step-1's scalars: the device is already busy with `step`
+                    rec = _to_host(*pending, t_prev, pending_tokens)
+                    t_prev = time.perf_counter()
+                    skipped = int(rec.get("skipped_total", skipped))
+                    _report(rec, mlog, bar)
+                pending, pending_tokens = (step, m), int(np.asarray(batch["attention_mask"]).sum())
+                done = step + 1
+                if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
+                    ev = evaluate(engine, data)
+                    mlog.write({"kind": "eval", "step": done, **ev})
+                    log(f"step {done}: {_fmt(ev)}")
+                if ckpt is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
+                    ckpt.save_engine(done, engine, data_state, run_meta(done))
+        if stop.requested:
+            raise KeyboardInterrupt
         if pending is not None:
             rec = _to_host(*pending, t_prev, pending_tokens)
             skipped = int(rec.get("skipped_total", skipped))
@@ -319,6 +326,30 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> Result:
     return Result(before, after, cfg.steps - start, time.perf_counter() - t_start, mlog.path,
                   plot_path, skipped, engine, model, tok, resumed_from=start or None,
                   export_path=export_path, config=cfg)
+
+
+class _DeferInterrupt:
+    """While active (in the main thread), a first Ctrl-C only sets `requested`, so the loop stops
+    between two steps with the engine whole; a second raises KeyboardInterrupt at once."""
+
+    def __init__(self, log):
+        self.requested, self._log, self._old = False, log, None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self._log("Ctrl-C: stopping after this step (Ctrl-C again to stop at once)")
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
 
 
 def _interrupted(cfg, ckpt, engine, completed, data_state, meta, log) -> TrainingInterrupted:
