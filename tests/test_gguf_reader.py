@@ -4,6 +4,7 @@ file checked against transformers' own GGUF loader, and every error case."""
 import functools
 import math
 import os
+import sys
 
 import gguf
 import numpy as np
@@ -388,6 +389,34 @@ def test_no_tokenizer_in_file(tmp_path):
     _, path = tiny_gguf(tmp_path, meta_over={"tokenizer.ggml.tokens": None})
     with pytest.raises(GGUFError, match=r"tiny-llama\.gguf: expected a tokenizer"):
         read_gguf(path).tokenizer()
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.97])
+def test_truncated_file_names_the_tensor_cut_off(tmp_path, keep):
+    _, path = tiny_gguf(tmp_path, qtype=gguf.GGMLQuantizationType.Q8_0)
+    data = open(path, "rb").read()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[:int(len(data) * keep)])
+    with pytest.raises(GGUFError, match=r"cut\.gguf: tensor '[\w.]+' needs the file's bytes up to "
+                                        r"[\d,]+, but the file has [\d,]+ bytes: it is truncated"):
+        read_gguf(cut)
+
+
+def test_tokenizer_is_built_without_torch(tmp_path, monkeypatch):
+    """The main job installs no torch: transformers' GGUF metadata reader imports it, ours not."""
+    from transformers.integrations.gguf import get_gguf_tokenizer
+
+    _, path = tiny_gguf(tmp_path)
+    ref = get_gguf_tokenizer(path)  # (architecture, tokenizer dict, config), read with torch
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
+    monkeypatch.delitem(sys.modules, "transformers.integrations.gguf.reader", raising=False)
+    with pytest.raises(ImportError):
+        get_gguf_tokenizer(path)
+    ckpt = read_gguf(path)
+    assert ckpt.tokenizer_fields() == ref
+    tok = ckpt.tokenizer()
+    assert tok("the cat is").input_ids == [TOKENS.index("t"), TOKENS.index("he"),
+                                           TOKENS.index("Ġcat"), TOKENS.index("Ġis")]
 
 
 def test_smollm2_missing_package(monkeypatch):
