@@ -3,6 +3,7 @@ SmolLM2-135M-Instruct and the shipped task, its accuracy on training examples im
 model it exports evaluates the same."""
 
 import json
+import shlex
 
 import pytest
 
@@ -33,9 +34,20 @@ def test_default_job_shortened_improves_training_accuracy(tmp_path, capsys):
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, losses  # the label loss falls too
     assert (out / "training.png").exists()
 
-    # the exported Hugging Face folder is the fine-tuned model: evaluating it gives "after"
-    assert (exported / "config.json").exists()
-    assert cli.main(["eval", "--model", str(exported), "--eval-file", train_file,
-                     "--eval-examples", "64", "--batch-size", "8", "--no-progress"]) == 0
+    # The exported Hugging Face folder is the fine-tuned model, with its tokenizer: the eval
+    # command the job printed gives "after" again.
+    assert res["model"] == str(exported) and (exported / "config.json").exists()
+    import transformers
+
+    import zo2_jax.models as zm
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(exported))
+    ref = zm.load_tokenizer(smollm2_gguf_path())
+    text = "<|im_start|>The movie was great<|im_end|>"
+    assert tok(text)["input_ids"] == ref(text)["input_ids"]
+    printed = [line.strip() for line in lines if line.strip().startswith("zo2-jax eval")]
+    assert len(printed) == 1, lines
+    argv = shlex.split(printed[0])[1:]
+    assert cli.main(argv) == 0
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert again["accuracy"] == res["after"]["accuracy"], (again, res["after"])
+    assert again == res["after"], (again, res["after"])
