@@ -65,7 +65,7 @@ def test_eval_and_export_of_a_checkpoint_need_no_training_flags(tiny, tmp_path, 
     wrong = TrainConfig.from_dict({**meta["config"], "lr": 1e-5})
     model, params, _ = T.load_model(wrong)
     engine = T.make_engine(wrong, model, params)
-    Checkpointer("ck", create=False).restore_engine(engine)
+    Checkpointer("ck", read_only=True).restore_engine(engine)
     zm.save_pretrained(model, engine.params(), "wrong")
     wrong_lr = _tensors("wrong")
     assert any(not np.array_equal(mine[n], wrong_lr[n]) for n in mine)
@@ -223,3 +223,23 @@ def test_ctrl_c_saves_the_last_step_and_says_how_to_resume(tiny, tmp_path):
     code, _, stderr = _interrupted_run(tiny, tmp_path / "x")
     assert code == 130 and "Traceback" not in stderr, stderr
     assert "nothing was saved (no checkpoint_dir)" in stderr
+
+
+def test_a_reading_command_leaves_unfinished_saves_alone(tmp_path):
+    """eval / export / generate may run beside a training run that is writing a checkpoint: they
+    open the folder read-only, so orbax's clean-up of unfinished saves is not theirs to do."""
+    ck = Checkpointer(str(tmp_path), asynchronous=False)
+    ck.save(1, {"a": np.zeros(3)}, {"position": 1}, {"step": 1})
+    ck.close()
+    unfinished = tmp_path / "2.orbax-checkpoint-tmp"
+    (unfinished / "state").mkdir(parents=True)
+    reader = Checkpointer(str(tmp_path), read_only=True)
+    assert reader.read_meta() == {"step": 1, "engine_meta": None}
+    reader.wait()
+    reader.close()
+    assert T.read_checkpoint_meta(str(tmp_path))["step"] == 1
+    assert unfinished.exists()
+    writer = Checkpointer(str(tmp_path))  # the training side cleans it up
+    writer.wait()
+    writer.close()
+    assert not unfinished.exists()

@@ -199,7 +199,7 @@ def _restored_engine(args, command: str):
     engine = T.make_engine(cfg, model, params)
     del params
     if meta is not None:
-        ck = Checkpointer(cfg.checkpoint_dir, create=False)
+        ck = Checkpointer(cfg.checkpoint_dir, read_only=True)
         try:
             ck.restore_engine(engine, meta["step"])
         finally:

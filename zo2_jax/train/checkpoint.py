@@ -175,22 +175,25 @@ class Checkpointer:
       >>> data_state, meta = ck.restore_engine(engine)   # the latest step
 
     Args:
-      directory: where checkpoints live (created if missing).
+      directory: where checkpoints live (created if missing, unless read_only).
       keep: how many recent checkpoints to keep.
       asynchronous: write in the background; the training loop continues meanwhile.
-      create: create `directory` when missing (else it must exist).
+      read_only: only restore: `directory` must exist, and the unfinished saves in it are left
+        alone (they may be another process's, still being written).
     """
 
     def __init__(self, directory: str, keep: int = 3, asynchronous: bool = True,
-                 create: bool = True):
+                 read_only: bool = False):
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         self.directory = os.path.abspath(directory)
-        if not create and not os.path.isdir(self.directory):
+        if read_only and not os.path.isdir(self.directory):
             raise FileNotFoundError(f"{directory}: no such checkpoint folder")
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
+        self.read_only = read_only
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
+                                               read_only=read_only,
                                                enable_async_checkpointing=asynchronous,
-                                               cleanup_tmp_directories=True)
+                                               cleanup_tmp_directories=not read_only)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> Optional[int]:

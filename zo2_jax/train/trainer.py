@@ -219,7 +219,7 @@ def _differs(name, a, b) -> bool:
 def read_checkpoint_meta(directory: str, step: Optional[int] = None) -> Optional[dict]:
     """The metadata of the newest (or given) checkpoint in `directory` (its step, the config it
     was trained with, the evaluation before training), or None when there is none."""
-    ck = Checkpointer(directory, create=False)
+    ck = Checkpointer(directory, read_only=True)
     try:
         if (step if step is not None else ck.latest_step()) is None:
             return None
