@@ -243,3 +243,18 @@ def test_a_reading_command_leaves_unfinished_saves_alone(tmp_path):
     writer.wait()
     writer.close()
     assert not unfinished.exists()
+
+
+def test_save_pretrained_writes_the_tokenizer_of_the_source(tiny, tmp_path):
+    import transformers
+
+    model, params = zm.load(tiny)
+    assert model.source == tiny
+    out = zm.save_pretrained(model, params, str(tmp_path / "out"))  # no tokenizer=
+    ref = zm.load_tokenizer(tiny)
+    assert transformers.AutoTokenizer.from_pretrained(out)("It was great")["input_ids"] == \
+        ref("It was great")["input_ids"]
+    bare = zm.Model(model.config)  # built, not loaded: nothing to take a tokenizer from
+    with pytest.warns(UserWarning, match="no tokenizer written"):
+        zm.save_pretrained(bare, params, str(tmp_path / "bare"))
+    assert not (tmp_path / "bare" / "tokenizer.json").exists()

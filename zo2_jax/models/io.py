@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import warnings
 from typing import Any, Callable, Optional, Union
 
 import jax
@@ -265,7 +266,7 @@ def load(path: str, dtype=jnp.float32, *, compute_dtype=None, attn_impl: str = "
                                                         if "embed" in n or "wte" in n)),
                   adapter.prefixes[0])
     outer_spec, block_spec = adapter.tables(cfg, prefix)
-    model = Model(cfg, compute_dtype or dtype, attn_impl)
+    model = Model(cfg, compute_dtype or dtype, attn_impl, source=os.fspath(path))
     used: set[str] = set()
     outer = _fill(outer_spec, model.outer_shapes(), source, dtype, where, used)
     if cfg.tie_embeddings:  # some checkpoints also store the tied head; it must be the same
@@ -350,7 +351,9 @@ def hf_state_dict(model: Model, params, dtype=None) -> dict[str, np.ndarray]:
 
 def save_pretrained(model: Model, params, out_dir: str, *, dtype=None,
                     max_shard_bytes: int = 5 * 2 ** 30, tokenizer=None):
-    """Write config.json and safetensors (sharded past `max_shard_bytes`) for transformers.
+    """Write config.json and safetensors (sharded past `max_shard_bytes`) for transformers,
+    and the tokenizer: `tokenizer`, or else the one of the file or folder the model was loaded
+    from (`model.source`); without either, a warning says that the folder has none.
 
     Call `engine.flush()` first when the parameters come from a training engine.
     """
@@ -382,6 +385,15 @@ def save_pretrained(model: Model, params, out_dir: str, *, dtype=None,
                        "weight_map": weight_map}, fh, indent=2)
     with open(os.path.join(out_dir, "config.json"), "w") as fh:
         json.dump(config, fh, indent=2)
+    if tokenizer is None and model.source is not None:
+        try:
+            tokenizer = load_tokenizer(model.source)
+        except Exception as e:  # noqa: BLE001 - a model folder without a tokenizer is valid
+            warnings.warn(f"{out_dir}: no tokenizer written: {model.source} has none that loads "
+                          f"({type(e).__name__}: {e}); pass tokenizer=", stacklevel=2)
+    elif tokenizer is None:
+        warnings.warn(f"{out_dir}: no tokenizer written (the model was not loaded from a file): "
+                      f"pass tokenizer= for a folder that AutoTokenizer loads", stacklevel=2)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     return out_dir

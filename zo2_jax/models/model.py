@@ -33,11 +33,14 @@ class Model:
       config: the architecture.
       dtype: compute dtype; parameters are cast to it at the start of every stage.
       attn_impl: "xla" (any mask, any dtype) or "cudnn" (fused GPU kernel, bf16/fp16).
+      source: the file or folder it was loaded from (`load` sets it), where `save_pretrained`
+        finds its tokenizer.
     """
 
     config: DecoderConfig
     dtype: Any = jnp.float32
     attn_impl: str = "xla"
+    source: Optional[str] = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self):
         if self.attn_impl not in ("xla", "cudnn"):
@@ -57,7 +60,7 @@ class Model:
         return self.config.num_layers
 
     def with_dtype(self, dtype) -> "Model":
-        return Model(self.config, dtype, self.attn_impl)
+        return Model(self.config, dtype, self.attn_impl, self.source)
 
     # ---- parameter structure -------------------------------------------------------------
 

@@ -243,7 +243,8 @@ def check_meta(spec: Spec, num_blocks: int, m: Mapping) -> None:
     for k in ("num_blocks", "num_directions", "storage", "outer_storage", "fused", "directions"):
         if m.get(k) != want[k]:
             raise ValueError(f"state was saved with {k}={m.get(k)!r}, this engine has "
-                             f"{k}={want[k]!r}")
+                             f"{k}={want[k]!r}: build the engine as the state's was (the "
+                             f"command line reads its settings from the checkpoint)")
 
 
 def check_like(name: str, got: PyTree, want: PyTree) -> None:
