@@ -78,6 +78,7 @@ def test_save_engine_and_restore_engine_resume_exactly_block_by_block(tmp_path, 
     assert_trees_identical(straight.state(), resumed.state(), f"{name}: resumed vs straight")
 
 
+@pytest.mark.slow
 def test_a_zo2_checkpoint_restores_into_mezo(tmp_path):
     zo2 = _engine(dict(tx=shared_sgd()))
     _run(zo2, range(2))

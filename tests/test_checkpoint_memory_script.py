@@ -7,9 +7,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_checkpointing_block_by_block_holds_no_second_copy(tmp_path):
     out = tmp_path / "r.jsonl"
     # A fixed mmap threshold: glibc then returns every freed block-sized buffer at once, so the

@@ -11,6 +11,7 @@ from zo2_jax import cli
 from zo2_jax.train import data as D
 
 
+@pytest.mark.slow
 def test_default_job_shortened_improves_training_accuracy(tmp_path, capsys):
     from zo2_jax.models.gguf import smollm2_gguf_path
 

@@ -28,6 +28,7 @@ def _floats(pattern, text):
     return [float(x) for x in re.findall(pattern, text)]
 
 
+@pytest.mark.slow
 def test_finetune_offloaded(tmp_path):
     out = _run(tmp_path, "finetune_offloaded.py", "--tiny", "--steps", "3",
                "--resident-blocks", "1")
@@ -40,6 +41,7 @@ def test_finetune_offloaded(tmp_path):
     assert "mean step time after the first" in out, out
 
 
+@pytest.mark.slow
 def test_zo_adam_cosine(tmp_path):
     steps, warmup, lr = 12, 3, 1e-2
     out = _run(tmp_path, "zo_adam_cosine.py", "--steps", str(steps), "--warmup", str(warmup),
@@ -57,6 +59,7 @@ def test_zo_adam_cosine(tmp_path):
     assert len(first) == len(last) == 1 and math.isfinite(first[0] + last[0]), out
 
 
+@pytest.mark.slow
 def test_custom_loop(tmp_path):
     out = _run(tmp_path, "custom_loop.py", "--steps", "3", "--mlp-steps", "400",
                "--out", str(tmp_path / "export"))
@@ -75,6 +78,7 @@ def test_quickstart_notebook_is_committed_without_outputs():
     assert code and all(not c.outputs and c.execution_count is None for c in code)
 
 
+@pytest.mark.slow
 def test_quickstart_notebook_runs(tmp_path, monkeypatch):
     from nbclient import NotebookClient
 

@@ -37,6 +37,7 @@ def _tensors(folder) -> dict:
     return load_file(os.path.join(folder, "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_eval_and_export_of_a_checkpoint_need_no_training_flags(tiny, tmp_path, monkeypatch,
                                                                 capsys):
     """Trained with non-default engine, storage, lr, schedule and directions; the last checkpoint
@@ -85,6 +86,7 @@ def test_eval_and_export_of_a_checkpoint_need_no_training_flags(tiny, tmp_path, 
     assert json.loads(out.out.strip().splitlines()[-1])["eval_count"] == 16
 
 
+@pytest.mark.slow
 def test_resume_reads_its_config_and_reports_the_first_evaluation(tiny, tmp_path, monkeypatch,
                                                                  capsys):
     monkeypatch.chdir(tmp_path)
@@ -110,6 +112,7 @@ def test_resume_reads_its_config_and_reports_the_first_evaluation(tiny, tmp_path
                             lr=2e-3, eval_examples=32, progress=False))
 
 
+@pytest.mark.slow
 def test_a_moved_model_and_a_checkpoint_of_another_model(tiny, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     model = str(tmp_path / "m")
@@ -231,7 +234,7 @@ def test_a_reading_command_leaves_unfinished_saves_alone(tmp_path):
     ck = Checkpointer(str(tmp_path), asynchronous=False)
     ck.save(1, {"a": np.zeros(3)}, {"position": 1}, {"step": 1})
     ck.close()
-    unfinished = tmp_path / "2.orbax-checkpoint-tmp"
+    unfinished = tmp_path / "2.orbax-checkpoint-tmp-1764720000"  # orbax names them so
     (unfinished / "state").mkdir(parents=True)
     reader = Checkpointer(str(tmp_path), read_only=True)
     assert reader.read_meta() == {"step": 1, "engine_meta": None}
@@ -239,10 +242,11 @@ def test_a_reading_command_leaves_unfinished_saves_alone(tmp_path):
     reader.close()
     assert T.read_checkpoint_meta(str(tmp_path))["step"] == 1
     assert unfinished.exists()
-    writer = Checkpointer(str(tmp_path))  # the training side cleans it up
-    writer.wait()
+    writer = Checkpointer(str(tmp_path), asynchronous=False)  # the training side cleans it
+    writer.save(2, {"a": np.ones(3)}, {"position": 2}, {"step": 2})  # up before its next save
     writer.close()
     assert not unfinished.exists()
+    assert T.read_checkpoint_meta(str(tmp_path))["step"] == 2
 
 
 def test_save_pretrained_writes_the_tokenizer_of_the_source(tiny, tmp_path):

@@ -33,6 +33,7 @@ def test_greedy_continuation_says_paris(smollm2):
     assert "Paris" in text, text
 
 
+@pytest.mark.slow
 def test_logits_match_transformers_gguf_loader(smollm2):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")

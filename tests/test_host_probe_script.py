@@ -13,6 +13,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import host_probe  # noqa: E402
 
 
+@pytest.mark.slow
 def test_tiny_run_splits_the_host_time_and_restores_jax(tmp_path, capsys):
     put, wait = jax.device_put, jax.block_until_ready
     row = host_probe.main(["--model", "opt_125m", "--layers", "2", "--vocab-size", "256",

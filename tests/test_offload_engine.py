@@ -366,6 +366,7 @@ def test_fewer_units_than_slots_never_upload_a_copy_still_written_back(units_str
     np.testing.assert_array_equal(np.asarray(store.blocks[3]), np.full((4,), 9.0))
 
 
+@pytest.mark.slow
 def test_blocks_given_as_callables_are_made_one_at_a_time():
     """Blocks may be zero-argument callables (load or create one block at a time): each is
     called once, in order, and the engine trains exactly as with the concrete blocks."""
@@ -452,6 +453,7 @@ def test_branches_auto_follows_the_perturbed_copy_size_and_is_validated(monkeypa
             ZO2Engine(MODEL, PARAMS, tx=shared_sgd(), branches=bad)
 
 
+@pytest.mark.slow
 def test_optimizer_states_that_cannot_all_be_packed():
     """A bool leaf (apply_if_finite) is packed as a byte; a PRNG key (add_noise) cannot be
     packed: 'auto' keeps such blocks unpacked, True says why it cannot."""

@@ -89,7 +89,13 @@ def check_grad_norm(engine, metrics, key):
     assert float(metrics["grad_norm"]) > engine.spec.clip_norm  # the clip is exercised
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
+# The three slowest on a 2-core CPU (about 30 s each) run with the slow tests.
+SLOW_CONFIGS = {"momentum-bf16sr-q1-W2-G2", "mezo_sgd-schedule-bf16sr-q2-clip-resident1-W1-sequential",
+                "momentum-int8sr-q2-resident{0,2}-W3-sequential"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_CONFIGS
+                                  else n for n in CONFIGS])
 def test_zo2_matches_mezo_bit_for_bit(name):
     shared, zo2_only = CONFIGS[name]
     mezo = MeZOEngine(MODEL, PARAMS, **shared)
@@ -114,6 +120,7 @@ def test_directions_validated():
         ZO2Engine(MODEL, PARAMS, directions="normal")
 
 
+@pytest.mark.slow
 def test_rademacher_zo2_matches_mezo_and_state_records_it():
     kw = dict(tx=shared_sgd(), directions="rademacher",
               storage=Storage("bfloat16", rounding="stochastic"))
@@ -170,6 +177,7 @@ def test_real_llama_model_bit_for_bit():
     assert_trees_identical(mezo.params(), zo2.params(), "LLaMA params after 2 steps")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("group", [1, 2])
 def test_deep_stream_defaults_match_mezo_with_evals_between_steps(group):
     """A deeper toy (8 blocks) streams enough units for the defaults' W = 4 with hold = 2 and

@@ -4,12 +4,15 @@ import json
 import os
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import pack_memory  # noqa: E402
 
 
+@pytest.mark.slow
 def test_both_branch_schedules_report_memory(capsys):
     rows = {}
     for branches in ("fused", "sequential"):
@@ -24,6 +27,7 @@ def test_both_branch_schedules_report_memory(capsys):
     assert rows["fused"]["block_gb"] == rows["sequential"]["block_gb"]
 
 
+@pytest.mark.slow
 def test_packed_units_of_two_blocks_report_memory(capsys):
     pack_memory.main(["--model", "opt_125m", "--seq", "64", "--blocks-per-call", "2"])
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import precision_accuracy as pa  # noqa: E402
 
 
+@pytest.mark.slow
 def test_two_settings_same_data_and_keys(tmp_path, capsys):
     model = make_tiny_model(tmp_path / "model")
     out = tmp_path / "out"

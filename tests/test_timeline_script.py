@@ -54,6 +54,7 @@ def test_summary_of_a_synthetic_gpu_trace():
     assert g["kernel_ms_by_module"] == {"jit_block_step": per_step(4), "jit_pack": per_step(2)}
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_a_trace_and_a_summary(tmp_path):
     out = tmp_path / "trace"
     row = timeline.main(["--model", "opt_125m", "--layers", "2", "--seq", "32", "--steps", "1",

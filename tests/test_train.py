@@ -44,6 +44,7 @@ def _assert_same(a, b):
 
 @pytest.mark.parametrize("engine,optimizer,storage", [("mezo", "sgd", "float32"),
                                                       ("zo2", "adam", "bfloat16")])
+@pytest.mark.slow
 def test_resume_is_bit_exact(tiny, tmp_path, engine, optimizer, storage):
     kw = dict(engine=engine, optimizer=optimizer, storage_dtype=storage)
     full = train(_cfg(tiny, tmp_path / "a", **kw), log=lambda s: None)
@@ -59,6 +60,7 @@ def test_resume_is_bit_exact(tiny, tmp_path, engine, optimizer, storage):
     assert steps == list(range(6))  # the log continues: earlier steps kept, none doubled
 
 
+@pytest.mark.slow
 def test_metrics_and_plot(tiny, tmp_path):
     res = train(_cfg(tiny, tmp_path, eval_every=3, num_directions=2), log=lambda s: None)
     recs = [json.loads(line) for line in open(res.metrics_path)]
@@ -83,6 +85,7 @@ train(cfg, log=lambda s: print(s, flush=True))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["mezo", "zo2"])  # zo2: blocks one file each (save_engine)
 def test_killed_during_checkpointing_resumes_exactly(tiny, tmp_path, engine):
     ck = str(tmp_path / "ck")
