@@ -25,8 +25,8 @@ import zo2_jax.models as zm  # noqa: E402
 from zo2_jax.offload import Storage  # noqa: E402
 from zo2_jax.offload._pack import Packing  # noqa: E402
 from zo2_jax.offload._zo2 import _unit_fns  # noqa: E402
-from zo2_jax.zo import _common as common  # noqa: E402
-from zo2_jax.zo import _parts as parts  # noqa: E402
+from zo2_jax.core import common  # noqa: E402
+from zo2_jax.core import parts  # noqa: E402
 from zo2_jax.zo import mezo_sgd  # noqa: E402
 
 from bench_zo2 import nanogpt_shape  # noqa: E402

@@ -13,7 +13,7 @@ import pytest
 from _toy import MODEL, PARAMS, counting_batch, shared_sgd
 from zo2_jax.offload import Storage, ZO2Engine
 from zo2_jax.zo import MeZOEngine, mezo_sgd
-from zo2_jax.zo._noise import OUTER_PART, part_noise
+from zo2_jax.core.noise import OUTER_PART, part_noise
 
 SR_BF16 = Storage("bfloat16", rounding="stochastic")
 

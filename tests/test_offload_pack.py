@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from zo2_jax.offload._pack import ALIGN_WORDS, Layout, Packing
-from zo2_jax.offload.codecs import Int8Leaf
+from zo2_jax.core.storage import Int8Leaf
 
 
 def _tree():

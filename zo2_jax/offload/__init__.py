@@ -4,8 +4,8 @@
 round-to-nearest or stochastic rounding); both engines use it.
 """
 
-from zo2_jax.offload.codecs import Int8Leaf
-from zo2_jax.offload.codecs import Storage
+from zo2_jax.core.storage import Int8Leaf
+from zo2_jax.core.storage import Storage
 from zo2_jax.offload._zo2 import HostMemoryError
 from zo2_jax.offload._zo2 import ZO2Engine
 

@@ -17,8 +17,8 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from zo2_jax.offload.codecs import tree_nbytes, tree_size
-from zo2_jax.zo import _parts as parts
+from zo2_jax.core import parts
+from zo2_jax.core.trees import tree_nbytes, tree_size
 
 PyTree = Any
 

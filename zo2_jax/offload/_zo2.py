@@ -9,7 +9,7 @@ in a unit of `blocks_per_call` consecutive blocks, and while it is on the device
 3. returns the updated block, which is written back to pinned host memory.
 
 The projected gradient stays a device scalar: no host synchronisation between steps. `flush()`
-applies the last pending update. The math is `zo2_jax.zo._parts`, shared with MeZOEngine, so the
+applies the last pending update. The math is `zo2_jax.core.parts`, shared with MeZOEngine, so the
 two engines give bit-identical parameters for the same keys, storage and compute dtype.
 """
 
@@ -26,15 +26,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from zo2_jax.core import common
+from zo2_jax.core import parts
+from zo2_jax.core import trees
+from zo2_jax.core.noise import OUTER_PART, as_key
+from zo2_jax.core.storage import Storage
+from zo2_jax.core.trees import tree_nbytes, tree_size
 from zo2_jax.offload._budget import footprint, plan_resident, spread
 from zo2_jax.offload._pack import Packing, host_copy
 from zo2_jax.offload._stream import BlockStore, BlockStream, make_units
-from zo2_jax.offload.codecs import Storage, tree_nbytes, tree_size
-# Modules, not names: zo and offload import each other (zo's engine needs the codecs, offload's
-# engine the ZO math), and a module reference survives a partially initialised package.
-from zo2_jax.zo import _common as common
-from zo2_jax.zo import _parts as parts
-from zo2_jax.zo._noise import OUTER_PART, as_key
 
 PyTree = Any
 PACK_AUTO_MAX_BYTES = 1 << 30  # packed="auto": pack blocks up to this size (stored + opt state)
@@ -160,12 +160,12 @@ def _over_unit(blks, opts, ids, carry, one):
 
     def body(i, c):
         sb, so, carry = c
-        b, o, carry = one(common.take(sb, i), common.take(so, i), pids[i], carry)
-        return common.put(sb, b, i), common.put(so, o, i), carry
+        b, o, carry = one(trees.take(sb, i), trees.take(so, i), pids[i], carry)
+        return trees.put(sb, b, i), trees.put(so, o, i), carry
 
     sb, so, carry = jax.lax.fori_loop(0, len(blks), body,
-                                      (common.stack(blks), common.stack(opts), carry))
-    return common.unstack(sb, len(blks)), common.unstack(so, len(blks)), carry
+                                      (trees.stack(blks), trees.stack(opts), carry))
+    return trees.unstack(sb, len(blks)), trees.unstack(so, len(blks)), carry
 
 
 def unit_step(spec, packing, blks, opts, pend, count, ids, key, hs, ctx, gram_acc,
@@ -195,9 +195,9 @@ def _unit_eval(spec, packing, blks, h, ctx):
     unpack = (lambda b: b) if packing is None else packing.block.unpack  # noqa: E731
     if len(blks) == 1:
         return parts.eval_block(spec, unpack(blks[0]), h, ctx)
-    stacked = common.stack(blks)  # a loop, as in _over_unit (without write-back of blocks)
+    stacked = trees.stack(blks)  # a loop, as in _over_unit (without write-back of blocks)
     return jax.lax.fori_loop(0, len(blks), lambda i, h: parts.eval_block(
-        spec, unpack(common.take(stacked, i)), h, ctx), h)
+        spec, unpack(trees.take(stacked, i)), h, ctx), h)
 
 
 def _unit_decode(spec, packing, blks):
@@ -710,9 +710,9 @@ class ZO2Engine:
         common.check_meta(self.spec, self.num_blocks, state["meta"])
         if read_block is None:
             blocks, opts = state["blocks"], state["opt_blocks"]
-            if common.is_stacked(blocks):
-                blocks = common.unstack(blocks, self.num_blocks)
-                opts = common.unstack(opts, self.num_blocks)
+            if trees.is_stacked(blocks):
+                blocks = trees.unstack(blocks, self.num_blocks)
+                opts = trees.unstack(opts, self.num_blocks)
             blocks, opts = list(blocks), list(opts)
         elif "blocks" in state or "opt_blocks" in state:
             raise ValueError("restore: the blocks come either in state['blocks'] or from "

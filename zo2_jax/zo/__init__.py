@@ -6,12 +6,12 @@ g_j = (L(theta + eps z_j) - L(theta - eps z_j)) / (2 eps), and the estimate (1/q
 feeds any optax transform (`mezo_sgd` is fused into one elementwise update).
 """
 
+from zo2_jax.core.transforms import MeZOSGD
+from zo2_jax.core.transforms import MeZOSGDState
+from zo2_jax.core.transforms import mezo_sgd
 from zo2_jax.zo._estimator import ZOGrad
 from zo2_jax.zo._estimator import apply_zo_grad
 from zo2_jax.zo._estimator import zo_value_and_grad
-from zo2_jax.zo._transforms import MeZOSGD
-from zo2_jax.zo._transforms import MeZOSGDState
-from zo2_jax.zo._transforms import mezo_sgd
 from zo2_jax.zo._mezo import MeZOEngine
 
 __all__ = [

@@ -1,7 +1,7 @@
 """Function-level zeroth-order gradients, in the spirit of `jax.value_and_grad`, on any pytree.
 
 For a loss f, step key k and q directions z_j (Gaussian, one per leaf, regenerated from k; see
-`_noise.py`; the whole pytree is one part, PART_ID):
+`zo2_jax.core.noise`; the whole pytree is one part, PART_ID):
 
     L_j^+- = f(theta +- eps z_j),   g_j = (L_j^+ - L_j^-) / (2 eps),
     grad_hat = (1/q) sum_j g_j z_j         (an unbiased estimate of the gradient of a smoothed f)
@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from zo2_jax.zo._common import check_eps
-from zo2_jax.zo._noise import as_key, part_noise
-from zo2_jax.zo._transforms import (MeZOSGD, MeZOSGDState, fused_sgd_leaf, learning_rate_at,
+from zo2_jax.core.common import check_eps
+from zo2_jax.core.noise import as_key, part_noise
+from zo2_jax.core.transforms import (MeZOSGD, MeZOSGDState, fused_sgd_leaf, learning_rate_at,
                                     resolve_mask)
 
 PyTree = Any

@@ -1,9 +1,9 @@
 """MeZO: the resident engine. Every parameter on the device, one jitted step with donated state.
 
 The step is written once against the seam (model.context / embed / block / head) and shares its
-per-part math (`_parts.py`) with the offloaded ZO2 engine; it also applies the same deferred-update
-schedule (the update of step t is applied at the start of step t+1, or by `flush`), so both engines
-give bit-identical parameters for the same keys. Blocks are stored stacked along a leading axis and
+per-part math (`zo2_jax.core.parts`) with the offloaded ZO2 engine; it also applies the same
+deferred-update schedule (the update of step t is applied at the start of step t+1, or by `flush`),
+so both engines give bit-identical parameters for the same keys. Blocks are stored stacked along a leading axis and
 visited by a `fori_loop` that updates them in place (dynamic_update_slice on the donated carry), so
 the step compiles once whatever the depth and needs one copy of the parameters.
 """
@@ -17,10 +17,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from zo2_jax.offload.codecs import Storage
-from zo2_jax.zo import _common as common
-from zo2_jax.zo import _parts as parts
-from zo2_jax.zo._noise import OUTER_PART, as_key
+from zo2_jax.core import common
+from zo2_jax.core import parts
+from zo2_jax.core import trees
+from zo2_jax.core.noise import OUTER_PART, as_key
+from zo2_jax.core.storage import Storage
 
 PyTree = Any
 
@@ -40,9 +41,9 @@ def _step(spec: parts.Spec, state, batch, key):
 
     def body(i, carry):
         blocks, opts, hs, g = carry
-        b, o, hs, g = parts.block_step(spec, common.take(blocks, i), common.take(opts, i), pend,
+        b, o, hs, g = parts.block_step(spec, trees.take(blocks, i), trees.take(opts, i), pend,
                                        count, i.astype(jnp.uint32), key, hs, ctx, g)
-        return common.put(blocks, b, i), common.put(opts, o, i), hs, g
+        return trees.put(blocks, b, i), trees.put(opts, o, i), hs, g
 
     blocks, opts, hs, g = jax.lax.fori_loop(
         0, _depth(state), body, (state["blocks"], state["opt_blocks"], hs, g))
@@ -61,9 +62,9 @@ def _flush(spec: parts.Spec, state):
 
     def body(i, carry):
         blocks, opts = carry
-        b, o = parts.update_part(spec, "block", common.take(blocks, i), common.take(opts, i), pend,
+        b, o = parts.update_part(spec, "block", trees.take(blocks, i), trees.take(opts, i), pend,
                                  count, i.astype(jnp.uint32))
-        return common.put(blocks, b, i), common.put(opts, o, i)
+        return trees.put(blocks, b, i), trees.put(opts, o, i)
 
     blocks, opts = jax.lax.fori_loop(0, _depth(state), body,
                                      (state["blocks"], state["opt_blocks"]))
@@ -76,7 +77,7 @@ def _flush(spec: parts.Spec, state):
 def _forward(spec: parts.Spec, state, batch):
     h, ctx = parts.eval_embed(spec, state["outer"], batch)
     h = jax.lax.fori_loop(0, _depth(state), lambda i, h: parts.eval_block(
-        spec, common.take(state["blocks"], i), h, ctx), h)
+        spec, trees.take(state["blocks"], i), h, ctx), h)
     return parts.eval_head(spec, state["outer"], h, batch)
 
 
@@ -86,12 +87,12 @@ def _decode(spec: parts.Spec, state):
     # result is not an alias of the state that the next step donates.
     outer = jax.tree.map(jnp.copy, spec.outer_storage.decode(state["outer"]))
     blocks = jax.tree.map(jnp.copy, spec.storage.decode(state["blocks"]))
-    return {"outer": outer, "blocks": common.unstack(blocks, _depth(state))}
+    return {"outer": outer, "blocks": trees.unstack(blocks, _depth(state))}
 
 
 _init_part = jax.jit(parts.init_part, static_argnums=(0, 1))
-_set_block = jax.jit(lambda blocks, opts, b, o, i: (common.put(blocks, b, i),
-                                                      common.put(opts, o, i)),
+_set_block = jax.jit(lambda blocks, opts, b, o, i: (trees.put(blocks, b, i),
+                                                      trees.put(opts, o, i)),
                      donate_argnums=(0, 1))
 
 
@@ -224,7 +225,7 @@ class MeZOEngine:
         pending = common.pending_from_tree(state["pending"], state["meta"]["key_impl"])
         common.check_like("pending", pending.coef, self._state["pending"].coef)
         blocks, opts = state["blocks"], state["opt_blocks"]
-        stacked = common.is_stacked(blocks)
+        stacked = trees.is_stacked(blocks)
         if stacked:
             common.check_like("blocks", blocks, self._state["blocks"])
             common.check_like("opt_blocks", opts, self._state["opt_blocks"])

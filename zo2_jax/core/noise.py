@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zo2_jax.offload.codecs import path_hash
+from zo2_jax.core.storage import path_hash
 
 PyTree = Any
 

@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from zo2_jax.core.trees import tree_nbytes
+
 PyTree = Any
 StorageDType = Literal["float32", "bfloat16", "float16", "int8"]
 Rounding = Literal["nearest", "stochastic"]
@@ -179,13 +181,3 @@ class Storage:
         """Bytes the encoding of `tree` occupies."""
         return tree_nbytes(self.encoded_shapes(tree))
 
-
-def tree_size(tree: PyTree) -> int:
-    """Total number of elements of the arrays (or ShapeDtypeStructs) in a pytree."""
-    return int(sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(tree)))
-
-
-def tree_nbytes(tree: PyTree) -> int:
-    """Total bytes of the arrays (or ShapeDtypeStructs) in a pytree."""
-    # x.dtype.itemsize: numpy dtypes and jax's extended ones (PRNG keys) alike
-    return int(sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree)))

@@ -25,9 +25,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from zo2_jax.offload.codecs import Storage
-from zo2_jax.zo._noise import OUTER_PART, gram, part_noise, rounding_key
-from zo2_jax.zo._transforms import MeZOSGD, fused_sgd_leaf, learning_rate_at
+from zo2_jax.core.noise import OUTER_PART, gram, part_noise, rounding_key
+from zo2_jax.core.storage import Storage
+from zo2_jax.core.transforms import MeZOSGD, fused_sgd_leaf, learning_rate_at
 
 PyTree = Any
 

@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zo2_jax.offload.codecs import Int8Leaf, Storage
-from zo2_jax.zo._noise import DIRECTIONS
-from zo2_jax.zo._parts import Pending, Spec, freeze_mask
-from zo2_jax.zo._transforms import MeZOSGD, check_block_transform, mezo_sgd, resolve_mask
+from zo2_jax.core.noise import DIRECTIONS
+from zo2_jax.core.parts import Pending, Spec, freeze_mask
+from zo2_jax.core.storage import Int8Leaf, Storage
+from zo2_jax.core.transforms import MeZOSGD, check_block_transform, mezo_sgd, resolve_mask
 
 PyTree = Any
 COMPUTE_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -126,7 +126,7 @@ def check_options(model, *, eps, num_directions, compute_dtype, storage, outer_s
         raise ValueError(f"clip_norm must be None or a finite number > 0, got {clip_norm!r}")
     for name, st in (("storage", storage), ("outer_storage", outer_storage)):
         if st is not None and not isinstance(st, Storage):
-            raise TypeError(f"{name} must be a zo2_jax.offload.Storage, got {type(st).__name__}")
+            raise TypeError(f"{name} must be a zo2_jax.Storage, got {type(st).__name__}")
     if directions not in DIRECTIONS:
         raise ValueError(f"directions must be one of {DIRECTIONS}, got {directions!r}")
     return eps
@@ -257,27 +257,4 @@ def check_like(name: str, got: PyTree, want: PyTree) -> None:
         if np.shape(a) != np.shape(b) or _dtype_name(a.dtype) != _dtype_name(b.dtype):
             raise ValueError(f"state[{name!r}] leaf {jax.tree_util.keystr(path)} is "
                              f"{_describe(a)}, expected {_describe(b)}")
-
-
-def stack(trees) -> PyTree:
-    """Trees of one structure -> one tree with a new leading axis."""
-    return jax.tree.map(lambda *x: jnp.stack(x), *trees)
-
-
-def take(tree: PyTree, i) -> PyTree:
-    """Entry i (traced or static) of a stacked tree."""
-    return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False), tree)
-
-
-def put(tree: PyTree, sub: PyTree, i) -> PyTree:
-    """The stacked tree with entry i replaced by `sub`."""
-    return jax.tree.map(lambda x, y: jax.lax.dynamic_update_index_in_dim(x, y, i, 0), tree, sub)
-
-
-def unstack(tree: PyTree, n: int) -> list:
-    return [jax.tree.map(lambda x: x[i], tree) for i in range(n)]
-
-
-def is_stacked(blocks) -> bool:
-    return not isinstance(blocks, (list, tuple))
 
