@@ -1,71 +1,416 @@
-"""Print a markdown table from bench_zo2.py / reference_zo2.py JSONL rows."""
+"""Prints BENCHMARKS.md from the benchmark record: one table per question, each row the latest
+measurement of its shape and settings, with the card, date, commit and command of its calls.
 
+    python benchmarks/table.py benchmarks/record.jsonl --write BENCHMARKS.md
+    python benchmarks/table.py benchmarks/record.jsonl > BENCHMARKS.md
+
+The record is JSONL, oldest call first: rows of benchmarks/matrix.py (and the reference's, through
+matrix.py --reference), and precision rows (kind "precision"). Every row needs call, card, date,
+commit and command ("not recorded" where unknown).
+"""
+
+from __future__ import annotations
+
+import argparse
 import json
+import statistics
 import sys
+import textwrap
+
+REQUIRED = ("call", "card", "date", "commit", "command")
+BIG = "opt_175b"  # the OPT-175B block shape has its own table
+
+HEADER = """\
+# Benchmarks
+
+Generated from `benchmarks/record.jsonl` by `python benchmarks/table.py benchmarks/record.jsonl
+--write BENCHMARKS.md`; do not edit by hand. Rows are measured by `benchmarks/matrix.py` (see its
+`--help`; the PyTorch reference through `--reference`); earlier figures and how they were found:
+`git log -p BENCHMARKS.md benchmarks/`.
+
+Random weights in the reference's nanoGPT shapes (GPT-2 blocks at OPT sizes, vocab 50304, untied
+head), one GPU. A row is the latest measurement of its shape and settings; "earlier" gives the
+same row in older calls. "engine" is what the engine ran with: W units in flight, G blocks per
+call, packed or unpacked blocks, fused or sequential branches; settings given explicitly are in
+*italics*, the rest are what the engine's defaults chose in that call. Step times are medians
+over the timed steps, with the host reading each step's loss one step late as training does
+(calls 3a to 9e, before the matrix script, give means over the timed steps).
+
+Performance model: `T_limit = max(C, P_s/B_up, P_s/B_down, 2 P_s/B_bi)`, with P_s the bytes
+streamed per step each way, B the pinned bandwidths measured in the same process, and C the MeZO
+step (everything resident) where it ran. Step / T_limit near 1: as fast as bus or compute allow.
+"""
 
 
-def fmt(v, nd=2):
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.{nd}f}"
-    return str(v)
+def load(paths: list) -> list:
+    rows = []
+    for path in paths:
+        with open(path) as fh:
+            for n, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                r = json.loads(line)
+                missing = [k for k in REQUIRED if not r.get(k)]
+                if missing:
+                    raise SystemExit(
+                        f"{path}:{n}: the row ({r.get('model')}, call {r.get('call')}) has no "
+                        f"{', '.join(missing)}: every row needs {', '.join(REQUIRED)} "
+                        f"(write 'not recorded' where unknown)")
+                rows.append(r)
+    return rows
 
 
-def tags(r) -> str:
-    """' W<max_inflight>', ' packed' for packed blocks (rows before the option are unpacked),
-    ' seq' for branches="sequential", ' G<n>' for n > 1 blocks per call, and a mark for rows
-    of call 3's removed fori_loop experiment (branches run by a loop)."""
-    w = f" W{r['max_inflight']}" if r.get("max_inflight") else ""
-    w += " packed" if r.get("packed") else ""
-    w += " seq" if r.get("branches") == "sequential" else ""
-    w += f" G{r['blocks_per_call']}" if r.get("blocks_per_call", 1) > 1 else ""
-    return w + (" (fori_loop branches)" if r.get("sequential_branches") else "")
+# ---- formatting -------------------------------------------------------------------------------
+
+def num(v, nd=2) -> str:
+    return "-" if v is None else f"{v:.{nd}f}"
 
 
-def main(paths):
-    rows = [json.loads(line) for p in paths for line in open(p) if line.strip()]
-    ours = [r for r in rows if r.get("impl") == "zo2_jax"]
+def ms(s) -> str:
+    return "-" if s is None else f"{s * 1e3:.2f}" if s < 0.02 else f"{s * 1e3:.1f}"
+
+
+def gb(b, nd=2) -> str:
+    return "-" if b is None else f"{b / 1e9:.{nd}f}"
+
+
+def short(dtype: str) -> str:
+    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(dtype, dtype)
+
+
+def shape(r) -> str:
+    layers = f" ({r['layers']} layers)" if r["model"] == BIG and r.get("layers") else ""
+    return f"{r['model']}{layers}"
+
+
+def storage(r) -> str:
+    rd = {"stochastic": " SR", "nearest": " RN"}.get(r.get("rounding"), "")
+    return f"{short(r['storage'])}{rd if r['storage'] != 'float32' else ''}"
+
+
+def engine(r) -> str:
+    """'W4 G1 packed fused', explicit settings in italics."""
+    asked, got = r.get("engine_asked") or {}, r.get("engine") or {}
+    parts = []
+    for key, fmt in (("max_inflight", "W{}"), ("hold", "hold {}"), ("blocks_per_call", "G{}"),
+                     ("packed", "{}"), ("branches", "{}"), ("resident_blocks", "{} resident")):
+        v = asked.get(key, got.get(key))
+        if v is None or (key == "resident_blocks" and not v) or (key == "hold" and key not in
+                                                                  asked):
+            continue
+        text = fmt.format({True: "packed", False: "unpacked"}.get(v, v) if key == "packed"
+                          else v)
+        parts.append(f"*{text}*" if key in asked else text)
+    return " ".join(parts) or "defaults"
+
+
+def bound(r) -> str:
+    """What T_limit is: C (MeZO's step) or the bus; "no C" where MeZO did not run."""
+    b = r.get("bound", "-")
+    return b if b != "bus" or r.get("mezo_step_s") else "bus, no C"
+
+
+def code(r) -> str:
+    c = r.get("code")
+    return f"{c} {r['commit'][:7]}{'+' if r.get('dirty') else ''}" if c else "-"
+
+
+def median_of(rows, field):
+    vals = [r[field] for r in rows if r.get(field) is not None]
+    return statistics.median(vals) if vals else None
+
+
+# ---- which rows answer a question -------------------------------------------------------------
+
+def key(r) -> tuple:
+    return (r["impl"], r["model"], r.get("layers"), r["batch"], r["seq"], r["storage"],
+            r.get("rounding"), r["compute"], json.dumps(r.get("engine_asked") or {},
+                                                        sort_keys=True))
+
+
+def latest(rows: list) -> list:
+    """[(current rows, earlier rows)] per key: current = the key's rows of its latest call (a
+    row skipped for the call's time limit only where nothing else measured the key)."""
+    order = {}
+    for r in rows:
+        order.setdefault(r["call"], len(order))
+    by_key = {}
+    for r in rows:
+        by_key.setdefault(key(r), []).append(r)
+    out = []
+    for rs in by_key.values():
+        rs = [r for r in rs if r.get("status") != "skipped"] or rs  # skipped: never ran
+        last = max(order[r["call"]] for r in rs)
+        out.append(([r for r in rs if order[r["call"]] == last],
+                    [r for r in rs if order[r["call"]] != last]))
+    out.sort(key=lambda ce: sort_key(ce[0][0], order))
+    return out
+
+
+MODELS = ("tiny", "gpt2", "gpt2_medium", "gpt2_large", "gpt2_xl", "opt_125m", "opt_350m",
+          "opt_1_3b", "opt_2_7b", "opt_6_7b", "opt_13b", "opt_30b", "opt_66b", "opt_175b")
+STORAGES = ("bfloat16", "float32", "float16", "int8")
+
+
+def sort_key(r, order) -> tuple:
+    rank = lambda v, seq: seq.index(v) if v in seq else len(seq)  # noqa: E731
+    return (rank(r["model"], MODELS), r.get("layers") or 0, r["batch"] * r["seq"], r["batch"],
+            rank(r["storage"], STORAGES), r["compute"] != "bfloat16", order[r["call"]],
+            engine(r))
+
+
+def by_code(rows: list) -> list:
+    """Rows of one call and key, one per code label (repeats: medians), as (row, n)."""
+    groups = {}
+    for r in rows:
+        groups.setdefault(r.get("code"), []).append(r)
+    out = []
+    for rs in groups.values():
+        agg = dict(rs[-1])
+        for f in ("zo2_step_s", "mezo_step_s", "x_T_limit", "x_mezo", "zo2_tok_s"):
+            agg[f] = median_of(rs, f)
+        out.append((agg, len(rs)))
+    return out
+
+
+def earlier(rows: list, field: str, nd=2) -> str:
+    seen = []
+    for r in rows:
+        if r.get(field) is not None:
+            label = r["call"] + (f" {r['code']}" if r.get("code") else "")
+            seen.append(f"{r[field]:.{nd}f} ({label})")
+    return ", ".join(seen[-3:]) or "-"
+
+
+class Table:
+    """A markdown table with footnotes and the calls its rows come from."""
+
+    def __init__(self, title: str, what: str, columns: list, notes: bool = False):
+        self.title, self.what, self.columns, self.use_notes = title, what, columns, notes
+        self.cells, self.notes, self.calls, self.after = [], [], {}, []
+
+    def add(self, cells: list, rows: list) -> None:
+        marks = ""
+        for r in rows:
+            self.calls.setdefault(r["call"], []).append(r)
+            if self.use_notes and r.get("note"):
+                if r["note"] not in self.notes:
+                    self.notes.append(r["note"])
+                marks += f"[{self.notes.index(r['note']) + 1}]"
+            if r.get("status", "ok") != "ok":
+                err = (r.get("error") or r.get("zo2_error") or "")[:60].replace("|", "/")
+                cells = cells[:1] + [f"**{r['status']}**: {err}"] + [""] * (len(cells) - 3) \
+                    + cells[-1:]
+        self.cells.append(cells[:-1] + [cells[-1] + marks])
+
+    def render(self) -> list:
+        if not self.cells:
+            return []
+        keep = [i for i, c in enumerate(self.columns)
+                if c != "code" or any(row[i] != "-" for row in self.cells)]
+        line = lambda cells: "| " + " | ".join(cells[i] for i in keep) + " |"  # noqa: E731
+        out = [f"## {self.title}", "", textwrap.fill(self.what, 100), "", line(self.columns),
+               "|" + "---|" * len(keep)]
+        out += [line(c) for c in self.cells] + [""]
+        if self.notes:
+            out += [f"[{i}] {n}" for i, n in enumerate(self.notes, 1)] + [""]
+        if self.after:
+            out += self.after + [""]
+        return out + call_lines(self.calls, ORDER) + [""]
+
+
+def call_lines(calls: dict, order: dict) -> list:
+    """One line per group of calls with the same card, host, date, commits and versions, oldest
+    call first."""
+    groups = {}
+    for call, rows in sorted(calls.items(), key=lambda cr: order.get(cr[0], 0)):
+        r, commits = rows[0], []
+        for x in rows:
+            c = code(x) if x.get("code") not in (None, "reference") else (
+                ("reference " if x.get("code") == "reference" else "")
+                + (x["commit"][:7] if x["commit"] != "not recorded" else x["commit"]))
+            if c not in commits:
+                commits.append(c)
+        host = f" ({r['host']})" if r.get("host") else ""
+        sw = f", jax {r['jax']}" if r.get("jax") else ""
+        sw += f", torch {x['torch']}" if any(x.get("torch") for x in rows) else ""
+        what = f"{r['card']}{host}, {r['date']}, commit {', '.join(commits)}{sw}"
+        groups.setdefault(what, []).append((call, r))
+    out = []
+    for what, cs in groups.items():
+        cmds = ", ".join(f"`{r['command']}`" for _, r in cs)
+        hist = sorted({r["history"] for _, r in cs if r.get("history")})
+        where = f" (in git at {', '.join(hist)})" if hist else ""
+        out.append(f"- **{', '.join(c for c, _ in cs)}**: {what}: {cmds}{where}")
+    return out
+
+
+# ---- the questions ----------------------------------------------------------------------------
+
+def ours(rows, speed=True):
+    return [r for r in rows if r.get("impl") == "zo2_jax" and r.get("kind", "speed") == "speed"
+            and (r["model"] != BIG) == speed]
+
+
+def bus_table(rows) -> Table:
+    t = Table("Speed against the bus limit",
+              "ZO2's step time over T_limit (lower is better; 1.00 = at the bound). P_s is per "
+              "direction; what T_limit is in brackets: C (MeZO's step) or the bus (\"no C\": "
+              "MeZO did not run in that process).",
+              ["model", "B x T", "storage / compute", "engine", "code", "ZO2 ms", "tok/s",
+               "P_s GB", "T_limit ms", "step / T_limit", "earlier", "call"])
+    for cur, old in latest([r for r in ours(rows) if r.get("x_T_limit") is not None
+                            or r.get("status", "ok") != "ok"]):
+        for r, n in by_code(cur):
+            t.add([shape(r), f"{r['batch']}x{r['seq']}", f"{storage(r)} / {short(r['compute'])}",
+                   engine(r), code(r) + (f" (n={n})" if n > 1 else ""),
+                   ms(r.get("zo2_step_s")), num(r.get("zo2_tok_s"), 0),
+                   gb(r.get("streamed_bytes")),
+                   f"{ms(r.get('T_limit_s'))} ({bound(r)})",
+                   f"**{num(r.get('x_T_limit'))}**", earlier(old, "x_T_limit"), r["call"]], cur)
+    return t
+
+
+def mezo_table(rows) -> Table:
+    t = Table("Speed against MeZO",
+              "ZO2's tokens/s over MeZO's (everything resident), ZO2 and MeZO in one process "
+              "(higher is better; 1.00 = as fast as MeZO). \"bound\": what T_limit is, C or the "
+              "bus.",
+              ["model", "B x T", "storage / compute", "code", "ZO2 ms", "MeZO ms",
+               "tok/s vs MeZO", "bound", "earlier", "call"], notes=True)
+    for cur, old in latest([r for r in ours(rows) if r.get("x_mezo") is not None]):
+        for r, n in by_code(cur):
+            t.add([shape(r), f"{r['batch']}x{r['seq']}", f"{storage(r)} / {short(r['compute'])}",
+                   code(r) + (f" (n={n})" if n > 1 else ""), ms(r["zo2_step_s"]),
+                   ms(r["mezo_step_s"]), f"**{num(r['x_mezo'])}**", bound(r),
+                   earlier(old, "x_mezo"), r["call"]], cur)
+    return t
+
+
+def memory_table(rows) -> Table:
+    t = Table("Device and host memory against MeZO",
+              "Peak device memory (XLA's peak_bytes_in_use) and peak host RSS (VmHWM, reset before "
+              "each engine is built) in GB. MeZO ran after ZO2 in the same process, so its device "
+              "peak is at least ZO2's (\"<=\": equal, MeZO's own is not separated).",
+              ["model", "B x T", "storage / compute", "engine", "code", "ZO2 device",
+               "MeZO device", "ZO2 host", "MeZO host", "call"])
+    mem = [r for r in ours(rows) if r.get("zo2_peak_device_bytes")]
+    for cur, old in latest(mem):
+        for r, _ in by_code(cur):
+            m, used = r, cur
+            if not r.get("mezo_peak_device_bytes"):  # MeZO from the latest call that ran it
+                with_mezo = [x for x in old if x.get("mezo_peak_device_bytes")]
+                m = with_mezo[-1] if with_mezo else r
+                used = cur + with_mezo[-1:]
+            md = m.get("mezo_peak_device_bytes")
+            mezo_dev = "-" if md is None else (
+                "<=" if md == m.get("zo2_peak_device_bytes") else "") + gb(md)
+            if m is not r and md is not None:
+                mezo_dev += f" ({m['call']})"
+            t.add([shape(r), f"{r['batch']}x{r['seq']}", f"{storage(r)} / {short(r['compute'])}",
+                   engine(r), code(r), f"**{gb(r['zo2_peak_device_bytes'])}**", mezo_dev,
+                   gb(r.get("zo2_host_peak_bytes"), 1), gb(m.get("mezo_host_peak_bytes"), 1),
+                   r["call"]], used)
+    return t
+
+
+def big_table(rows) -> Table:
+    t = Table("The OPT-175B block shape",
+              "OPT-175B's blocks (3.6 GB each in bf16) at 4 layers or more, ZO2 alone; the device "
+              "peak does not grow with depth. \"not separated\": timed on an engine that "
+              "another setting had set the process's peak on.",
+              ["layers", "storage / compute", "engine", "code", "s/step", "tok/s", "P_s GB",
+               "T_bus s", "step / T_bus", "device GB", "host GB", "call"])
+    for cur, _ in sorted(latest(ours(rows, speed=False)), key=lambda ce: (
+            ce[0][0]["layers"], ce[0][0]["storage"] != "bfloat16", engine(ce[0][0]))):
+        for r, _ in by_code(cur):
+            x = r["zo2_step_s"] / r["T_bus_s"] if r.get("zo2_step_s") and r.get("T_bus_s") \
+                else None
+            dev = r.get("zo2_peak_device_bytes")
+            t.add([str(r["layers"]), f"{storage(r)} / {short(r['compute'])}", engine(r),
+                   code(r), num(r.get("zo2_step_s"), 3),
+                   num(r.get("zo2_tok_s"), 0), gb(r.get("streamed_bytes"), 1),
+                   num(r.get("T_bus_s"), 3), f"**{num(x)}**",
+                   f"**{gb(dev)}**" if dev else "not separated",
+                   gb(r.get("zo2_host_peak_bytes"), 1), r["call"]], cur)
+    return t
+
+
+def reference_table(rows) -> Table:
+    t = Table("Against the reference",
+              "The PyTorch reference ZO2 (github.com/liangyuwang/zo2, nanoGPT path) and ours on "
+              "the same card in the same call.",
+              ["implementation", "model", "B x T", "host / compute", "tok/s", "step ms",
+               "peak device GB", "call"])
     ref = [r for r in rows if r.get("impl") == "reference_zo2"]
-    if ours:
-        print("| model | layers | B x T | compute | storage | MeZO tok/s | ZO2 tok/s | ZO2/MeZO "
-              "| ZO2 peak GB | MeZO peak GB | ZO2 host GB | T_bus ms | ZO2 / T_limit "
-              "| dispatch share |")
-        print("|" + "---|" * 14)
-        for r in ours:
-            m, z = r.get("mezo_tok_s"), r.get("zo2_tok_s")
-            print(f"| {r['model']} | {r['layers']} | {r['batch']}x{r['seq']} | {r['compute']} | "
-                  f"{r['storage']}{tags(r)} | {fmt(m, 0) if m else r.get('mezo_error', '-')[:30]} | "
-                  f"{fmt(z, 0) if z else r.get('zo2_error', '-')[:30]} | "
-                  f"{fmt(z / m) if m and z else '-'} | "
-                  f"{fmt(r.get('zo2_peak_bytes', 0) / 1e9)} | "
-                  f"{fmt(r.get('mezo_peak_bytes', 0) / 1e9) if m else '-'} | "
-                  f"{fmt(r.get('zo2_host_peak_gb'), 1)} | "
-                  f"{fmt(r.get('T_bus', 0) * 1e3, 1)} | {fmt(r.get('zo2_over_T_limit'))} | "
-                  f"{fmt(r.get('zo2_dispatch_share'))} |")
-        for r in ours:
-            if r.get("profile") and "error" not in r["profile"]:
-                pr = r["profile"]
-                print(f"\nprofile {r['model']} {r['batch']}x{r['seq']} {r['storage']}: per unit of "
-                      f"{pr.get('blocks_per_call', 1)} block(s) "
-                      f"up {pr['up_ms']:.2f} (flat {pr['up_flat_ms']:.2f}) ms, compute "
-                      f"{pr['compute_ms']:.2f} ms, down {pr['down_ms']:.2f} (flat "
-                      f"{pr['down_flat_ms']:.2f}) ms, {pr['leaves']} leaves, x{pr['n_streamed']}; "
-                      f"unpack {pr.get('unpack_ms', 0):.2f} ms, "
-                      f"pack {pr.get('pack_ms', 0):.2f} ms (0: inside compute); "
-                      f"outer {pr['outer_ms']:.1f} ms, head {pr['head_ms']:.1f} ms")
-        b = ours[0]
-        print(f"\npinned bandwidths (GB/s): up {b['B_up']:.1f}, down {b['B_down']:.1f}, "
-              f"both {b['B_bi']:.1f}; device {b['device']}, jax {b['jax']}, {b['date']}")
-    if ref:
-        print("\n| reference | method | precision | B x T | tok/s | step s | peak GB | error |")
-        print("|" + "---|" * 8)
-        for r in ref:
-            print(f"| {r.get('model')} | {r.get('method')} | {r.get('precision')} | "
-                  f"{r.get('batch')}x{r.get('seq')} | {fmt(r.get('tokens_per_s'), 0)} | "
-                  f"{fmt(r.get('step_s'), 3)} | {fmt((r.get('peak_gpu_bytes') or 0) / 1e9)} | "
-                  f"{(r.get('error') or '')[:40]} |")
+    last = {(r["model"], r["batch"], r["seq"]): r["call"] for r in ref}  # the latest call
+    for (model, b, s), call in last.items():
+        same = lambda r: (r["call"], r["model"], r["batch"], r["seq"]) == (  # noqa: E731
+            call, model, b, s)
+        mine = [r for r in ours(rows) if same(r) and r.get("zo2_tok_s")]
+        theirs = [r for r in ref if same(r)]
+        for r in mine + theirs:
+            m = "mezo" if r.get("mezo_step_s") and not r.get("zo2_step_s") else "zo2"
+            name = ("zo2_jax ZO2" + (f" ({r['code']})" if r.get("code") else "")
+                    if r["impl"] == "zo2_jax" else f"reference {'MeZO' if m == 'mezo' else 'ZO2'}")
+            t.add([name, model, f"{b}x{s}", f"{storage(r)} / {short(r['compute'])}",
+                   f"**{num(r.get(f'{m}_tok_s'), 0)}**", ms(r.get(f"{m}_step_s")),
+                   gb(r.get(f"{m}_peak_device_bytes")), call], [r])
+        zo2 = [r for r in theirs if r.get("zo2_tok_s")]
+        if mine and zo2:
+            o, th = (max(rs, key=lambda r: r["zo2_tok_s"]) for rs in (mine, zo2))
+            line = (f"Ours over the reference at {model} {b}x{s}: best against best "
+                    f"**{o['zo2_tok_s'] / th['zo2_tok_s']:.2f}x** ({storage(o)} / "
+                    f"{short(o['compute'])} against its {short(th['compute'])})")
+            o32 = [r for r in mine if r["storage"] == r["compute"] == "float32"]
+            t32 = [r for r in zo2 if r["compute"] == "float32"]
+            if o32 and t32:
+                line += f"; fp32 against fp32 **{o32[0]['zo2_tok_s'] / t32[0]['zo2_tok_s']:.2f}x**"
+            t.after.append(line + ".")
+    return t
+
+
+def precision_table(rows) -> Table:
+    prec = [r for r in rows if r.get("kind") == "precision"]
+    last = prec[-1]["call"] if prec else None
+    prec = [r for r in prec if r["call"] == last]
+    t = Table("Host storage precision",
+              prec[0]["setup"] if prec else "", ["host storage", "accuracy before",
+                                                 "accuracy after", "mean loss, last 20 steps",
+                                                 "update vs fp32's (cosine)", "call"])
+    for r in prec:
+        t.add([r["setting"], num(r["acc_before"], 3), f"**{num(r['acc_after'], 3)}**",
+               num(r["final_mean_loss"]), num(r.get("cos_to_fp32_update")), r["call"]], [r])
+    return t
+
+
+ORDER = {}  # call -> its place in the record (oldest first)
+
+
+def render(rows: list) -> str:
+    ORDER.clear()
+    for r in rows:
+        ORDER.setdefault(r["call"], len(ORDER))
+    out = [HEADER]
+    for make in (bus_table, mezo_table, memory_table, big_table, reference_table,
+                 precision_table):
+        out += make(rows).render()
+    return "\n".join(out).rstrip() + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("record", nargs="+", help="JSONL record file(s), oldest first")
+    p.add_argument("--write", metavar="FILE", help="write to FILE instead of stdout")
+    a = p.parse_args(argv)
+    text = render(load(a.record))
+    if a.write:
+        with open(a.write, "w") as fh:
+            fh.write(text)
+    else:
+        sys.stdout.write(text)
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main())

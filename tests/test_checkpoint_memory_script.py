@@ -1,6 +1,6 @@
-"""benchmarks/checkpoint_memory.py on the CPU: save_engine / restore_engine hold about one block
-beyond the engine's own in host memory, where save(state()) / restore(like) hold a whole second
-copy of the streamed blocks (the side-by-side baseline, measured the same way)."""
+"""benchmarks/probes/checkpoint_memory.py on the CPU: save_engine / restore_engine hold about one
+block beyond the engine's own in host memory, where save(state()) / restore(like) hold a whole
+second copy of the streamed blocks (the side-by-side baseline, measured the same way)."""
 
 import json
 import os
@@ -10,6 +10,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "probes", "checkpoint_memory.py")
 
 
 @pytest.mark.slow
@@ -19,10 +20,10 @@ def test_checkpointing_block_by_block_holds_no_second_copy(tmp_path):
     # resident size follows what is alive (its adaptive threshold keeps freed ones).
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": ROOT}
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "checkpoint_memory.py"), "--model",
-         "opt_125m", "--layers", "12", "--vocab-size", "256", "--seq", "16", "--storage",
-         "float32", "--compute", "float32", "--dir", str(tmp_path / "ck"), "--json-out",
-         str(out)], env=env, capture_output=True, text=True, timeout=900)
+        [sys.executable, SCRIPT, "--model", "opt_125m", "--layers", "12", "--vocab-size", "256",
+         "--seq", "16", "--storage", "float32", "--compute", "float32", "--dir",
+         str(tmp_path / "ck"), "--json-out", str(out)],
+        env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())
     s = r["streamed_bytes"]

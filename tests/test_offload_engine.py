@@ -8,7 +8,8 @@ import pytest
 from _toy import MODEL, PARAMS, counting_batch, shared_sgd
 from test_offload_exactness import CONFIGS, assert_trees_identical
 from zo2_jax.offload import Storage, ZO2Engine
-from zo2_jax.offload._stream import BlockStore, BlockStream, make_units
+from zo2_jax.offload._stream import BlockStore, BlockStream
+from zo2_jax.offload.plan import make_units
 from zo2_jax.zo import MeZOEngine
 
 
@@ -416,7 +417,7 @@ def test_blocks_given_as_callables_are_made_one_at_a_time():
 
 
 def test_packed_auto_follows_the_block_size_and_is_validated(monkeypatch):
-    import zo2_jax.offload._zo2 as zo2_mod
+    import zo2_jax.offload.plan as zo2_mod
 
     assert ZO2Engine(MODEL, PARAMS, tx=shared_sgd()).packed  # tiny blocks: packed
     monkeypatch.setattr(zo2_mod, "PACK_AUTO_MAX_BYTES", 0)
@@ -435,7 +436,7 @@ def test_packed_auto_follows_the_block_size_and_is_validated(monkeypatch):
 
 
 def test_branches_auto_follows_the_perturbed_copy_size_and_is_validated(monkeypatch):
-    import zo2_jax.offload._zo2 as zo2_mod
+    import zo2_jax.offload.plan as zo2_mod
 
     assert ZO2Engine(MODEL, PARAMS, tx=shared_sgd()).branches == "fused"  # tiny blocks
     # auto compares one perturbed copy of a block, in the compute dtype, with the threshold
@@ -489,7 +490,7 @@ def test_auto_slots_and_blocks_per_call_follow_the_block_size_and_are_validated(
     """max_inflight="auto": 4 slots for blocks up to INFLIGHT_AUTO_MAX_BYTES, else 3;
     blocks_per_call="auto": as many blocks as fit in UNIT_AUTO_BYTES while at least W + 2
     units stream; the stream holds back its waits on two units only with 4+ units."""
-    import zo2_jax.offload._zo2 as zo2_mod
+    import zo2_jax.offload.plan as zo2_mod
     from _toy import ToyModel
 
     eng = ZO2Engine(MODEL, PARAMS, tx=shared_sgd())
@@ -508,7 +509,7 @@ def test_auto_slots_and_blocks_per_call_follow_the_block_size_and_are_validated(
     eng = ZO2Engine(deep, deep_params, tx=shared_sgd(), resident_blocks=np.array([0, 11]))
     assert eng.resident_blocks == {0, 11} and eng.blocks_per_call == 1  # 10 // 6
     # with a budget, "auto" falls back to 3 slots where 4 do not fit (as the old default)
-    from zo2_jax.offload._budget import _need
+    from zo2_jax.offload.plan import _need
     fp = ZO2Engine(deep, deep_params, tx=shared_sgd(), packed=False, max_inflight=3,
                    blocks_per_call=2, batch_shape=(4, 8), device_budget_bytes=10**9).footprint
     budget = _need(fp, 12, 0, 3 * 2)  # W=3 x G=2 fits exactly; W=4 x G=2 does not
@@ -518,7 +519,7 @@ def test_auto_slots_and_blocks_per_call_follow_the_block_size_and_are_validated(
     with pytest.raises(ValueError, match="max_inflight=4 x blocks_per_call=2"):
         ZO2Engine(deep, deep_params, tx=shared_sgd(), packed=False, batch_shape=(4, 8),
                   device_budget_bytes=budget, max_inflight=4)
-    per_block = ZO2Engine._stored_bytes(eng.spec, deep_params["blocks"][0])
+    per_block = eng.plan.block_bytes
     monkeypatch.setattr(zo2_mod, "UNIT_AUTO_BYTES", 2 * per_block)
     eng = ZO2Engine(deep, deep_params, tx=shared_sgd(), packed=False, max_inflight=1)
     assert [len(u) for u in eng._stream.streamed] == [2] * 6 and eng.blocks_per_call == 2
@@ -538,7 +539,7 @@ def test_auto_slots_and_blocks_per_call_follow_the_block_size_and_are_validated(
 def test_pinned_pool_limit_reads_xla_s_variable():
     from types import SimpleNamespace
 
-    from zo2_jax.offload._zo2 import pinned_pool_limit
+    from zo2_jax.offload.plan import pinned_pool_limit
 
     gpu, cpu = SimpleNamespace(platform="gpu"), SimpleNamespace(platform="cpu")
     key = "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"
@@ -550,7 +551,7 @@ def test_pinned_pool_limit_reads_xla_s_variable():
 
 def test_host_memory_check_names_the_limit_and_the_fix():
     from zo2_jax.offload import HostMemoryError
-    from zo2_jax.offload._zo2 import check_host_memory
+    from zo2_jax.offload.plan import check_host_memory
 
     check_host_memory(10 << 30, 64 << 30, 512 << 30)  # fits: nothing said
     with pytest.raises(HostMemoryError, match=r"need about 375\.8 GB of pinned host memory, "
@@ -565,7 +566,7 @@ def test_host_memory_check_names_the_limit_and_the_fix():
 def test_engine_refuses_blocks_over_the_pinned_pool_before_placing_them(monkeypatch):
     """The refusal comes before any block is written to the host: of lazily given blocks only
     block 0 (made for the argument checks) was made. The count includes the units in flight."""
-    import zo2_jax.offload._zo2 as zo2_mod
+    import zo2_jax.offload.plan as zo2_mod
     from zo2_jax.offload import HostMemoryError
 
     calls = []
@@ -580,7 +581,7 @@ def test_engine_refuses_blocks_over_the_pinned_pool_before_placing_them(monkeypa
     lazy = {"outer": PARAMS["outer"], "blocks": [maker(i) for i in range(n)]}
     per_block = ZO2Engine(MODEL, PARAMS, tx=shared_sgd(), max_inflight=1,
                           blocks_per_call=1).streamed_bytes() // n
-    monkeypatch.setattr(zo2_mod, "_host_total_bytes", lambda: None)
+    monkeypatch.setattr(zo2_mod, "host_total_bytes", lambda: None)
     # n stored blocks + W=2 units of 1 block being written back
     monkeypatch.setattr(zo2_mod, "pinned_pool_limit", lambda dev: (n + 2) * per_block)
     ZO2Engine(MODEL, PARAMS, tx=shared_sgd(), max_inflight=2, blocks_per_call=1)

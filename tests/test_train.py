@@ -201,7 +201,7 @@ def test_zo2_placement_options_reach_the_engine():
 def test_cli_says_when_the_host_cannot_hold_the_blocks(tiny, tmp_path, capsys, monkeypatch):
     """A model over the pinned pool's limit (XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB on a GPU) is
     refused at the engine's start with the variable to set; the CLI prints it and exits 2."""
-    import zo2_jax.offload._zo2 as zo2_mod
+    import zo2_jax.offload.plan as zo2_mod
 
     monkeypatch.setattr(zo2_mod, "pinned_pool_limit", lambda dev: 1 << 10)
     code = cli.main(["train", "--model", tiny, "--engine", "zo2", "--steps", "1",

@@ -1,8 +1,8 @@
 """Packed blocks: a block's arrays as one contiguous uint32 buffer, so each is one transfer.
 
-A streamed block of a transformer is a dozen or more arrays; moved one by one, a 100 MB block
-crosses the bus at 34 GB/s where one contiguous 100 MB buffer moves at 43 GB/s (H200, jax 0.11.2,
-BENCHMARKS.md call 3): per-array overhead, not bandwidth, bounds the smaller blocks. The ZO2
+A streamed block of a transformer is a dozen or more arrays; moved one by one, each transfer
+pays a fixed cost, so for the smaller blocks per-array overhead, not bandwidth, bounds the
+transfer, where one contiguous buffer moves at nearly the bus's bandwidth. The ZO2
 engine can therefore keep each streamed block (and its optimiser state) in pinned host memory as
 one flat buffer; the engine's per-unit function unpacks it after the upload (slices and
 bitcasts) and packs the updated block before the write-back, inside the same jitted call.

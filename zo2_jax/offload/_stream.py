@@ -16,13 +16,13 @@ freed by waiting on the write-back of an *older* unit, never on the one just dis
 host blocks only while the device still has queued work.
 
 **What a copy waits for.** A runtime `device_put`, in either direction, starts only after all the
-device work dispatched before it has finished (H200, jax 0.11.2: `benchmarks/overlap_probe.py`,
-BENCHMARKS.md call 7). An upload therefore hides only under computes dispatched *after* it, and
-the order of dispatch, not only the window, decides the overlap:
+device work dispatched before it has finished (jax's GPU runtime; `benchmarks/probes/
+overlap_probe.py` shows it). An upload therefore hides only under computes dispatched *after*
+it, and the order of dispatch, not only the window, decides the overlap:
 - the upload of unit u+2 is dispatched after compute(u) and before compute(u+1), so it runs under
-  compute(u+1), beside the write-back of unit u (the bus carries ~52 GB/s one way and 84-98 GB/s
-  both ways). With W = 2 the upload of u+1 can only be dispatched after compute(u), whose end it
-  waits for: uploads and computes take turns (measured at 1.8-2x the bus time);
+  compute(u+1), beside the write-back of unit u (the bus carries both directions at once).
+  With W = 2 the upload of u+1 can only be dispatched after compute(u), whose end it waits for:
+  uploads and computes take turns;
 - a pass that is followed by another (`ahead=True`: the steps of a training loop, evaluation
   batches) runs its uploads on into the next pass's first units, so they run under this pass's
   last computes instead of after the head;
@@ -44,6 +44,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import jax
 
+from zo2_jax.offload.plan import stream_hold
+
 PyTree = Any
 Unit = tuple  # block indices, consecutive in pass order
 
@@ -59,35 +61,6 @@ class BlockStore:
         return len(self.blocks)
 
 
-def make_units(n: int, resident: frozenset, per_call: int) -> list:
-    """The pass order as units: each resident block alone; each maximal run of consecutive
-    streamed blocks cut into ceil(len / per_call) units of near-equal size (at most two unit
-    sizes per run; each distinct size is compiled once)."""
-    if per_call < 1:
-        raise ValueError(f"blocks per call must be >= 1, got {per_call}")
-    units, run = [], []
-
-    def close():
-        if run:
-            k = -(-len(run) // per_call)
-            q, r = divmod(len(run), k)
-            start = 0
-            for j in range(k):
-                size = q + (1 if j < r else 0)
-                units.append(tuple(run[start:start + size]))
-                start += size
-            run.clear()
-
-    for i in range(n):
-        if i in resident:
-            close()
-            units.append((i,))
-        else:
-            run.append(i)
-    close()
-    return units
-
-
 class BlockStream:
     """Bounded upload / compute / write-back pipeline over a BlockStore.
 
@@ -95,12 +68,9 @@ class BlockStream:
       store: the blocks; streamed ones live in `host` memory, resident ones on `device`.
       device, host: the device and pinned-host shardings.
       max_inflight: W, the most streamed units on the device at once (>= 1).
-      units: the pass order (`make_units`); default one block per unit.
+      units: the pass order (`plan.make_units`); default one block per unit.
       hold: the host never waits on the slots of the `hold` units dispatched last (>= 1);
-        default 2 for W >= 4 with at least 4 streamed units, else 1 (with L units, a unit's
-        next upload needs its write-back from L units back, so hold = 2 leaves a lookahead of
-        L - 2 units: 1 with L = 3, which serialised uploads and compute: OPT-125M as 3 units
-        took 24 ms/step at hold = 2 against 10.3 ms at hold = 1, H200, call 7b).
+        default `plan.stream_hold`.
       wrap: whether passes called with `ahead=True` upload into the next pass (default True).
     """
 
@@ -118,8 +88,7 @@ class BlockStream:
             raise ValueError(f"units {self.units} mix resident and streamed blocks")
         if hold is not None and (isinstance(hold, bool) or not isinstance(hold, int) or hold < 1):
             raise ValueError(f"hold must be an int >= 1, got {hold!r}")
-        self.hold = (1 if max_inflight <= 3 or len(self.streamed) <= 3 else 2) if (
-            hold is None) else hold
+        self.hold = stream_hold(max_inflight, len(self.streamed)) if hold is None else hold
         self.wrap = bool(wrap)
         self.reset()
 
@@ -183,8 +152,8 @@ class BlockStream:
     def _source_ready(self, unit: Unit, held: Sequence[list]) -> bool:
         """Waits for the unit's own earlier slot (its write-back, when it is uploaded for the
         next pass) unless that slot is held; False if it is. An upload from a host copy whose
-        write-back is still running took 3x the step (H200, OPT-125M as one unit: 55 ms against
-        18 ms, call 6e), so the engine never issues one."""
+        write-back is still running is several times slower than one from a settled copy, so
+        the engine never issues one."""
         for entry in [e for e in self._window if e[0] == unit]:
             if entry[1] is None or any(entry is h for h in held):
                 return False
@@ -228,8 +197,8 @@ class BlockStream:
 
     def _write_back_and_fill(self, unit: Unit, new_blks: list, new_opts: list) -> tuple:
         """The unit's write-back and the uploads that follow it (`_fill` with the slots held
-        now) in one device_put: each device_put costs ~0.2 ms of host time, which at OPT-125M
-        is what bounds the step (BENCHMARKS.md call 9). The write-back comes first in it, as
+        now) in one device_put: each device_put costs the host a fixed time, which bounds the
+        step of a small model. The write-back comes first in it, as
         it did in its own call, and the slot decisions are `_fill`'s: the unit's own entry
         counts as held (it is the newest) while its token does not exist yet. Returns the
         host copies (blocks, opts). This relies on hold >= 1: the unit's entry, dispatched last,

@@ -1,0 +1,217 @@
+"""The benchmark record: benchmarks/table.py prints BENCHMARKS.md from it (one table per question,
+the latest call per row, card, date, commit and command of each call), and benchmarks/matrix.py
+appends to it (one process per row and code tree, failures recorded). Both run as a user runs
+them, in their own processes."""
+
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TABLE = os.path.join(ROOT, "benchmarks", "table.py")
+MATRIX = os.path.join(ROOT, "benchmarks", "matrix.py")
+
+BASE = dict(schema=1, impl="zo2_jax", kind="speed", card="NVIDIA H200", date="2026-11-28",
+            commit="not recorded", jax="0.11.2", model="opt_1_3b", layers=24, batch=1, seq=2048,
+            storage="bfloat16", rounding="stochastic", compute="bfloat16", engine_asked={},
+            engine={"max_inflight": 4, "packed": True, "branches": "fused", "blocks_per_call": 1},
+            status="ok", streamed_bytes=2_400_000_000)
+
+
+def speed(call, zo2, mezo=None, t_bus=0.05, **kw):
+    """A row as matrix.py writes it (the derived fields as its derive() makes them)."""
+    r = dict(BASE, call=call, command=f"bash {call}.sh", T_bus_s=t_bus,
+             zo2_peak_device_bytes=1_530_000_000, zo2_host_peak_bytes=10.7e9)
+    if zo2 is None:  # failed
+        return dict(r, **kw)
+    r.update(zo2_step_s=zo2, zo2_tok_s=2048 / zo2)
+    if mezo:
+        r.update(mezo_step_s=mezo, x_mezo=mezo / zo2, mezo_peak_device_bytes=3_600_000_000,
+                 mezo_host_peak_bytes=11.1e9)
+    r.update(T_limit_s=max(t_bus, mezo or 0), bound="compute" if (mezo or 0) > t_bus else "bus")
+    r["x_T_limit"] = zo2 / r["T_limit_s"]
+    r.update(kw)
+    return r
+
+
+def fixture_rows():
+    old_new = dict(call="10a", date="2026-12-03", command="python benchmarks/matrix.py --code ...")
+    return [
+        speed("7d", 0.055, mezo=0.050, t_bus=0.054),
+        speed(zo2=0.054, mezo=0.049, code="old", commit="a" * 40, dirty=False, **old_new),
+        speed(zo2=0.0545, mezo=0.049, code="new", commit="b" * 40, dirty=True, **old_new),
+        speed(zo2=None, model="opt_6_7b", status="oom", code="new", commit="b" * 40, dirty=True,
+              zo2_error="XlaRuntimeError: RESOURCE_EXHAUSTED: out of memory", **old_new),
+        speed(zo2=0.475, t_bus=0.327, model="opt_175b", layers=4, code="new", commit="b" * 40,
+              dirty=True, zo2_peak_device_bytes=17_340_000_000, streamed_bytes=14_500_000_000,
+              engine={"max_inflight": 3, "packed": False, "branches": "sequential"},
+              **old_new),
+        dict(BASE, impl="reference_zo2", code="reference", commit="4bca25c" + "0" * 33,
+             storage="float16", compute="float16", rounding=None, zo2_step_s=0.1339,
+             zo2_tok_s=15298.0, zo2_peak_device_bytes=1_550_000_000, torch="2.11.0",
+             engine_asked={"precision": "fp16"}, **old_new),
+        dict(call="3b", card="NVIDIA H200", date="2026-11-28", commit="not recorded",
+             command="bash 3b.sh", impl="zo2_jax", kind="precision", setup="A tiny task.",
+             setting="bf16-sr", storage="bfloat16", acc_before=0.705, acc_after=0.945,
+             final_mean_loss=1.0015, cos_to_fp32_update=0.7438),
+    ]
+
+
+def write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def table(*args):
+    return subprocess.run([sys.executable, TABLE, *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+def section(text: str, title: str) -> str:
+    return text.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_one_table_per_question_with_the_latest_call(tmp_path):
+    proc = table(write(tmp_path / "r.jsonl", fixture_rows()))
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    bus = section(out, "Speed against the bus limit")
+    # old and new code of call 10a side by side; call 7d's figure only as "earlier"
+    assert ("| opt_1_3b | 1x2048 | bf16 SR / bf16 | W4 G1 packed fused | old aaaaaaa | 54.0 | "
+            "37926 | 2.40 | 50.0 (bus) | **1.08** | 1.02 (7d) | 10a |") in bus
+    assert ("| opt_1_3b | 1x2048 | bf16 SR / bf16 | W4 G1 packed fused | new bbbbbbb+ | 54.5 | "
+            "37578 | 2.40 | 50.0 (bus) | **1.09** | 1.02 (7d) | 10a |") in bus
+    assert "| 7d |" not in bus
+    # a failed row is shown with its status, not dropped
+    assert "| opt_6_7b | **oom**: XlaRuntimeError: RESOURCE_EXHAUSTED: out of memory |" in bus
+    # each call once, with card, date, commits (dirty marked) and command
+    assert ("- **10a**: NVIDIA H200, 2026-12-03, commit old aaaaaaa, new bbbbbbb+, jax 0.11.2: "
+            "`python benchmarks/matrix.py --code ...`") in bus
+    mezo = section(out, "Speed against MeZO")
+    assert "| opt_1_3b | 1x2048 | bf16 SR / bf16 | old aaaaaaa | 54.0 | 49.0 | **0.91** | bus | " \
+           "0.91 (7d) | 10a |" in mezo
+    mem = section(out, "Device and host memory against MeZO")
+    assert "| **1.53** | 3.60 | 10.7 | 11.1 | 10a |" in mem
+    big = section(out, "The OPT-175B block shape")
+    assert ("| 4 | bf16 SR / bf16 | W3 unpacked sequential | new bbbbbbb+ | 0.475 | 4312 | 14.5 | "
+            "0.327 | **1.45** | **17.34** | 10.7 | 10a |") in big
+    assert "opt_175b" not in bus  # its own table only
+    ref = section(out, "Against the reference")
+    assert "| reference ZO2 | opt_1_3b | 1x2048 | fp16 / fp16 | **15298** | 133.9 | 1.55 | 10a |" \
+        in ref
+    assert "best against best **2.48x** (bf16 SR / bf16 against its fp16)" in ref
+    assert "commit old aaaaaaa, new bbbbbbb+, reference 4bca25c, jax 0.11.2, torch 2.11.0" in ref
+    prec = section(out, "Host storage precision")
+    assert "| bf16-sr | 0.705 | **0.945** | 1.00 | 0.74 | 3b |" in prec
+
+
+def test_write_gives_what_it_prints(tmp_path):
+    rec = write(tmp_path / "r.jsonl", fixture_rows())
+    assert table(rec, "--write", str(tmp_path / "B.md")).stdout == ""
+    assert (tmp_path / "B.md").read_text() == table(rec).stdout
+
+
+@pytest.mark.parametrize("field", ["card", "date", "commit", "command"])
+def test_a_row_without_its_identity_is_refused(tmp_path, field):
+    rows = fixture_rows()
+    del rows[1][field]
+    proc = table(write(tmp_path / "r.jsonl", rows))
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert f"r.jsonl:2: the row (opt_1_3b, call 10a) has no {field}" in proc.stderr
+    assert ("every row needs call, card, date, commit, command (write 'not recorded' where "
+            "unknown)") in proc.stderr
+
+
+def test_benchmarks_md_is_the_record_printed():
+    proc = table(os.path.join(ROOT, "benchmarks", "record.jsonl"))
+    assert proc.returncode == 0, proc.stderr
+    with open(os.path.join(ROOT, "BENCHMARKS.md")) as fh:
+        assert fh.read() == proc.stdout, "regenerate: python benchmarks/table.py " \
+                                         "benchmarks/record.jsonl --write BENCHMARKS.md"
+    assert len(proc.stdout.splitlines()) <= 210
+
+
+def matrix(*args, timeout=900):
+    return subprocess.run([sys.executable, MATRIX, *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--row", "opt_1_3b"], "expected MODEL:BATCHxSEQ"),
+    (["--row", "tiny:1x16,foo=1"], "unknown key 'foo'"),
+    (["--row", "tiny:1x16,packed=maybe"], "packed='maybe'"),
+    (["--row", "tiny:1x16", "--code", "new=/nonexistent"], "checkout with zo2_jax/"),
+])
+def test_matrix_refuses_bad_rows_and_trees(args, message):
+    proc = matrix(*args, timeout=60)
+    assert proc.returncode != 0 and message in proc.stderr
+
+
+def test_matrix_names_the_commit_of_a_tree_without_git(tmp_path):
+    # an exported old tree (no .git of its own) is named on the command line; a row that the
+    # call's time limit leaves out is written as skipped, with its identity
+    (tmp_path / "old" / "zo2_jax").mkdir(parents=True)
+    out = tmp_path / "r.jsonl"
+    proc = matrix("--code", f"old={tmp_path / 'old'}@abc1234+", "--row", "opt_1_3b:1x2048",
+                  "--time-limit", "0", "--out", str(out), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    row = json.loads(out.read_text())
+    assert (row["code"], row["commit"], row["dirty"], row["status"]) == ("old", "abc1234", True,
+                                                                         "skipped")
+    proc = matrix("--code", "new=.@0000000", "--row", "tiny:1x16", "--out", str(out))
+    assert proc.returncode != 0 and "is a checkout of" in proc.stderr
+
+
+@pytest.mark.slow
+def test_matrix_writes_a_row_per_row_and_code_failures_included(tmp_path):
+    out = tmp_path / "record.jsonl"
+    common = ["--code", "new=.", "--out", str(out), "--bandwidth-mib", "4"]
+    proc = matrix(*common, "--row", "tiny:1x16,vocab=256", "--row", "nope:1x16",
+                  "--steps", "2", "--warmup", "1", "--call", "t1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # a row that cannot finish in its time limit (OPT-1.3B on a CPU), and one past the call's
+    proc = matrix(*common, "--row", "opt_1_3b:1x2048", "--row-timeout", "3", "--min-row-s", "0",
+                  "--call", "t2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = matrix(*common, "--row", "tiny:1x16", "--time-limit", "0", "--call", "t3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["call"], r["model"], r["status"]) for r in rows] == [
+        ("t1", "tiny", "ok"), ("t1", "nope", "failed"), ("t2", "opt_1_3b", "timeout"),
+        ("t3", "tiny", "skipped")]
+    ok, bad = rows[0], rows[1]
+    assert "nope" in bad["error"]
+    commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    assert ok["commit"] == commit and isinstance(ok["dirty"], bool) and ok["code"] == "new"
+    assert ok["card"] == "cpu" and ok["jax"] and ok["repeat"] == 0
+    assert ok["date"] == datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    assert "matrix.py" in ok["command"] and "--row tiny:1x16,vocab=256" in ok["command"]
+    assert (ok["layers"], ok["vocab"], ok["batch"], ok["seq"]) == (2, 256, 1, 16)
+    assert (ok["storage"], ok["compute"], ok["step_stat"]) == ("bfloat16", "bfloat16", "median")
+    for name in ("zo2", "mezo"):  # MeZO fits: it ran in the same process
+        assert len(ok[f"{name}_steps_s"]) == 2
+        assert ok[f"{name}_step_s"] == pytest.approx(statistics.median(ok[f"{name}_steps_s"]),
+                                                     abs=2e-6)  # the list is rounded to 1 us
+        assert ok[f"{name}_tok_s"] == pytest.approx(16 / ok[f"{name}_step_s"])
+        assert ok[f"{name}_loss_finite"] is True and ok[f"{name}_host_peak_bytes"] > 0
+    # P_s is the two blocks at storage precision: 12 d^2 + 13 d parameters each, bf16, and
+    # the alignment of each array inside a packed block
+    assert 2 * 2 * (12 * 64 ** 2 + 13 * 64) <= ok["streamed_bytes"] < 1.3 * 2 * 2 * 49984
+    t_bus = max(ok["streamed_bytes"] / (ok["B_up"] * 1e9),
+                ok["streamed_bytes"] / (ok["B_down"] * 1e9),
+                2 * ok["streamed_bytes"] / (ok["B_bi"] * 1e9))
+    assert ok["T_bus_s"] == pytest.approx(t_bus)
+    assert ok["T_limit_s"] == pytest.approx(max(t_bus, ok["mezo_step_s"]))
+    assert ok["x_T_limit"] == pytest.approx(ok["zo2_step_s"] / ok["T_limit_s"])
+    assert ok["x_mezo"] == pytest.approx(ok["mezo_step_s"] / ok["zo2_step_s"])
+    assert ok["engine"]["max_inflight"] >= 1 and ok["engine_asked"] == {}
+    # the failed rows print with their status
+    proc = table(str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "| nope | **failed**:" in proc.stdout and "| opt_1_3b | **timeout**:" in proc.stdout
