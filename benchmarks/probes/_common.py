@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import sys
 
@@ -74,3 +75,11 @@ def time_engine(engine, batch, steps: int, warmup: int, trace_dir=None) -> dict:
 
     around = (lambda: jax.profiler.trace(trace_dir)) if trace_dir else contextlib.nullcontext
     return time_steps(engine, batch, steps, warmup, around=around)
+
+
+def finish(row: dict, json_out) -> dict:
+    print(json.dumps(row), flush=True)
+    if json_out:
+        with open(json_out, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+    return row

@@ -26,7 +26,6 @@ import collections
 import cProfile
 import pstats
 import gc
-import json
 import os
 import sys
 import time
@@ -36,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 # _common first: it puts this checkout's zo2_jax on the path
-from _common import add_model_args, build_model, lazy_params, make_batch
+from _common import add_model_args, build_model, finish, lazy_params, make_batch
 from timeline import load, summarize
 from zo2_jax.offload import Storage, ZO2Engine
 from zo2_jax.zo import MeZOEngine, mezo_sgd
@@ -228,14 +227,6 @@ def main(argv=None):
     gc.collect()
     row["after_mezo"] = phase("after_mezo", {"zo2": zo2}, accs, batch, a.steps, a.reps)
     return finish(row, a.json_out)
-
-
-def finish(row: dict, json_out) -> dict:
-    print(json.dumps(row), flush=True)
-    if json_out:
-        with open(json_out, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
-    return row
 
 
 if __name__ == "__main__":

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
 import time
 from collections import defaultdict
 
-from _common import add_model_args, build_model, lazy_params, make_batch, time_engine
+from _common import (add_model_args, build_model, finish, lazy_params, make_batch,
+                     time_engine)
 
 
 def _union_ns(intervals) -> int:
@@ -186,14 +186,6 @@ def main(argv=None) -> dict:
         del eng
         jax.clear_caches()
     return finish(row, a.json_out)
-
-
-def finish(row: dict, json_out) -> dict:
-    print(json.dumps(row), flush=True)
-    if json_out:
-        with open(json_out, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
-    return row
 
 
 if __name__ == "__main__":

@@ -123,7 +123,9 @@ class ZO2Engine:
             plan = planning.plan_for(spec, params, batch_shape=self._batch_shape, **placement)
         else:
             given = sorted(k for k, v in placement.items() if not (
-                v is _PLACEMENT_DEFAULTS[k] or v == _PLACEMENT_DEFAULTS[k]))
+                v is _PLACEMENT_DEFAULTS[k] or (isinstance(v, (str, int, np.integer))
+                                                and not isinstance(v, bool)
+                                                and v == _PLACEMENT_DEFAULTS[k])))
             if given:
                 raise ValueError(f"ZO2Engine: plan= decides the placement; leave {given} "
                                  f"unset (or make the plan with them: make_plan(...))")
