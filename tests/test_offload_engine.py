@@ -143,23 +143,35 @@ def test_device_budget_counts_units_of_several_blocks():
 
 
 class LoggingStream(BlockStream):
-    """Records uploads, computes and waits, and the device slots in use after each."""
+    """Records the schedule's uploads, computes, write-backs and waits as it runs them, and the
+    most device slots in use at once (counted from the ops, not from the schedule's own
+    bookkeeping)."""
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
-        self.events, self.peak = [], 0
+        self.events, self.peak, self._slots = [], 0, 0
 
-    def _payload(self, u, with_opt):  # every upload, alone or beside a write-back
-        self.events.append(("up", u))
-        return super()._payload(u, with_opt)
+    def _run(self, make_ops, fn=None, update=True):
+        def logged():
+            ops = make_ops()
+            for op in ops:
+                ups = [op] if op.kind == "upload" else list(op.uploads)
+                if op.kind in ("compute", "wait"):
+                    self.events.append((op.kind, op.unit))
+                if op.kind == "write_back":
+                    self.events.append(("back", op.unit))
+                self.events.extend(("up", up.unit) for up in ups)
+                self._slots += len(ups) - (op.kind == "wait")
+                self.peak = max(self.peak, self._slots)
+            return ops
+        super()._run(logged, fn, update)
 
-    def _wait(self, u, token):
-        self.events.append(("wait", u))
-        super()._wait(u, token)
+    def drain(self):
+        super().drain()
+        self._slots = 0  # uploads ahead are dropped
 
     def note(self, kind, u):
         self.events.append((kind, u))
-        self.peak = max(self.peak, len(self._window))
 
 
 def test_units_cut_runs_of_streamed_blocks_evenly():
@@ -198,7 +210,6 @@ def test_pipeline_bounds_units_in_flight_and_prefetches(window, group, ahead):
     def fn(u, blks, opts):
         assert len(blks) == len(opts) == len(u)
         assert all(x.sharding.memory_kind == "device" for x in blks + opts)
-        stream.note("compute", u)
         return [b + 1.0 for b in blks], [o + 1.0 for o in opts]
 
     for _ in range(3):  # passes after the first start from the previous one's uploads
@@ -257,14 +268,14 @@ def test_stream_hold_and_wrap_settings():
             BlockStream(store, dev, host, 3, hold=bad)
     deep = LoggingStream(store, dev, host, 5, hold=3)  # any hold is honoured, not only 1 or 2
     deep.update_pass(lambda u, b, o: (b, o), ahead=True)
-    assert [e[0] for e in deep._held()] == [(2,), (3,), (4,)]
+    assert [e.unit for e in deep.schedule._held()] == [(2,), (3,), (4,)]
     deep.drain()
     for wrap in (False, True):
         stream = LoggingStream(store, dev, host, 3, wrap=wrap)
         stream.update_pass(lambda u, b, o: ([x + 1.0 for x in b], o), ahead=True)
         # uploaded ahead into the next pass: two slots besides the newest write-back's
         assert set(stream._uploaded) == ({(0,), (1,)} if wrap else set())
-        assert len(stream._window) == 3
+        assert len(stream.schedule.window) == 3
         stream.drain()
     np.testing.assert_array_equal(np.asarray(store.blocks[4]), np.full((2,), 6.0))
 
@@ -284,12 +295,11 @@ def test_a_unit_not_uploaded_ahead_waits_only_for_its_own_slot():
     assert stream.hold == 2
 
     def upd(u, b, o):
-        stream.note("compute", u)
         return [x + 1.0 for x in b], [x + 1.0 for x in o]
 
     stream.update_pass(upd)  # like flush(): no uploads ahead
     stream.events.clear()
-    stream.read_pass(lambda u, b: stream.note("compute", u) or b[0], ahead=True)
+    stream.read_pass(lambda u, b: b[0], ahead=True)
     ev = stream.events
     first = ev.index(("compute", (0,)))
     assert ("wait", (4,)) not in ev[:first] and ("wait", (5,)) not in ev[:first], ev
@@ -314,7 +324,7 @@ def test_a_failed_pass_waits_for_the_write_backs_it_leaves_running(monkeypatch):
                        [jax.device_put(jnp.zeros(()), host) for i in range(5)], frozenset())
     stream = BlockStream(store, dev, host, 3)
     stream.update_pass(lambda u, b, o: ([x + 1.0 for x in b], o), ahead=True)
-    pending = [t for _, t in stream._window if t is not None]
+    pending = list(stream._tokens.values())
     assert pending
     waited = []
     real = stream_mod.jax.block_until_ready
@@ -327,7 +337,7 @@ def test_a_failed_pass_waits_for_the_write_backs_it_leaves_running(monkeypatch):
     with pytest.raises(RuntimeError, match="out of memory"):
         stream.read_pass(boom)
     assert all(any(t is w for w in waited) for t in pending)
-    assert not stream._window and not stream._uploaded
+    assert not stream.schedule.window and not stream._uploaded and not stream._tokens
 
 
 @pytest.mark.parametrize("units_streamed", [1, 2])
@@ -347,7 +357,6 @@ def test_fewer_units_than_slots_never_upload_a_copy_still_written_back(units_str
     first, last = stream.streamed[0], stream.streamed[-1]
 
     def fn(u, blks, opts):
-        stream.note("compute", u)
         return [b + 1.0 for b in blks], [o for o in opts]
 
     for _ in range(6):
@@ -357,8 +366,8 @@ def test_fewer_units_than_slots_never_upload_a_copy_still_written_back(units_str
         # prefetched: every unit but the one dispatched last (its write-back is the newest work)
         want = {u for u in stream.streamed if u != last}
         assert set(stream._uploaded) == want
-        assert len(stream._window) <= 3
-        assert [e[0] for e in stream._window].count(first) == 1  # one slot per unit
+        assert len(stream.schedule.window) <= 3
+        assert [e.unit for e in stream.schedule.window].count(first) == 1  # one slot per unit
     ev = stream.events
     for k, e in enumerate(ev):  # every upload of a unit comes after the wait for its write-back
         if e[0] == "up" and ("compute", e[1]) in ev[:k]:

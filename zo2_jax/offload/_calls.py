@@ -33,7 +33,7 @@ decode_fn = jax.jit(lambda storage, stored: _copy(storage.decode(stored)), stati
 
 
 # A unit is one block or a run of consecutive streamed blocks computed by one jitted call (see
-# _stream.py). `packing` (static) is the layout of packed streamed blocks, or None: then the
+# schedule.py). `packing` (static) is the layout of packed streamed blocks, or None: then the
 # unit's blocks and optimiser states are trees. Packed blocks are unpacked after the upload and
 # packed again before the write-back inside the same call.
 

@@ -12,7 +12,7 @@ The projected gradient stays a device scalar: no host synchronisation between st
 applies the last pending update. The math is `zo2_jax.core.parts`, shared with MeZOEngine, so the
 two engines give bit-identical parameters for the same keys, storage and compute dtype. Where
 each block lives and how units stream is the engine's `Plan` (`plan.py`); the order of uploads,
-computes and write-backs is `_stream.py`.
+computes, write-backs and waits is `schedule.py` (data), carried out by `_stream.py`.
 """
 
 from __future__ import annotations
