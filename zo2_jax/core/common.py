@@ -6,13 +6,14 @@ import dataclasses
 import math
 import warnings
 from collections.abc import Mapping
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from zo2_jax.core.noise import DIRECTIONS
+from zo2_jax.models.model import check_batch  # noqa: F401  (the engines' batch check)
 from zo2_jax.core.parts import Pending, Spec, freeze_mask
 from zo2_jax.core.storage import Int8Leaf, Storage
 from zo2_jax.core.transforms import MeZOSGD, check_block_transform, mezo_sgd, resolve_mask
@@ -66,29 +67,6 @@ def check_params(model, params: PyTree) -> None:
                 raise ValueError(f"block {i} leaf {jax.tree_util.keystr(path)} is {_describe(x)}, "
                                  f"block 0 has {_describe(x0)}: blocks must share shapes and "
                                  f"dtypes (one compiled block function serves them all)")
-
-
-def check_batch(batch, expected_shape: Optional[tuple] = None) -> tuple[int, int]:
-    """Raises a ValueError unless `batch` is a dict of int [B, T] arrays of one shape (and
-    `expected_shape`, when given). Returns (B, T)."""
-    if not isinstance(batch, Mapping) or "input_ids" not in batch:
-        got = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
-        raise ValueError(f"batch must be a dict with 'input_ids' (and optionally "
-                         f"'attention_mask', 'loss_mask'), got {got}")
-    shape = tuple(np.shape(batch["input_ids"]))
-    if len(shape) != 2:
-        raise ValueError(f"batch['input_ids'] must be [batch, seq], got shape {shape}")
-    for k, v in batch.items():
-        if tuple(np.shape(v)) != shape:
-            raise ValueError(f"batch[{k!r}] has shape {tuple(np.shape(v))}, expected {shape} "
-                             f"like batch['input_ids']")
-        dtype = getattr(v, "dtype", None) or np.asarray(v).dtype
-        if not (jnp.issubdtype(dtype, jnp.integer) or dtype == bool):
-            raise ValueError(f"batch[{k!r}] has dtype {dtype}, expected integers")
-    if expected_shape is not None and shape != tuple(expected_shape):
-        raise ValueError(f"batch has shape {shape}, but this engine was set up for batch_shape="
-                         f"{tuple(expected_shape)} (its device budget was computed for it)")
-    return shape
 
 
 def check_eps(eps) -> float:

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from zo2_jax.models.model import decay_mask
+
 PyTree = Any
 Schedule = Callable[[jax.Array], jax.Array]
 MaskSpec = Union[None, PyTree, Callable[[PyTree], PyTree]]
@@ -46,11 +48,6 @@ def learning_rate_at(learning_rate: Union[float, Schedule], count: jax.Array) ->
     return jnp.asarray(lr, jnp.float32)
 
 
-def default_mask(params: PyTree) -> PyTree:
-    """Decay matrices and embeddings (rank >= 2), not biases or norm scales (rank < 2)."""
-    return jax.tree.map(lambda x: np.ndim(x) >= 2, params)
-
-
 def resolve_mask(mask: MaskSpec, params: PyTree, model=None) -> PyTree:
     """A pytree of Python bools like `params`: mask(params) if callable, mask if a pytree, else
     model.decay_mask(params) when the model has one, else rank >= 2."""
@@ -58,7 +55,7 @@ def resolve_mask(mask: MaskSpec, params: PyTree, model=None) -> PyTree:
         if model is not None and hasattr(model, "decay_mask"):
             mask = model.decay_mask(params)
         else:
-            mask = default_mask(params)
+            mask = decay_mask(params)
     elif callable(mask):
         mask = mask(params)
     try:

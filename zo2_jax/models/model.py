@@ -7,7 +7,8 @@ plain nested dicts, so engines can place, encode, perturb and stream them like a
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+from collections.abc import Mapping
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -92,7 +93,7 @@ class Model:
 
     def decay_mask(self, params: PyTree) -> PyTree:
         """True for matrices and embeddings, False for biases and norm scales (MeZO's rule)."""
-        return jax.tree.map(lambda x: jnp.ndim(x) >= 2, params)
+        return decay_mask(params)
 
     # ---- the seam ------------------------------------------------------------------------
 
@@ -155,17 +156,33 @@ def per_example_loss(logits_BxTxV, batch):
     return (nll * tmask).sum(1) / jnp.maximum(tmask.sum(1), 1.0)
 
 
-def check_batch(batch, vocab_size: Optional[int] = None):
-    """Raise a ValueError naming the field if a batch is malformed."""
-    if "input_ids" not in batch:
-        raise ValueError(f"batch has no 'input_ids'; got keys {sorted(batch)}")
-    shape = np.shape(batch["input_ids"])
+def decay_mask(params: PyTree) -> PyTree:
+    """Which leaves weight decay applies to: matrices and embeddings (rank >= 2), not biases or
+    norm scales (rank < 2). MeZO's rule, and the default of every optimiser here."""
+    return jax.tree.map(lambda x: np.ndim(x) >= 2, params)
+
+
+def check_batch(batch, expected_shape: Optional[tuple] = None) -> tuple[int, int]:
+    """Raises a ValueError unless `batch` is a dict of int [B, T] arrays of one shape (and
+    `expected_shape`, when given). Returns (B, T)."""
+    if not isinstance(batch, Mapping) or "input_ids" not in batch:
+        got = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
+        raise ValueError(f"batch must be a dict with 'input_ids' (and optionally "
+                         f"'attention_mask', 'loss_mask'), got {got}")
+    shape = tuple(np.shape(batch["input_ids"]))
     if len(shape) != 2:
         raise ValueError(f"batch['input_ids'] must be [batch, seq], got shape {shape}")
-    for k in ("attention_mask", "loss_mask"):
-        if k in batch and np.shape(batch[k]) != shape:
-            raise ValueError(f"batch[{k!r}] has shape {np.shape(batch[k])}, expected {shape} "
-                             f"like input_ids")
+    for k, v in batch.items():
+        if tuple(np.shape(v)) != shape:
+            raise ValueError(f"batch[{k!r}] has shape {tuple(np.shape(v))}, expected {shape} "
+                             f"like batch['input_ids']")
+        dtype = getattr(v, "dtype", None) or np.asarray(v).dtype
+        if not (jnp.issubdtype(dtype, jnp.integer) or dtype == bool):
+            raise ValueError(f"batch[{k!r}] has dtype {dtype}, expected integers")
+    if expected_shape is not None and shape != tuple(expected_shape):
+        raise ValueError(f"batch has shape {shape}, but this engine was set up for batch_shape="
+                         f"{tuple(expected_shape)} (its device budget was computed for it)")
+    return shape
 
 
 _jit_apply = jax.jit(lambda model, params, batch: model.apply(params, batch)[1],

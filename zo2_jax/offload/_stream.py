@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 
 from zo2_jax.offload.plan import stream_hold
-from zo2_jax.offload.schedule import Op, Schedule
+from zo2_jax.offload.schedule import Schedule
 
 PyTree = Any
 Unit = tuple  # block indices, consecutive in pass order

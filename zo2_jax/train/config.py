@@ -20,8 +20,6 @@ import math
 import os
 from typing import Any, Literal, Optional, Union, get_args
 
-import jax
-import jax.numpy as jnp
 import optax
 
 Engine = Literal["mezo", "zo2"]
@@ -244,10 +242,10 @@ class TrainConfig:
 
     def optimizer_transform(self) -> optax.GradientTransformation:
         """The update as an optax transform; weight decay skips biases and norm scales (ndim < 2)."""
+        from zo2_jax.models.model import decay_mask as matrices
         from zo2_jax.zo import mezo_sgd
 
         lr, wd = self.learning_rate(), self.weight_decay
-        matrices = lambda params: jax.tree.map(lambda x: jnp.ndim(x) >= 2, params)  # noqa: E731
         if self.optimizer == "sgd":
             return mezo_sgd(lr, weight_decay=wd)
         if self.optimizer == "momentum":
