@@ -171,8 +171,11 @@ def test_help_lists_each_commands_own_options(capsys):
         with pytest.raises(SystemExit):
             cli.main([command, "--help"])
         helps[command] = " ".join(capsys.readouterr().out.split())
-    for name in TrainConfig.__dataclass_fields__:
+    from zo2_jax.train.config import flat_fields
+
+    for name in flat_fields():  # TrainConfig's and the nested engine options' fields
         assert "--" + name.replace("_", "-") in helps["train"], name
+    assert "--packed {auto,yes,no}" in helps["train"] and "--eps X" in helps["train"]
     assert "--lr" not in helps["eval"] and "--steps" not in helps["export"]
     assert "--eval-file" in helps["eval"] and "--eval-file" not in helps["generate"]
     assert "--checkpoint-dir" in helps["export"] and "--out" in helps["export"]

@@ -78,9 +78,10 @@ import sys
 sys.path.insert(0, {tests!r})
 from zo2_jax.train.config import TrainConfig
 from zo2_jax.train.trainer import train
-cfg = TrainConfig(model={model!r}, steps=400, batch_size=4, lr=1e-3, eps=1e-2, eval_examples=8,
-                  out_dir={out!r}, progress=False, seed=3, checkpoint_dir={ck!r},
-                  checkpoint_every=1, keep_checkpoints=2, engine={engine!r})
+cfg = TrainConfig.from_dict(dict(
+    model={model!r}, steps=400, batch_size=4, lr=1e-3, eps=1e-2, eval_examples=8,
+    out_dir={out!r}, progress=False, seed=3, checkpoint_dir={ck!r}, checkpoint_every=1,
+    keep_checkpoints=2, engine={engine!r}))
 train(cfg, log=lambda s: print(s, flush=True))
 """
 
@@ -161,7 +162,7 @@ def test_cli_config_file(tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     p.write_text("engine: zo2\npacked: no\n")  # YAML reads no as false: the same choice
     assert cli.config_from_args(cli.build_parser().parse_args(
-        ["train", "--config", str(p)])).packed == "no"
+        ["train", "--config", str(p)])).stream.packed is False
 
 
 def test_cli_flags_override_config_file(tmp_path):
@@ -185,8 +186,11 @@ def test_zo2_placement_options_reach_the_engine():
 
     from zo2_jax.train.trainer import make_engine
 
-    cfg = TrainConfig(engine="zo2", packed="no", branches="sequential", max_inflight=2,
-                      resident_blocks=1, blocks_per_call=1, progress=False)
+    from zo2_jax.offload import StreamOptions
+
+    cfg = TrainConfig(engine="zo2", progress=False, stream=StreamOptions(
+        packed=False, branches="sequential", max_inflight=2, resident_blocks=1,
+        blocks_per_call=1))
     eng = make_engine(cfg, MODEL, PARAMS)
     assert (eng.packed, eng.branches, len(eng.resident_blocks)) == (False, "sequential", 1)
     assert (eng.blocks_per_call, eng.max_inflight) == (1, 2)
@@ -194,7 +198,8 @@ def test_zo2_placement_options_reach_the_engine():
     # "auto" on three tiny blocks: packed, fused, 4 slots, one block per call (3 < W + 2)
     assert (eng.packed, eng.branches, eng.max_inflight, eng.blocks_per_call) == (
         True, "fused", 4, 1)
-    eng = make_engine(TrainConfig(engine="zo2", blocks_per_call=3, progress=False), MODEL, PARAMS)
+    eng = make_engine(TrainConfig(engine="zo2", progress=False).replace(blocks_per_call=3),
+                      MODEL, PARAMS)
     assert eng.blocks_per_call == 3
 
 

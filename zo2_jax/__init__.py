@@ -32,8 +32,8 @@ _EXPORTS = {
                        "preset", "save_pretrained"],
     "zo2_jax.core.storage": ["Int8Leaf", "Storage"],
     "zo2_jax.zo": ["MeZOEngine", "MeZOSGD", "MeZOSGDState", "ZOGrad", "apply_zo_grad",
-                   "mezo_sgd", "zo_value_and_grad"],
-    "zo2_jax.offload": ["HostMemoryError", "Plan", "ZO2Engine", "make_plan"],
+                   "ZOOptions", "mezo_sgd", "zo_value_and_grad"],
+    "zo2_jax.offload": ["HostMemoryError", "Plan", "StreamOptions", "ZO2Engine", "make_plan"],
     # not `train` itself: `zo2_jax.train` is the subpackage (`zo2_jax.train.train(config)`)
     "zo2_jax.train": ["Checkpointer", "Result", "TrainConfig", "evaluate"],
 }
@@ -63,7 +63,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from zo2_jax.models import (CheckpointError, DecoderConfig, Model,  # noqa: F401
                                 UnsupportedModelError, generate, load, load_tokenizer, logits,
                                 per_example_loss, preset, save_pretrained)
-    from zo2_jax.offload import HostMemoryError, Plan, ZO2Engine, make_plan  # noqa: F401
+    from zo2_jax.offload import (HostMemoryError, Plan, StreamOptions, ZO2Engine,  # noqa: F401
+                                 make_plan)
     from zo2_jax.train import Checkpointer, Result, TrainConfig, evaluate  # noqa: F401
     from zo2_jax.zo import (MeZOEngine, MeZOSGD, MeZOSGDState, ZOGrad,  # noqa: F401
-                            apply_zo_grad, mezo_sgd, zo_value_and_grad)
+                            ZOOptions, apply_zo_grad, mezo_sgd, zo_value_and_grad)

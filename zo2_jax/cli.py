@@ -10,19 +10,18 @@ ZO2_JAX_MAIN_JOB_ARGS adds flags to the main job (CI shortens it so).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shlex
 import sys
 from typing import Optional, Sequence
 
-from zo2_jax.train.config import DEFAULT_MODEL, TrainConfig, against_checkpoint
+from zo2_jax.train.config import DEFAULT_MODEL, TrainConfig, against_checkpoint, flat_fields
 
 # The main job: a few minutes on a 2-core CPU, clearly better afterwards.
 MAIN_JOB = dict(steps=40, batch_size=8, lr=3e-5, eps=1e-3, directions="rademacher",
                 eval_every=0, out_dir="runs/demo", export_dir="runs/demo/model")
-_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_FIELDS = {name: f for name, (_, f) in flat_fields().items()}
 # What evaluating the exported model needs to score as the run did, besides its weights.
 _EVAL_FIELDS = ("task", "train_file", "eval_file", "template", "label_words", "eval_examples",
                 "batch_size", "max_len", "seq_len", "seed", "compute_dtype")
@@ -49,11 +48,12 @@ def _show_default(v) -> str:
 
 
 def _add_config_flags(p: argparse.ArgumentParser, command: str, defaults: Optional[dict] = None):
-    """One flag per TrainConfig field that `command` uses, from the field's declaration."""
+    """One flag per setting that `command` uses (TrainConfig's fields and those of the engine
+    options it nests), from the field's declaration."""
     p.add_argument("--config", metavar="FILE",
                    help="a JSON or YAML file of the settings below (underscored names, e.g. "
                         "lr: 1e-5); flags given as well win")
-    for f in dataclasses.fields(TrainConfig):
+    for f in _FIELDS.values():
         md = f.metadata
         if command not in md["commands"]:
             continue
@@ -65,10 +65,14 @@ def _add_config_flags(p: argparse.ArgumentParser, command: str, defaults: Option
             kw["action"] = argparse.BooleanOptionalAction
         elif kind == "words":
             kw.update(nargs="+", metavar="WORD")
-        elif kind == "int_or_auto":
+        elif kind == "bool_or_auto":
+            kw["choices"] = ["auto", "yes", "no"]
+        elif kind in ("int_or_auto", "count_or_auto"):
             kw.update(type=int_or_auto, metavar="N|auto")
-        elif kind in ("int", "float"):
-            kw.update(type=int if kind == "int" else float, metavar="N" if kind == "int" else "X")
+        elif kind in ("int", "count", "natural"):
+            kw.update(type=int, metavar="N")
+        elif kind in ("float", "positive", "positive_or_none", "fraction", "nonnegative"):
+            kw.update(type=float, metavar="X")
         else:
             kw["metavar"] = "PATH" if kind == "path" else "TEXT"
         default = (defaults or {}).get(f.name, f.default)
@@ -156,7 +160,7 @@ def _eval_flags(cfg: TrainConfig) -> list:
     """The flags under which `zo2-jax eval` of an exported model scores as `cfg`'s run did."""
     out = []
     for name in _EVAL_FIELDS:
-        v = getattr(cfg, name)
+        v = cfg.flat()[name]
         if v != _FIELDS[name].default:
             out += [_flag(name), *(v if isinstance(v, tuple) else [v])]
     return out

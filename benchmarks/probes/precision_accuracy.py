@@ -177,11 +177,11 @@ def drift(theta_t, start, theta0, ref_delta) -> dict:
 def run_setting(name: str, args, path: str, log) -> tuple[dict, object]:
     base, lr = split_setting(name, args.lr)
     dtype, rounding = SETTINGS[base]
-    cfg = TrainConfig(model=path, engine=args.engine, storage_dtype=dtype, rounding=rounding,
-                      compute_dtype=args.compute, optimizer="sgd", lr=lr, eps=args.eps,
-                      steps=args.steps, batch_size=args.batch, seed=args.seed,
-                      eval_examples=args.eval_examples, out_dir=os.path.join(args.out, name),
-                      progress=False)
+    cfg = TrainConfig.from_dict(dict(
+        model=path, engine=args.engine, storage_dtype=dtype, rounding=rounding,
+        compute_dtype=args.compute, optimizer="sgd", lr=lr, eps=args.eps, steps=args.steps,
+        batch_size=args.batch, seed=args.seed, eval_examples=args.eval_examples,
+        out_dir=os.path.join(args.out, name), progress=False))
     res = train(cfg, log=lambda s: log(f"  [{name}] {s}"))
     recs = M.read(res.metrics_path)
     tr = [r for r in recs if r.get("kind") == "train"]

@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zo2_jax.core.noise import DIRECTIONS
+from zo2_jax.core import options
+from zo2_jax.core.options import ZOOptions
 from zo2_jax.models.model import check_batch  # noqa: F401  (the engines' batch check)
 from zo2_jax.core.parts import Pending, Spec, freeze_mask
 from zo2_jax.core.storage import Int8Leaf, Storage
@@ -96,8 +97,7 @@ def check_options(model, *, eps, num_directions, compute_dtype, storage, outer_s
             raise TypeError(f"model must implement the seam (context, embed, block, head); "
                             f"{type(model).__name__} has no {stage}()")
     eps = check_eps(eps)
-    if not isinstance(num_directions, (int, np.integer)) or num_directions < 1:
-        raise ValueError(f"num_directions must be an int >= 1, got {num_directions!r}")
+    options.check("num_directions", num_directions, ZOOptions)
     if not any(jnp.dtype(compute_dtype) == d for d in COMPUTE_DTYPES):
         raise ValueError(f"compute_dtype must be float32, bfloat16 or float16, got {compute_dtype}")
     if clip_norm is not None and not (math.isfinite(float(clip_norm)) and clip_norm > 0):
@@ -105,8 +105,7 @@ def check_options(model, *, eps, num_directions, compute_dtype, storage, outer_s
     for name, st in (("storage", storage), ("outer_storage", outer_storage)):
         if st is not None and not isinstance(st, Storage):
             raise TypeError(f"{name} must be a zo2_jax.Storage, got {type(st).__name__}")
-    if directions not in DIRECTIONS:
-        raise ValueError(f"directions must be one of {DIRECTIONS}, got {directions!r}")
+    options.check("directions", directions, ZOOptions)
     return eps
 
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
-from typing import Any, Literal, NamedTuple, Optional
+from typing import Any, Literal, NamedTuple, Optional, get_args
 
 import jax
 import jax.numpy as jnp
@@ -105,27 +105,27 @@ class Storage:
 
     Attributes:
       dtype: "float32", "bfloat16", "float16" or "int8".
-      rounding: "nearest" or "stochastic" (used when an updated value is written; the initial
-        encoding of the user's parameters is always round-to-nearest).
+      rounding: "stochastic" (the default) or "nearest", used when an updated value is
+        written; the initial encoding of the user's parameters is always round-to-nearest.
       vector_dtype: int8 only: storage of leaves of rank < 2, "float32" or "bfloat16".
 
     Example:
-      >>> s = Storage("bfloat16", rounding="stochastic")
+      >>> s = Storage("bfloat16")
       >>> enc = s.encode({"w": jnp.ones((2, 3))}, jax.random.key(0))
       >>> s.decode(enc)["w"].dtype
       dtype('float32')
     """
 
     dtype: StorageDType = "float32"
-    rounding: Rounding = "nearest"
+    rounding: Rounding = "stochastic"
     vector_dtype: Literal["float32", "bfloat16"] = "float32"
 
     def __post_init__(self):
-        if self.dtype not in ("float32", "bfloat16", "float16", "int8"):
-            raise ValueError(f"Storage dtype must be float32, bfloat16, float16 or int8, "
+        if self.dtype not in get_args(StorageDType):
+            raise ValueError(f"Storage dtype must be one of {list(get_args(StorageDType))}, "
                              f"got {self.dtype!r}")
-        if self.rounding not in ("nearest", "stochastic"):
-            raise ValueError(f"Storage rounding must be 'nearest' or 'stochastic', "
+        if self.rounding not in get_args(Rounding):
+            raise ValueError(f"Storage rounding must be one of {list(get_args(Rounding))}, "
                              f"got {self.rounding!r}")
         if self.vector_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"Storage vector_dtype must be float32 or bfloat16, "

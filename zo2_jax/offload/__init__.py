@@ -10,6 +10,7 @@ from zo2_jax.core.storage import Storage
 from zo2_jax.offload._zo2 import ZO2Engine
 from zo2_jax.offload.plan import HostMemoryError
 from zo2_jax.offload.plan import Plan
+from zo2_jax.offload.plan import StreamOptions
 from zo2_jax.offload.plan import make_plan
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "Int8Leaf",
     "Plan",
     "Storage",
+    "StreamOptions",
     "ZO2Engine",
     "make_plan",
 ]

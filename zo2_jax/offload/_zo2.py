@@ -29,18 +29,17 @@ from zo2_jax.core import common
 from zo2_jax.core import parts
 from zo2_jax.core import trees
 from zo2_jax.core.noise import OUTER_PART, as_key
+from zo2_jax.core.options import ZOOptions
 from zo2_jax.core.storage import Storage
 from zo2_jax.core.trees import tree_nbytes
 from zo2_jax.offload import _calls as calls
 from zo2_jax.offload import plan as planning
 from zo2_jax.offload._pack import Packing, host_copy
 from zo2_jax.offload._stream import BlockStore, BlockStream
-from zo2_jax.offload.plan import Plan
+from zo2_jax.offload.plan import Plan, StreamOptions
 
 PyTree = Any
-_PLACEMENT_DEFAULTS = {"resident_blocks": 0, "max_inflight": "auto", "packed": "auto",
-                       "branches": "auto", "blocks_per_call": "auto",
-                       "device_budget_bytes": None}
+_PLACEMENT_DEFAULTS = {**StreamOptions().engine_kwargs()}
 
 
 def _memory_kinds(device) -> list:
@@ -93,16 +92,17 @@ class ZO2Engine:
     """
 
     def __init__(self, model, params: PyTree, tx: Optional[optax.GradientTransformation] = None,
-                 *, eps: float = 1e-3, num_directions: int = 1,
+                 *, eps: float = ZOOptions.eps, num_directions: int = ZOOptions.num_directions,
                  compute_dtype: Any = jnp.float32, storage: Optional[Storage] = None,
                  outer_storage: Optional[Storage] = None, clip_norm: Optional[float] = None,
-                 directions: str = "gaussian", plan: Optional[Plan] = None,
-                 resident_blocks: Union[int, Iterable[int]] = 0,
-                 max_inflight: Union[int, str] = "auto",
+                 directions: str = ZOOptions.directions, plan: Optional[Plan] = None,
+                 resident_blocks: Union[int, Iterable[int]] = StreamOptions.resident_blocks,
+                 max_inflight: Union[int, str] = StreamOptions.max_inflight,
                  device_budget_bytes: Optional[int] = None, batch_shape: Optional[tuple] = None,
                  device: Optional[jax.Device] = None,
-                 packed: Union[bool, str] = "auto", branches: str = "auto",
-                 blocks_per_call: Union[int, str] = "auto"):
+                 packed: Union[bool, str] = StreamOptions.packed,
+                 branches: str = StreamOptions.branches,
+                 blocks_per_call: Union[int, str] = StreamOptions.blocks_per_call):
         placement = dict(resident_blocks=resident_blocks, max_inflight=max_inflight,
                          packed=packed, branches=branches, blocks_per_call=blocks_per_call,
                          device_budget_bytes=device_budget_bytes)

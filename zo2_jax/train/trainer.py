@@ -47,7 +47,7 @@ def load_model(cfg: TrainConfig, lazy_blocks: bool = True):
     memory, so the full-precision model is never held whole. Such params are for an engine
     only; `lazy_blocks=False` gives arrays on the default device (for `zm.logits`, `generate`)."""
     path = resolve_model_path(cfg.model)
-    model, params = zm.load(path, jnp.float32, compute_dtype=_DTYPES[cfg.compute_dtype],
+    model, params = zm.load(path, jnp.float32, compute_dtype=_DTYPES[cfg.zo.compute_dtype],
                             lazy_blocks=lazy_blocks)
     return model, params, zm.load_tokenizer(path)
 
@@ -110,20 +110,13 @@ def make_data(cfg: TrainConfig, tokenizer, texts: Optional[Texts] = None) -> Dat
 
 def make_engine(cfg: TrainConfig, model, params):
     """The configured engine over `params` (which it takes over)."""
-    from zo2_jax.offload import Storage, ZO2Engine
+    from zo2_jax.offload import ZO2Engine
     from zo2_jax.zo import MeZOEngine
 
-    storage = Storage(cfg.storage_dtype, rounding=cfg.rounding)
-    common = dict(tx=cfg.optimizer_transform(), eps=cfg.eps, num_directions=cfg.num_directions,
-                  compute_dtype=_DTYPES[cfg.compute_dtype], storage=storage,
-                  directions=cfg.directions)
+    common = dict(tx=cfg.optimizer_transform(), **cfg.zo.engine_kwargs())
     if cfg.engine == "mezo":
         return MeZOEngine(model, params, **common)
-    budget = None if cfg.device_budget_gb is None else int(cfg.device_budget_gb * 2 ** 30)
-    return ZO2Engine(model, params, resident_blocks=cfg.resident_blocks,
-                     max_inflight=cfg.max_inflight, device_budget_bytes=budget,
-                     packed={"auto": "auto", "yes": True, "no": False}[cfg.packed],
-                     branches=cfg.branches, blocks_per_call=cfg.blocks_per_call, **common)
+    return ZO2Engine(model, params, **cfg.stream.engine_kwargs(), **common)
 
 
 def model_batch(batch: dict) -> dict:

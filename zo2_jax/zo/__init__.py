@@ -6,6 +6,7 @@ g_j = (L(theta + eps z_j) - L(theta - eps z_j)) / (2 eps), and the estimate (1/q
 feeds any optax transform (`mezo_sgd` is fused into one elementwise update).
 """
 
+from zo2_jax.core.options import ZOOptions
 from zo2_jax.core.transforms import MeZOSGD
 from zo2_jax.core.transforms import MeZOSGDState
 from zo2_jax.core.transforms import mezo_sgd
@@ -19,6 +20,7 @@ __all__ = [
     "MeZOSGD",
     "MeZOSGDState",
     "ZOGrad",
+    "ZOOptions",
     "apply_zo_grad",
     "mezo_sgd",
     "zo_value_and_grad",

@@ -21,6 +21,7 @@ from zo2_jax.core import common
 from zo2_jax.core import parts
 from zo2_jax.core import trees
 from zo2_jax.core.noise import OUTER_PART, as_key
+from zo2_jax.core.options import ZOOptions
 from zo2_jax.core.storage import Storage
 
 PyTree = Any
@@ -136,10 +137,10 @@ class MeZOEngine:
     """
 
     def __init__(self, model, params: PyTree, tx: Optional[optax.GradientTransformation] = None,
-                 *, eps: float = 1e-3, num_directions: int = 1,
+                 *, eps: float = ZOOptions.eps, num_directions: int = ZOOptions.num_directions,
                  compute_dtype: Any = jnp.float32, storage: Optional[Storage] = None,
                  outer_storage: Optional[Storage] = None, clip_norm: Optional[float] = None,
-                 directions: str = "gaussian"):
+                 directions: str = ZOOptions.directions):
         spec, params, make_block = common.prepare(
             model, params, tx, eps=eps, num_directions=num_directions,
             compute_dtype=compute_dtype, storage=storage, outer_storage=outer_storage,
