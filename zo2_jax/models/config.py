@@ -79,7 +79,7 @@ class DecoderConfig:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
                      "max_positions"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"DecoderConfig.{name} must be a positive int, got {value!r}")
         if self.num_kv_heads is None:
             object.__setattr__(self, "num_kv_heads", self.num_heads)
@@ -90,6 +90,10 @@ class DecoderConfig:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         if self.embed_dim is None:
             object.__setattr__(self, "embed_dim", self.hidden_size)
+        for name in ("num_kv_heads", "head_dim", "embed_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"DecoderConfig.{name} must be a positive int, got {value!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} must be a multiple of num_kv_heads "
                              f"{self.num_kv_heads}")

@@ -18,12 +18,17 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import mmap
 import os
 import re
+import struct
 
 import numpy as np
 
 import gguf
+
+from zo2_jax.models.hf import (MAX_SIZE, CheckpointError, UnsupportedModelError,
+                               config_from_hf)
 
 SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                            "qwen3": "Qwen3ForCausalLM"}
@@ -38,6 +43,12 @@ _PERMUTED_ARCHITECTURES = {"llama"}
 # Special tokens by their llama.cpp id keys (as transformers' GGUF tokenizer loader names them).
 _SPECIAL_TOKENS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id",
                    "unk_token": "unknown_token_id", "pad_token": "padding_token_id"}
+
+# transformers' names of llama.cpp's tokenizer fields, and what each must hold.
+_TOKENIZER_KINDS = {"tokens": str, "merges": str, "token_type": int, "scores": (int, float),
+                    "tokenizer_type": str, "pre_tokenizer_type": str, "chat_template": str,
+                    "add_bos_token": bool, "add_eos_token": bool, "add_prefix_space": bool}
+_TOKENIZER_LISTS = {"tokens", "merges", "token_type", "scores"}
 
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
                  "output": "lm_head"}
@@ -57,8 +68,133 @@ _ROPE_FREQS = "rope_freqs.weight"
 _LLAMA3_ORIGINAL_CONTEXT = 8192
 
 
-class GGUFError(ValueError):
+class GGUFError(CheckpointError):
     """A GGUF file cannot be read as a supported Hugging Face checkpoint."""
+
+
+# Bytes of each fixed-size GGUF value type (gguf.GGUFValueType); 8 is STRING, 9 ARRAY.
+_VALUE_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY, _UINT32 = 8, 9, 4
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+
+
+class _Layout:
+    """Walks a GGUF header with bounds checks, as llama.cpp's gguf.cpp does, before gguf-py
+    reads it: gguf-py trusts every count, length and offset (a huge array length loops forever
+    past the end of the file, a huge product of dimensions wraps around), so each is checked
+    here against the bytes that remain. Tensor data must be laid out exactly as llama.cpp
+    requires (in order, each at the aligned end of the one before), so no header edit can point a
+    tensor at another's bytes."""
+
+    def __init__(self, path: str, data):
+        self.path, self.data, self.pos, self.size = path, data, 0, len(data)
+
+    def fail(self, what: str):
+        raise GGUFError(f"{self.path}: {what} (at byte {self.pos:,} of {self.size:,}): the file "
+                        f"is truncated or corrupt.")
+
+    def take(self, n: int, what: str) -> int:
+        if n > self.size - self.pos:
+            self.fail(f"{what} needs {n:,} bytes, only {self.size - self.pos:,} remain")
+        start, self.pos = self.pos, self.pos + n
+        return start
+
+    def uint(self, fmt: str, what: str) -> int:
+        return struct.unpack_from(fmt, self.data, self.take(struct.calcsize(fmt), what))[0]
+
+    def string(self, what: str) -> str:
+        n = self.uint("<Q", f"the length of {what}")
+        start = self.take(n, what)
+        try:
+            return bytes(self.data[start:start + n]).decode("utf-8")
+        except UnicodeDecodeError:
+            self.fail(f"{what} is not UTF-8")
+
+    def count(self, minimum_bytes: int, what: str) -> int:
+        n = self.uint("<Q", what)
+        if n * minimum_bytes > self.size - self.pos:
+            self.fail(f"{what} is {n:,}, more than the {self.size - self.pos:,} remaining bytes "
+                      f"can hold")
+        return n
+
+    def value(self, vtype: int, key: str, in_array: bool = False):
+        """Skips one value (strings are decoded, checking UTF-8); returns a uint32 value."""
+        if vtype in _VALUE_SIZES:
+            start = self.take(_VALUE_SIZES[vtype], f"the value of {key!r}")
+            return struct.unpack_from("<I", self.data, start)[0] if vtype == _UINT32 else None
+        if vtype == _STRING:
+            self.string(f"the value of {key!r}")
+        elif vtype == _ARRAY and not in_array:
+            itype = self.uint("<I", f"the item type of {key!r}")
+            if itype not in _VALUE_SIZES and itype != _STRING:
+                self.fail(f"array {key!r} has item type {itype}, expected one of "
+                          f"{sorted(_VALUE_SIZES) + [_STRING]}")
+            n = self.count(_VALUE_SIZES.get(itype, 8), f"the length of array {key!r}")
+            if itype == _STRING:
+                for _ in range(n):
+                    self.string(f"an item of {key!r}")
+            else:
+                self.take(n * _VALUE_SIZES[itype], f"the items of {key!r}")
+        else:
+            self.fail(f"metadata key {key!r} has value type {vtype}, expected one of 0..12 "
+                      f"(arrays of arrays are not supported)")
+        return None
+
+    def check(self) -> None:
+        if self.uint("<I", "the magic") != gguf.GGUF_MAGIC:
+            self.fail("not a GGUF file")
+        version = self.uint("<I", "the version")
+        if version not in (2, 3):
+            self.fail(f"GGUF version {version} is not supported (2 or 3, little-endian)")
+        n_tensors = self.count(24, "the tensor count")  # name length, dims, type, offset
+        n_keys = self.count(13, "the metadata key count")  # key length, type, one byte
+        alignment, keys = gguf.GGUF_DEFAULT_ALIGNMENT, set()
+        for _ in range(n_keys):
+            key = self.string("a metadata key")
+            if key in keys:
+                self.fail(f"metadata key {key!r} appears twice")
+            keys.add(key)
+            vtype = self.uint("<I", f"the type of {key!r}")
+            value = self.value(vtype, key)
+            if key == "general.alignment":
+                if vtype != _UINT32 or not value or value & (value - 1):
+                    self.fail(f"general.alignment should be a uint32 power of two, found "
+                              f"type {vtype} value {value}")
+                alignment = value
+        tensors, names = [], set()
+        for _ in range(n_tensors):
+            name = self.string("a tensor name")
+            if name in names:
+                self.fail(f"tensor {name!r} appears twice")
+            names.add(name)
+            n_dims = self.uint("<I", f"the dimension count of {name!r}")
+            if not 1 <= n_dims <= _MAX_DIMS:
+                self.fail(f"tensor {name!r} has {n_dims} dimensions, expected 1 to {_MAX_DIMS}")
+            dims = [self.uint("<Q", f"a dimension of {name!r}") for _ in range(n_dims)]
+            if not all(1 <= d <= MAX_SIZE for d in dims) or math.prod(dims) > 2 ** 40:
+                self.fail(f"tensor {name!r} has dimensions {dims}, expected each in 1..{MAX_SIZE:,}"
+                          f" and at most 2**40 elements")
+            ggml_type = self.uint("<I", f"the type of {name!r}")
+            if ggml_type not in {int(t) for t in gguf.GGML_QUANT_SIZES}:
+                self.fail(f"tensor {name!r} has type {ggml_type}, which is not a GGML type")
+            block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ggml_type)]
+            if dims[0] % block:
+                self.fail(f"tensor {name!r} has {dims[0]} columns, not a multiple of its type's "
+                          f"block of {block}")
+            offset = self.uint("<Q", f"the data offset of {name!r}")
+            tensors.append((name, offset, math.prod(dims) // block * type_size))
+        data_start = -(-self.pos // alignment) * alignment
+        expected = 0
+        for name, offset, nbytes in tensors:
+            if offset != expected:
+                self.fail(f"tensor {name!r} has data offset {offset:,}, expected {expected:,} "
+                          f"(tensors are stored in order, each aligned to {alignment})")
+            if data_start + offset + nbytes > self.size:
+                raise GGUFError(f"{self.path}: tensor {name!r} needs the file's bytes up to "
+                                f"{data_start + offset + nbytes:,}, but the file has "
+                                f"{self.size:,} bytes: it is truncated (an incomplete download "
+                                f"or copy?)")
+            expected += -(-nbytes // alignment) * alignment
 
 
 class _Reader(gguf.GGUFReader):
@@ -74,23 +210,6 @@ class _Reader(gguf.GGUFReader):
         if type(self.data) is np.memmap:
             self.data = self.data.view(np.ndarray)  # its .base keeps the mapping alive
         return super()._get(offset, dtype, count, override_order)
-
-    def _build_tensors(self, start_offs, fields):
-        """Checks that every tensor's bytes lie inside the file before gguf slices them (a
-        truncated file would otherwise fail in a reshape that names no tensor)."""
-        size = len(self.data)
-        for field in fields:
-            _, name, _, dims, raw_type, offset = field.parts
-            try:
-                block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(raw_type[0])]
-            except (ValueError, KeyError):
-                continue  # an unknown type: gguf's own check names it
-            end = int(start_offs + offset[0]) + int(np.prod(dims)) * type_size // block
-            if end > size:
-                raise GGUFError(f"tensor {bytes(name).decode(errors='replace')!r} needs the file's "
-                                f"bytes up to {end:,}, but the file has {size:,} bytes: it is "
-                                f"truncated (an incomplete download or copy?)")
-        super()._build_tensors(start_offs, fields)
 
 
 def smollm2_gguf_path() -> str:
@@ -206,45 +325,57 @@ class GGUFCheckpoint:
 
     # -- metadata ---------------------------------------------------------------------------------
 
-    def _meta(self, key: str, kind: type, default=...):
-        """One metadata value as `kind`; `default` when absent, GGUFError if required."""
+    def _meta(self, key: str, kind: type, default=..., check=None):
+        """One metadata value as `kind`; `default` when absent, GGUFError if required, or if
+        `check` ("size": an int in 1..MAX_SIZE; "positive": finite and > 0) fails."""
         field = self._reader.fields.get(key)
         if field is None:
             if default is ...:
                 raise GGUFError(f"{self.path}: required metadata key {key!r} is missing.")
             return default
         value = field.contents()
-        if not isinstance(value, kind) and not (kind is float and isinstance(value, int)):
+        if isinstance(value, bool) and kind is not bool or not isinstance(value, kind) and not (
+                kind is float and isinstance(value, int)):
             raise GGUFError(f"{self.path}: metadata key {key!r} should be {kind.__name__}, "
-                            f"found {type(value).__name__} {value!r}.")
-        return kind(value)
+                            f"found {type(value).__name__} {str(value)[:100]}.")
+        value = kind(value)
+        if check == "size" and not 1 <= value <= MAX_SIZE or check == "positive" and not (
+                math.isfinite(value) and value > 0):
+            raise GGUFError(f"{self.path}: metadata key {key!r} is {value!r}, expected "
+                            + (f"an int in 1..{MAX_SIZE:,}." if check == "size"
+                               else "a finite positive number."))
+        return value
 
     def _build_config(self, rope_freqs) -> dict:
         a = self._arch
-        heads = self._meta(f"{a}.attention.head_count", int)
-        hidden = self._meta(f"{a}.embedding_length", int)
+        heads = self._meta(f"{a}.attention.head_count", int, check="size")
+        hidden = self._meta(f"{a}.embedding_length", int, check="size")
         # llama.cpp writes key_length when head_dim is explicit (Qwen3), rope.dimension_count
         # for llama; otherwise it is hidden / heads, as in HF.
         head_dim = self._meta(f"{a}.attention.key_length", int,
-                              self._meta(f"{a}.rope.dimension_count", int, hidden // heads))
-        theta = self._meta(f"{a}.rope.freq_base", float, 10000.0)  # llama.cpp's default
+                              self._meta(f"{a}.rope.dimension_count", int, hidden // heads,
+                                         check="size"), check="size")
+        theta = self._meta(f"{a}.rope.freq_base", float, 10000.0,  # llama.cpp's default
+                           check="positive")
         tied = "lm_head.weight" not in self._tensors
-        return {
+        config = {
             "model_type": a,
             "architectures": [SUPPORTED_ARCHITECTURES[a]],
             "hidden_size": hidden,
-            "intermediate_size": self._meta(f"{a}.feed_forward_length", int),
-            "num_hidden_layers": self._meta(f"{a}.block_count", int),
+            "intermediate_size": self._meta(f"{a}.feed_forward_length", int, check="size"),
+            "num_hidden_layers": self._meta(f"{a}.block_count", int, check="size"),
             "num_attention_heads": heads,
             # llama.cpp reads a missing kv count as "no grouping"
-            "num_key_value_heads": self._meta(f"{a}.attention.head_count_kv", int, heads),
+            "num_key_value_heads": self._meta(f"{a}.attention.head_count_kv", int, heads,
+                                              check="size"),
             "head_dim": head_dim,
-            "rms_norm_eps": self._meta(f"{a}.attention.layer_norm_rms_epsilon", float),
+            "rms_norm_eps": self._meta(f"{a}.attention.layer_norm_rms_epsilon", float,
+                                       check="positive"),
             "rope_theta": theta,
-            "rope_scaling": self._rope_scaling(rope_freqs, head_dim, theta),
+            "rope_scaling": None,
             # the embedding's rows, not tokenizer.ggml.tokens: the model may pad its vocabulary
             "vocab_size": self.tensor_shape("model.embed_tokens.weight")[0],
-            "max_position_embeddings": self._meta(f"{a}.context_length", int),
+            "max_position_embeddings": self._meta(f"{a}.context_length", int, check="size"),
             "tie_word_embeddings": tied,
             "bos_token_id": self._meta("tokenizer.ggml.bos_token_id", int, None),
             "eos_token_id": self._meta("tokenizer.ggml.eos_token_id", int, None),
@@ -253,12 +384,19 @@ class GGUFCheckpoint:
             "hidden_act": "silu",
             "torch_dtype": "float32",
         }
+        try:  # the same checks as a config.json (head_dim even, heads a multiple of kv heads)
+            config_from_hf(config, self.path)
+        except (CheckpointError, UnsupportedModelError) as e:
+            raise GGUFError(str(e)) from None
+        config["rope_scaling"] = self._rope_scaling(rope_freqs, head_dim, theta)
+        return config
 
     def _rope_scaling(self, rope_freqs, head_dim, theta) -> dict | None:
         kind = self._meta(f"{self._arch}.rope.scaling.type", str, "none")
         if kind == "linear":
             return {"rope_type": "linear",
-                    "factor": self._meta(f"{self._arch}.rope.scaling.factor", float)}
+                    "factor": self._meta(f"{self._arch}.rope.scaling.factor", float,
+                                         check="positive")}
         if kind != "none":
             raise GGUFError(f"{self.path}: rope scaling type {kind!r} is not supported; supported: "
                             "none, linear, and llama3 (stored as tensor rope_freqs.weight).")
@@ -364,11 +502,12 @@ class GGUFCheckpoint:
             return PreTrainedTokenizerFast.from_pretrained(
                 os.path.dirname(os.path.abspath(self.path)), gguf_file=os.path.basename(self.path))
         architecture, tokenizer_dict, tokenizer_config = self.tokenizer_fields()
-        try:
+        try:  # transformers' converter is not written for hostile input: any failure is ours
             backend, extra = convert_gguf_tokenizer(architecture, tokenizer_dict)
-        except (ValueError, KeyError, IndexError) as e:
-            raise GGUFError(f"{self.path}: cannot build its tokenizer: {e}") from e
-        return PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)
+            return PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)
+        except Exception as e:  # noqa: BLE001
+            raise GGUFError(f"{self.path}: cannot build its tokenizer: {type(e).__name__}: "
+                            f"{str(e)[:300]}") from e
 
     def tokenizer_fields(self) -> tuple[str, dict, dict]:
         """`(architecture, tokenizer_dict, tokenizer_config)` as transformers'
@@ -381,11 +520,23 @@ class GGUFCheckpoint:
                            for key, name in renames.items() if f"tokenizer.{key}" in fields}
                    for group, renames in GGUF_TOKENIZER_MAPPING.items()}
         tokenizer, config = grouped["tokenizer"], grouped["tokenizer_config"]
+        for key, kind in _TOKENIZER_KINDS.items():
+            value = tokenizer.get(key, config.get(key))
+            ok = isinstance(value, list) and all(isinstance(v, kind) and not isinstance(v, bool)
+                                                 for v in value) if key in _TOKENIZER_LISTS \
+                else isinstance(value, kind)
+            if value is not None and not ok:
+                raise GGUFError(f"{self.path}: tokenizer field {key!r} should be "
+                                f"{'a list of ' if key in _TOKENIZER_LISTS else ''}"
+                                f"{getattr(kind, '__name__', kind)}, found {str(value)[:100]}.")
         if tokenizer.get("tokenizer_type") == "llama":  # llama.cpp adds BOS unless told not to
             config.setdefault("add_bos_token", True)
         elif tokenizer.get("tokenizer_type") == "gemma4":
             config["add_bos_token"] = False
-        tokens = tokenizer["tokens"]
+        tokens = tokenizer.get("tokens")
+        if tokens is None:
+            raise GGUFError(f"{self.path}: expected a tokenizer (metadata key "
+                            "'tokenizer.ggml.tokens'), found none.")
         for name, key in _SPECIAL_TOKENS.items():
             token_id = self._meta(f"tokenizer.ggml.{key}", int, None)
             if token_id is not None and not 0 <= token_id < len(tokens):
@@ -410,12 +561,12 @@ def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
         raise GGUFError(f"{path}: no such GGUF file.")
     with open(path, "rb") as fh:
         magic = fh.read(4)
-    if magic != b"GGUF":
-        raise GGUFError(f"{path}: not a GGUF file (expected magic b'GGUF', found {magic!r}).")
+        if magic != b"GGUF":
+            raise GGUFError(f"{path}: not a GGUF file (expected magic b'GGUF', found {magic!r}).")
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            _Layout(path, data).check()
     try:
         reader = _Reader(path)
-    except GGUFError as e:
-        raise GGUFError(f"{path}: {e}") from None
-    except (ValueError, KeyError, IndexError) as e:  # bad version, truncation, duplicate keys
+    except (ValueError, KeyError, IndexError) as e:  # should the layout check miss something
         raise GGUFError(f"{path}: cannot parse GGUF: {e}") from e
     return GGUFCheckpoint(path, reader)

@@ -8,6 +8,7 @@ third of GPT-2's fused c_attn).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 from zo2_jax.models.config import DecoderConfig
@@ -17,8 +18,76 @@ from zo2_jax.models.config import DecoderConfig
 Spec = tuple[str, Any]
 
 
+# Largest width, count or length a config may declare: past every real model (vocabularies of
+# ~256k, contexts of ~10M), and small enough that nothing sized by it (rope tables) can exhaust
+# memory before the tensors' own shapes are compared with it.
+MAX_SIZE = 2 ** 24
+
+
 class UnsupportedModelError(ValueError):
     """The checkpoint's architecture or one of its options is not supported."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, malformed, or does not match its config."""
+
+
+# config.json keys by the kind of value they must hold, when present and not null.
+_SIZE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "intermediate_size", "max_position_embeddings",
+              "n_embd", "n_layer", "n_head", "n_inner", "n_positions", "ffn_dim",
+              "word_embed_proj_dim")
+_POSITIVE_KEYS = ("rms_norm_eps", "layer_norm_epsilon", "rope_theta")
+_BOOL_KEYS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window",
+              "enable_bias", "do_layer_norm_before", "_remove_final_layer_norm",
+              "layer_norm_elementwise_affine", "scale_attn_by_inverse_layer_idx",
+              "scale_attn_weights")
+_STR_KEYS = ("hidden_act", "activation_function")
+
+
+def _is_size(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_SIZE
+
+
+def _is_positive(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def check_values(c: dict, source: str) -> None:
+    """Refuses a config whose known keys hold values of the wrong kind: sizes must be ints in
+    1..MAX_SIZE, epsilons and rope parameters finite and positive, switches booleans (the string
+    "false" would read as true)."""
+    def bad(key, v, want):
+        raise CheckpointError(f"{source}: config key {key!r} is {v!r}, expected {want}")
+
+    for key in _SIZE_KEYS:
+        if c.get(key) is not None and not _is_size(c[key]):
+            bad(key, c[key], f"an int in 1..{MAX_SIZE:,}")
+    for key in _POSITIVE_KEYS:
+        if c.get(key) is not None and not _is_positive(c[key]):
+            bad(key, c[key], "a finite positive number")
+    for key in _BOOL_KEYS:
+        if c.get(key) is not None and not isinstance(c[key], bool):
+            bad(key, c[key], "true or false")
+    for key in _STR_KEYS:
+        if c.get(key) is not None and not isinstance(c[key], str):
+            bad(key, c[key], "a string")
+    for key in ("rope_parameters", "rope_scaling"):
+        rope = c.get(key)
+        if rope is None:
+            continue
+        if not isinstance(rope, dict):
+            bad(key, rope, "an object")
+        for k in ("rope_type", "type"):
+            if rope.get(k) is not None and not isinstance(rope[k], str):
+                bad(f"{key}.{k}", rope[k], "a string")
+        for k in ("rope_theta", "factor", "low_freq_factor", "high_freq_factor"):
+            if rope.get(k) is not None and not _is_positive(rope[k]):
+                bad(f"{key}.{k}", rope[k], "a finite positive number")
+        if rope.get("original_max_position_embeddings") is not None and not _is_size(
+                rope["original_max_position_embeddings"]):
+            bad(f"{key}.original_max_position_embeddings",
+                rope["original_max_position_embeddings"], f"an int in 1..{MAX_SIZE:,}")
 
 
 def _flatten(tree, prefix=()):
@@ -31,36 +100,55 @@ def _flatten(tree, prefix=()):
 
 # ---- config translation ------------------------------------------------------------------
 
-def _rope_fields(c: dict) -> dict:
+def _rope_fields(c: dict, source: str) -> dict:
     rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
     theta = rope.get("rope_theta", c.get("rope_theta", 10000.0))
     kind = rope.get("rope_type", rope.get("type", "default")) or "default"
     if kind not in ("default", "linear", "llama3"):
-        raise UnsupportedModelError(f"rope scaling type {kind!r} is not supported; supported: "
-                                    f"default, linear, llama3")
+        raise UnsupportedModelError(f"{source}: rope scaling type {kind!r} is not supported; "
+                                    f"supported: default, linear, llama3")
     out = {"rope_theta": float(theta), "rope_type": kind,
            "rope_factor": float(rope.get("factor", 1.0))}
     if kind == "llama3":
-        out.update(rope_low_freq_factor=float(rope["low_freq_factor"]),
-                   rope_high_freq_factor=float(rope["high_freq_factor"]),
-                   rope_original_max_positions=int(rope["original_max_position_embeddings"]))
+        low, high = (float(_require(rope, k, source)) for k in ("low_freq_factor",
+                                                                  "high_freq_factor"))
+        if not high > low:
+            raise CheckpointError(f"{source}: llama3 rope scaling needs high_freq_factor > "
+                                  f"low_freq_factor, found {high} and {low}")
+        out.update(rope_low_freq_factor=low, rope_high_freq_factor=high,
+                   rope_original_max_positions=_require(rope, "original_max_position_embeddings",
+                                                        source))
     return out
 
 
 def _require(c: dict, key: str, source: str):
-    if key not in c:
-        raise ValueError(f"{source}: config has no {key!r}, which model_type "
+    if c.get(key) is None:
+        raise CheckpointError(f"{source}: config has no {key!r}, which model_type "
                          f"{c.get('model_type')!r} needs")
     return c[key]
 
 
 def config_from_hf(c: dict, source: str = "config.json") -> DecoderConfig:
-    """Translate a Hugging Face config dict into a DecoderConfig."""
+    """Translate a Hugging Face config dict into a DecoderConfig.
+
+    Raises:
+      UnsupportedModelError: an architecture or option we do not implement.
+      CheckpointError: a missing key, a value of the wrong kind, or an inconsistent config.
+    """
+    if not isinstance(c, dict):
+        raise CheckpointError(f"{source}: the config should be a JSON object, found "
+                              f"{type(c).__name__}")
     mt = c.get("model_type")
-    if mt not in ADAPTERS:
+    if not isinstance(mt, str) or mt not in ADAPTERS:
         raise UnsupportedModelError(f"{source}: model_type {mt!r} is not supported; supported: "
                                     f"{sorted(ADAPTERS)}")
-    cfg = ADAPTERS[mt].config_from_hf(c, source)
+    check_values(c, source)
+    try:
+        cfg = ADAPTERS[mt].config_from_hf(c, source)
+    except (UnsupportedModelError, CheckpointError):
+        raise
+    except ValueError as e:  # DecoderConfig's own consistency checks
+        raise CheckpointError(f"{source}: {e}") from None
     return cfg.replace(extra=tuple(sorted((k, v) for k, v in c.items()
                                           if isinstance(v, (int, float, str, bool, type(None))))))
 
@@ -161,7 +249,7 @@ def _llama_config(c, source):
         intermediate_size=_require(c, "intermediate_size", source),
         max_positions=c.get("max_position_embeddings", 2048),
         norm="rmsnorm", norm_eps=c.get("rms_norm_eps", 1e-6), norm_bias=False,
-        positions="rope", **_rope_fields(c),
+        positions="rope", **_rope_fields(c, source),
         activation=_act(c.get("hidden_act", "silu"), source), gated_mlp=True,
         qkv_bias=True if mt == "qwen2" else attn_bias,
         out_bias=False if mt == "qwen2" else attn_bias,

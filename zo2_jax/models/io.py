@@ -9,6 +9,7 @@ when the engine that takes it over asks for it, so no full-precision copy of the
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import warnings
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from zo2_jax.models import hf
+from zo2_jax.models.hf import CheckpointError
 from zo2_jax.models.config import DecoderConfig
 from zo2_jax.models.model import Model
 
@@ -29,52 +31,92 @@ _ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 Placement = Union[None, jax.sharding.Sharding, Callable[[int, Any], Any]]
 
 
-class CheckpointError(ValueError):
-    """A checkpoint is missing, malformed, or does not match its config."""
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # what a parameter may be stored as
+_MAX_HEADER = 100 * 2 ** 20  # the safetensors format's own limit on its JSON header
+
+
+def _load_json(raw, what: str):
+    """JSON from bytes or text, with every parse failure (bad UTF-8, syntax, nesting deep enough
+    to exhaust the recursion limit) a CheckpointError."""
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{what}: not valid JSON ({type(e).__name__}: {e})") from None
 
 
 class _Safetensors:
-    """Memory-mapped reader of one or more .safetensors files (no copy until asked)."""
+    """Memory-mapped reader of one or more .safetensors files (no copy until asked).
+
+    Every header is validated when the file is opened, as the safetensors library does: a JSON
+    object of entries {dtype, shape, data_offsets} whose byte ranges match their shapes and
+    dtypes and tile the data section exactly (in some order, no gap, no overlap, no trailing
+    bytes), so no header edit can point a tensor at another's bytes or past the end of the file.
+    """
 
     def __init__(self, files: list[str]):
         self.index: dict[str, tuple[str, dict, int]] = {}
         self._maps: dict[str, np.memmap] = {}
         for f in files:
-            if not os.path.exists(f):
+            if not os.path.isfile(f):
                 raise CheckpointError(f"{f}: file not found (named by the shard index)")
+            size = os.path.getsize(f)
             with open(f, "rb") as fh:
                 raw = fh.read(8)
                 if len(raw) < 8:
                     raise CheckpointError(f"{f}: not a safetensors file (too short)")
                 (n,) = struct.unpack("<Q", raw)
-                try:
-                    header = json.loads(fh.read(n))
-                except (ValueError, UnicodeDecodeError) as e:
-                    raise CheckpointError(f"{f}: not a safetensors file ({e})") from None
-            header.pop("__metadata__", None)
-            size = os.path.getsize(f)
+                if n > min(size - 8, _MAX_HEADER):
+                    raise CheckpointError(f"{f}: not a safetensors file (its header length {n:,} "
+                                          f"exceeds the file's {size:,} bytes or the format's "
+                                          f"limit of {_MAX_HEADER:,})")
+                header = _load_json(fh.read(n), f"{f}: header")
+            if not isinstance(header, dict):
+                raise CheckpointError(f"{f}: not a safetensors file (its header is a "
+                                      f"{type(header).__name__}, not a JSON object)")
+            if not isinstance(header.pop("__metadata__", {}), dict):
+                raise CheckpointError(f"{f}: its header's __metadata__ is not a JSON object")
+            ranges = []
             for name, info in header.items():
-                self._check_entry(f, name, info, 8 + n, size)
+                ranges.append(self._check_entry(f, name, info, 8 + n, size) + (name,))
+                if name in self.index:
+                    raise CheckpointError(f"{f}: tensor {name!r} is also in "
+                                          f"{self.index[name][0]}")
                 self.index[name] = (f, info, 8 + n)
+            expected = 0
+            for start, end, name in sorted(ranges):
+                if start != expected:
+                    raise CheckpointError(f"{f}: tensor {name!r} starts at data byte {start}, "
+                                          f"expected {expected}: tensors overlap or leave a gap")
+                expected = end
+            if 8 + n + expected != size:
+                raise CheckpointError(f"{f}: its tensors end at byte {8 + n + expected} of a "
+                                      f"{size}-byte file: the file is corrupt")
 
     @staticmethod
-    def _check_entry(f, name, info, base, size) -> None:
+    def _check_entry(f, name, info, base, size) -> tuple[int, int]:
         """A header entry whose byte range disagrees with its shape and dtype, or runs past the
         end of the file (a truncated download), is refused when the file is opened."""
-        try:
-            shape = [int(d) for d in info["shape"]]
-            start, end = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
+        def is_int(x):
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        if not (isinstance(info, dict) and isinstance(info.get("dtype"), str)
+                and isinstance(info.get("shape"), list) and isinstance(info.get("data_offsets"), list)
+                and all(is_int(d) and 0 <= d <= hf.MAX_SIZE for d in info["shape"])
+                and len(info["data_offsets"]) == 2 and all(map(is_int, info["data_offsets"]))):
             raise CheckpointError(f"{f}: tensor {name!r} has a malformed header entry "
-                                  f"{info!r}") from None
-        if info.get("dtype") in _ST_DTYPES:
-            want = int(np.prod(shape)) * np.dtype(_ST_DTYPES[info["dtype"]]).itemsize
+                                  f"{str(info)[:200]} (expected dtype, shape of ints in "
+                                  f"0..{hf.MAX_SIZE:,}, data_offsets [start, end])")
+        shape = info["shape"]
+        start, end = info["data_offsets"]
+        if info["dtype"] in _ST_DTYPES:
+            want = math.prod(shape) * np.dtype(_ST_DTYPES[info["dtype"]]).itemsize
             if end - start != want:
                 raise CheckpointError(f"{f}: tensor {name!r} spans {end - start} bytes, expected "
                                       f"{want} for shape {tuple(shape)} in {info['dtype']}")
         if not 0 <= start <= end or base + end > size:
             raise CheckpointError(f"{f}: tensor {name!r} lies at bytes {base + start}..{base + end}"
                                   f" of a {size}-byte file: the file is truncated or corrupt")
+        return start, end
 
     def names(self) -> list[str]:
         return list(self.index)
@@ -91,9 +133,9 @@ class _Safetensors:
     def check(self, name) -> None:
         """Raises CheckpointError if `name`'s dtype cannot be read (header only)."""
         f, info, _ = self.index[name]
-        if info["dtype"] not in _ST_DTYPES:
+        if info["dtype"] not in _FLOAT_DTYPES:  # integers would silently become weights
             raise CheckpointError(f"{f}: tensor {name!r} has dtype {info['dtype']}, expected one "
-                                  f"of {sorted(_ST_DTYPES)}")
+                                  f"of {list(_FLOAT_DTYPES)}")
 
     def get(self, name) -> np.ndarray:
         self.check(name)
@@ -143,18 +185,19 @@ def _open(path: str):
         ckpt = read_gguf(path)
         return ckpt.hf_config, _GGUFSource(ckpt), path
     cfg_path = os.path.join(path, "config.json")
-    if not os.path.exists(cfg_path):
+    if not os.path.isfile(cfg_path):
         raise CheckpointError(f"{path}: no config.json in this folder")
-    with open(cfg_path) as fh:
-        try:
-            config = json.load(fh)
-        except ValueError as e:
-            raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
+    config = _read_json(cfg_path)
     index = os.path.join(path, "model.safetensors.index.json")
     single = os.path.join(path, "model.safetensors")
     if os.path.exists(index):
-        with open(index) as fh:
-            weight_map = json.load(fh).get("weight_map", {})
+        weight_map = _read_json(index)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(v, str) and v and os.path.basename(v) == v and not v.startswith(".")
+                for v in weight_map.values()):
+            raise CheckpointError(f"{index}: its weight_map should map tensor names to file names "
+                                  f"in this folder")
         files = sorted({os.path.join(path, f) for f in weight_map.values()})
     elif os.path.exists(single):
         files = [single]
@@ -163,6 +206,14 @@ def _open(path: str):
         raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json "
                               f"(found {found}); convert .bin checkpoints to safetensors first")
     return config, _Safetensors(files), path
+
+
+def _read_json(path: str):
+    if os.path.getsize(path) > _MAX_HEADER:
+        raise CheckpointError(f"{path}: {os.path.getsize(path):,} bytes, too large for a JSON "
+                              f"config (limit {_MAX_HEADER:,})")
+    with open(path, "rb") as fh:
+        return _load_json(fh.read(), path)
 
 
 def _expect(source, hf_name: str, how, expected_shape: tuple, where: str) -> None:
