@@ -114,7 +114,12 @@ def test_a_truncated_block_file_is_named_before_the_engine_changes(tmp_path):
     target = _engine(dict(tx=shared_sgd(), resident_blocks=0))
     _run(target, range(1))
     before = jax.device_get(target.state())
-    with pytest.raises(ValueError, match=r"00001\.bin: block 1's file has .* bytes, its index"):
+    with pytest.raises(C.CheckpointCorrupt, match=r"00001\.bin: 1147 bytes, the checkpoint's "
+                                                  r"manifest says 1152"):
+        ck.restore_engine(target)
+    (blocks.parent / C.MANIFEST).unlink()  # unsealed (a run killed before sealing it)
+    with pytest.raises(C.CheckpointCorrupt, match=r"00001\.bin: block 1's file has .* bytes, its "
+                                                  r"index"):
         ck.restore_engine(target)
     assert_trees_identical(before, jax.device_get(target.state()), "untouched")
     target.step(BATCHES[1], jax.random.key(0))  # and it still runs
@@ -143,7 +148,7 @@ def test_a_restore_failing_halfway_stops_the_engine_until_a_good_one(tmp_path, m
         ck.restore_engine(target)
     for call in (lambda: target.step(BATCHES[0], jax.random.key(0)), target.flush,
                  target.state, lambda: target.eval_loss(BATCHES[0])):
-        with pytest.raises(RuntimeError, match="restore failed at block 2 of 3"):
+        with pytest.raises(RuntimeError, match="restore failed after 2 of 3 blocks"):
             call()
     monkeypatch.setattr(C._BlockReader, "read", real_read)
     ck.restore_engine(target)  # a good restore makes it whole again

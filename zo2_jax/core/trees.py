@@ -1,4 +1,5 @@
-"""Pytree helpers: sizes, and stacking a list of trees of one structure along a new axis."""
+"""Pytree helpers: sizes, stacking a list of trees of one structure along a new axis, and host
+copies that jax does not cache."""
 
 from __future__ import annotations
 
@@ -43,3 +44,30 @@ def unstack(tree: PyTree, n: int) -> list:
 
 def is_stacked(blocks) -> bool:
     return not isinstance(blocks, (list, tuple))
+
+
+def host_copy(x) -> np.ndarray:
+    """`x` as a numpy array on the host, without jax caching the copy on `x`.
+
+    `np.asarray` of a jax array on a GPU keeps the host copy cached on the array for as long as
+    the array lives; reading every streamed block in turn (a checkpoint) would then keep a second
+    copy of the model. Here each call returns a copy of its own (on the CPU backend, a read-only
+    view of the buffer, which costs no memory). This uses jax's own conversion without its
+    cache, a private method; where a jax version lacks it, the array is first copied (a
+    transient extra buffer where `x` lives) and the host copy is taken of that copy, whose cache
+    dies with it. A typed PRNG key is returned as it is (numpy has no such dtype).
+    """
+    if not isinstance(x, jax.Array):
+        return np.asarray(x)
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return x
+    x.block_until_ready()
+    to_np = getattr(x, _UNCACHED, None) if len(x.sharding.device_set) == 1 else None
+    if to_np is not None:
+        return to_np()[0]
+    return np.asarray(x.copy())
+
+
+# jax's np.asarray path less its cache: ArrayImpl._single_device_array_to_np_array_did_copy()
+# returns (array, whether it copied). A name, so a test can take the fallback.
+_UNCACHED = "_single_device_array_to_np_array_did_copy"

@@ -23,24 +23,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from zo2_jax.core.trees import host_copy
+
 PyTree = Any
 ALIGN_WORDS = 128  # 512-byte alignment of every leaf inside the buffer
 
 
-
-def host_copy(x) -> np.ndarray:
-    """`x` as a numpy array on the host. For a jax array this is what `np.asarray` gives (on a
-    GPU a copy, on the CPU backend a read-only view of the buffer) without jax caching the copy
-    on `x` for as long as `x` lives: reading every streamed block in turn (a checkpoint) then
-    holds one block's copy at a time, not a second copy of the model."""
-    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-        return x  # a typed PRNG key stays a jax array (numpy has no such dtype)
-    if isinstance(x, jax.Array) and len(x.sharding.device_set) == 1:
-        to_np = getattr(x, "_single_device_array_to_np_array_did_copy", None)
-        if to_np is not None:  # jax's own np.asarray path, less its cache
-            x.block_until_ready()
-            return to_np()[0]
-    return np.asarray(x)
 
 class _Leaf(NamedTuple):
     shape: tuple

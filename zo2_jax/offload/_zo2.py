@@ -34,7 +34,8 @@ from zo2_jax.core.storage import Storage
 from zo2_jax.core.trees import tree_nbytes
 from zo2_jax.offload import _calls as calls
 from zo2_jax.offload import plan as planning
-from zo2_jax.offload._pack import Packing, host_copy
+from zo2_jax.core.trees import host_copy
+from zo2_jax.offload._pack import Packing
 from zo2_jax.offload._stream import BlockStore, BlockStream
 from zo2_jax.offload.plan import Plan, StreamOptions
 
@@ -259,10 +260,12 @@ class ZO2Engine:
             self._stream.update_pass(lambda unit, blks, opts: calls.unit_update_fn(
                 self.spec, self._packing_of(unit), blks, opts, pend, count,
                 self._unit_ids(unit)))
-        # Committed to the device like the step's outputs, so the next step hits the jit cache.
-        self._count, self._pending = jax.device_put(
-            (count + pend.valid.astype(jnp.int32),
-             parts.empty_pending(self.spec.num_directions, pend.key)), self._dev)
+            # Committed to the device like the step's outputs, so the next step hits the jit
+            # cache. A failure here leaves the blocks updated and the pending update not
+            # cleared: the engine must refuse to run, as for a failure in a block.
+            self._count, self._pending = jax.device_put(
+                (count + pend.valid.astype(jnp.int32),
+                 parts.empty_pending(self.spec.num_directions, pend.key)), self._dev)
         self._dirty = False
 
     # ---- evaluation -----------------------------------------------------------------------------
@@ -372,13 +375,20 @@ class ZO2Engine:
                 "meta": common.meta(self.spec, "ZO2Engine", self.num_blocks,
                                     str(jax.random.key_impl(self._pending.key)))}
 
-    def state_like(self) -> dict:
+    def state_like(self, blocks: bool = False) -> dict:
         """`state(blocks=False)` as jax.ShapeDtypeStructs placed where the engine keeps each
         part (a restore's target; usable after a failed restore too); `block_like(i)` gives
-        the blocks'."""
-        return jax.tree.map(
+        the blocks'. With `blocks`, also "blocks" and "opt_blocks" as in `state()`, placed in
+        pinned host memory (read from nothing: a restore target that copies no block)."""
+        out = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
             if isinstance(x, jax.Array) else x, self._small_state())
+        if blocks:
+            host = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._host)  # noqa
+            pairs = [self.block_like(i) for i in range(self.num_blocks)]
+            out["blocks"] = [jax.tree.map(host, b) for b, _ in pairs]
+            out["opt_blocks"] = [jax.tree.map(host, o) for _, o in pairs]
+        return out
 
     def block_state(self, i: int) -> tuple[PyTree, PyTree]:
         """Block `i` and its optimiser state as in `state()["blocks"][i]`, as numpy arrays on
@@ -437,35 +447,41 @@ class ZO2Engine:
         pending = common.pending_from_tree(state["pending"], state["meta"]["key_impl"])
         common.check_like("pending", pending.coef, self._pending.coef)
         self._stream.drain()
-        for i in range(self.num_blocks):
-            if read_block is None:
-                blk, opt = blocks[i], opts[i]
-                blocks[i] = opts[i] = None  # the engine's copy is the only one left
-            else:
-                try:
+        placed = 0  # blocks of the restored state in the engine; after the first, a failure
+        try:        # (reading, checking or placing a block, or the last transfers) leaves the
+            for i in range(self.num_blocks):  # engine holding two states
+                if read_block is None:
+                    blk, opt = blocks[i], opts[i]
+                    blocks[i] = opts[i] = None  # the engine's copy is the only one left
+                else:
                     blk, opt = read_block(i)
                     want = self.block_like(i)
                     common.check_like(f"blocks[{i}]", blk, want[0])
                     common.check_like(f"opt_blocks[{i}]", opt, want[1])
-                except BaseException as e:
-                    if i > 0:
-                        self._broken = (
-                            f"this engine's restore failed at block {i} of {self.num_blocks} "
-                            f"({type(e).__name__}: {e}); it holds blocks 0..{i - 1} of the "
-                            f"restored state and the rest of its earlier one: restore a "
-                            f"state again, or build a new engine")
-                    raise
-            if self._is_packed(i):  # packed on the device, one block at a time
-                new = jax.device_put(calls.pack_fn(self._packing, *jax.device_put(
-                    (blk, opt), self._dev)), self._host)
-                self._store.blocks[i], self._store.opts[i] = jax.block_until_ready(new)
-            else:
-                where = self._dev if i in self._store.resident else self._host
-                self._store.blocks[i], self._store.opts[i] = jax.block_until_ready(
-                    jax.device_put((blk, opt), where))
-            del blk, opt
-        self._outer, self._opt_outer, self._pending, self._count, self._skipped_total = (
-            jax.device_put((state["outer"], state["opt_outer"], pending, state["count"],
-                            state["skipped_total"]), self._dev))
+                self._place(i, blk, opt)
+                placed += 1
+                del blk, opt
+            outer = jax.device_put((state["outer"], state["opt_outer"], pending, state["count"],
+                                    state["skipped_total"]), self._dev)
+        except BaseException as e:
+            if placed > 0:
+                self._broken = (
+                    f"this engine's restore failed after {placed} of {self.num_blocks} blocks "
+                    f"({type(e).__name__}: {e}); it holds blocks 0..{placed - 1} of the "
+                    f"restored state and the rest of its earlier one: restore a state again, "
+                    f"or build a new engine")
+            raise
+        self._outer, self._opt_outer, self._pending, self._count, self._skipped_total = outer
         self._broken = None
         self._dirty = True
+
+    def _place(self, i: int, blk, opt) -> None:
+        """Block i and its optimiser state into the engine's store, where it keeps them
+        (packed on the device first when streamed packed); waits until they are there."""
+        if self._is_packed(i):
+            new = jax.device_put(calls.pack_fn(self._packing, *jax.device_put(
+                (blk, opt), self._dev)), self._host)
+        else:
+            new = jax.device_put((blk, opt), self._dev if i in self._store.resident
+                                 else self._host)
+        self._store.blocks[i], self._store.opts[i] = jax.block_until_ready(new)

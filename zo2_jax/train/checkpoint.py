@@ -17,8 +17,12 @@ whose blocks fill most of the host (OPT-175B: 348 GB of bf16 blocks on a 512 GiB
 from __future__ import annotations
 
 import dataclasses
+import errno
+import glob
 import json
 import os
+import shutil
+import zlib
 from typing import Any, Callable, Optional
 
 import jax
@@ -42,10 +46,106 @@ def _split(state: dict) -> tuple[dict, Optional[dict]]:
 
 
 _BLOCKS_FORMAT = 1
+MANIFEST = "zo2_manifest.json"
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"
+
+
+class CheckpointCorrupt(ValueError):
+    """A saved checkpoint's file is missing, truncated or does not match its checksum."""
+
+
+def _crc32_file(path: str) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _files(folder: str) -> list:
+    """Every file under `folder`, relative, sorted (the manifest itself left out)."""
+    out = []
+    for root, _, names in os.walk(folder):
+        for name in names:
+            rel = os.path.relpath(os.path.join(root, name), folder)
+            if rel != MANIFEST:
+                out.append(rel)
+    return sorted(out)
+
+
+def seal(folder: str) -> None:
+    """Makes a finished checkpoint folder durable and checkable: fsyncs every file and folder in
+    it, then writes MANIFEST (each file's size, and its CRC-32 except for block files, whose
+    leaves carry theirs in the block index) atomically. Only a sealed checkpoint is checked in
+    full on restore."""
+    entries = {}
+    for rel in _files(folder):
+        path = os.path.join(folder, rel)
+        with open(path, "rb+") as f:
+            os.fsync(f.fileno())
+        entry = {"nbytes": os.path.getsize(path)}
+        if not (rel.startswith("blocks" + os.sep) and rel.endswith(".bin")):
+            entry["crc32"] = _crc32_file(path)
+        entries[rel] = entry
+    for root, dirs, _ in os.walk(folder):
+        for d in dirs:
+            _fsync_dir(os.path.join(root, d))
+    tmp = os.path.join(folder, MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"format": 1, "files": entries}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(folder, MANIFEST))
+    _fsync_dir(folder)
+    _fsync_dir(os.path.dirname(folder))
+
+
+def verify(folder: str) -> bool:
+    """Checks a checkpoint folder against its MANIFEST: every listed file present, with its size
+    and checksum. Returns False for a folder without one (written before this version, or by a
+    run killed before it was sealed: its blocks' checksums are still checked as they are read).
+
+    Raises:
+      CheckpointCorrupt: naming the first file that is missing, truncated or changed.
+    """
+    path = os.path.join(folder, MANIFEST)
+    if not os.path.exists(path):
+        return False
+    try:
+        with open(path) as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointCorrupt(f"{path}: the checkpoint's manifest cannot be read ({e})") from e
+    for rel, entry in files.items():
+        p = os.path.join(folder, rel)
+        if not os.path.isfile(p):
+            raise CheckpointCorrupt(f"{p}: missing from the checkpoint (its manifest lists it)")
+        size = os.path.getsize(p)
+        if size != entry["nbytes"]:
+            raise CheckpointCorrupt(f"{p}: {size} bytes, the checkpoint's manifest says "
+                                    f"{entry['nbytes']} (a truncated or damaged file)")
+        if "crc32" in entry and _crc32_file(p) != entry["crc32"]:
+            raise CheckpointCorrupt(f"{p}: does not match its checksum in the checkpoint's "
+                                    f"manifest (a damaged file)")
+    return True
 
 
 def _leaf_entries(tree) -> list:
     return [(jax.tree_util.keystr(path), x) for path, x in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+def _fsync_dir(directory: str) -> None:
+    """Makes a folder's entries (new files, renames) durable."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. a platform without directory file descriptors
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _is_key(x) -> bool:
@@ -74,13 +174,20 @@ class _BlocksHandler(ocp.CheckpointHandler):
                         entry["key_impl"] = str(jax.random.key_impl(x))
                         x = jax.random.key_data(x)
                     a = np.ascontiguousarray(x)
-                    leaves.append({**entry, "offset": offset, "nbytes": a.nbytes})
-                    f.write(a.reshape(-1).view(np.uint8).data)
+                    data = a.reshape(-1).view(np.uint8).data
+                    leaves.append({**entry, "offset": offset, "nbytes": a.nbytes,
+                                   "crc32": zlib.crc32(data)})
+                    f.write(data)
                     offset += a.nbytes
+                f.flush()
+                os.fsync(f.fileno())
             index["blocks"].append({"file": name, "nbytes": offset, "leaves": leaves})
             del tree
         with open(os.path.join(directory, "index.json"), "w") as f:
             json.dump(index, f)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(directory)
 
     def restore(self, directory, args: "_BlocksRestore" = None) -> "_BlockReader":
         return _BlockReader(os.fspath(directory))
@@ -110,7 +217,8 @@ class _BlockReader:
             with open(path) as f:
                 self.index = json.load(f)
         except (OSError, ValueError) as e:
-            raise ValueError(f"{path}: the checkpoint's block index cannot be read ({e})") from e
+            raise CheckpointCorrupt(f"{path}: the checkpoint's block index cannot be read "
+                                    f"({e})") from e
         if self.index.get("format") != _BLOCKS_FORMAT:
             raise ValueError(f"{path}: block format {self.index.get('format')!r}, this version "
                              f"reads {_BLOCKS_FORMAT}")
@@ -130,6 +238,11 @@ class _BlockReader:
                                  f"saved, the engine expects {len(want)} (another optimiser "
                                  f"or storage?)")
             for got, (path, x) in zip(entry["leaves"], want):
+                if got["path"] != path:
+                    raise ValueError(
+                        f"{self.directory}: block {i} has leaf {got['path']} saved where the "
+                        f"engine has {path}: the checkpoint's blocks have another structure "
+                        f"(another model, optimiser or engine version?)")
                 if tuple(got["shape"]) != tuple(x.shape) or got["dtype"] != _dtype_name(x):
                     raise ValueError(
                         f"{self.directory}: block {i} leaf {got['path']} is saved as "
@@ -138,7 +251,7 @@ class _BlockReader:
             path = os.path.join(self.directory, entry["file"])
             size = os.path.getsize(path) if os.path.exists(path) else None
             if size != entry["nbytes"]:
-                raise ValueError(f"{path}: block {i}'s file has "
+                raise CheckpointCorrupt(f"{path}: block {i}'s file has "
                                  f"{'no file' if size is None else f'{size} bytes'}, its index "
                                  f"says {entry['nbytes']} bytes (a truncated or damaged "
                                  f"checkpoint: restore an earlier step)")
@@ -154,8 +267,12 @@ class _BlockReader:
                 raw = np.empty(lf["nbytes"], np.uint8)
                 got = f.readinto(memoryview(raw))
                 if got != lf["nbytes"]:
-                    raise ValueError(f"{path}: block {i} leaf {lf['path']} ends after "
+                    raise CheckpointCorrupt(f"{path}: block {i} leaf {lf['path']} ends after "
                                      f"{got} of {lf['nbytes']} bytes (a truncated file)")
+                if "crc32" in lf and zlib.crc32(raw) != lf["crc32"]:
+                    raise CheckpointCorrupt(f"{path}: block {i} leaf {lf['path']} does not "
+                                            f"match its checksum (a damaged file: restore an "
+                                            f"earlier step)")
                 if "key_impl" in lf:
                     data = raw.view(np.uint32).reshape(*lf["shape"], -1)
                     out.append(jax.random.wrap_key_data(data, impl=lf["key_impl"]))
@@ -195,6 +312,7 @@ class Checkpointer:
                                                enable_async_checkpointing=asynchronous,
                                                cleanup_tmp_directories=not read_only)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._unsealed: list = []  # steps saved by this object, not sealed yet
 
     def latest_step(self) -> Optional[int]:
         return self._manager.latest_step()
@@ -218,7 +336,44 @@ class Checkpointer:
         args = ocp.args.Composite(state=ocp.args.StandardSave(arrays),
                                   data=ocp.args.JsonSave(data_state),
                                   meta=ocp.args.JsonSave({**meta, "engine_meta": engine_meta}))
-        self._manager.save(step, args=args, force=True)
+        self._save(step, args)
+
+    def _save(self, step: int, args) -> None:
+        """The manager's save, then the sealing of whatever has finished. A save that fails
+        leaves no temporary folder and names the cause; the checkpoints before it are intact."""
+        try:
+            self._manager.save(step, args=args, force=True)
+        except BaseException as e:
+            for tmp in glob.glob(os.path.join(glob.escape(self.directory),
+                                              f"{step}{_TMP_SUFFIX}*")):
+                shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, OSError):
+                last = [s for s in self.all_steps() if s != step]
+                raise OSError(e.errno, f"saving step {step} to {self.directory} failed "
+                              f"({e.strerror or e}); the checkpoints saved before are intact "
+                              f"(newest: {max(last) if last else 'none'})"
+                              + ("; free disk space, then resume" if e.errno == errno.ENOSPC
+                                 else "")) from e
+            raise
+        self._unsealed.append(step)
+        self._seal_finished()
+
+    def _seal_finished(self) -> None:
+        """Seals the steps this object saved once no save is running (`seal`)."""
+        if self.read_only or not self._unsealed or self._manager.is_saving_in_progress():
+            return
+        for step in self._unsealed:
+            folder = os.path.join(self.directory, str(step))
+            if os.path.isdir(folder):  # (a step the manager has since deleted is gone)
+                seal(folder)
+        self._unsealed.clear()
+
+    def verify(self, step: Optional[int] = None) -> bool:
+        """Checks `step` (latest if None) against its manifest (see `verify`); True if sealed
+        and intact, False if not sealed. Raises CheckpointCorrupt naming a damaged file."""
+        step = self._step(step)
+        self._seal_finished()
+        return verify(os.path.join(self.directory, str(step)))
 
     def save_engine(self, step: int, engine, data_state: dict, meta: dict) -> None:
         """Save `engine`'s state: an engine with streamed blocks (`block_state`, ZO2Engine) has
@@ -232,7 +387,7 @@ class Checkpointer:
             blocks=_BlocksSave(engine.num_blocks, lambda i: engine.block_state(i)),
             data=ocp.args.JsonSave(data_state),
             meta=ocp.args.JsonSave({**meta, "engine_meta": engine_meta}))
-        self._manager.save(step, args=args, force=True)
+        self._save(step, args)
 
     def restore_engine(self, engine, step: Optional[int] = None) -> tuple[dict, dict]:
         """Restore `step` (latest if None) into `engine`; returns (data state, metadata). Blocks
@@ -240,9 +395,10 @@ class Checkpointer:
         before any is read, then read one at a time into it (into a MeZOEngine: all read, then
         restored). Checkpoints written by `save` are restored as `restore` does."""
         step = self._step(step)
+        self.verify(step)
         blocks_dir = os.path.join(self.directory, str(step), "blocks")
         if not os.path.isdir(blocks_dir):
-            state, data, meta = self.restore(step, engine.state())
+            state, data, meta = self.restore(step, _state_like(engine))
             engine.restore(state)
             return data, meta
         streamed = hasattr(engine, "block_state")
@@ -281,6 +437,7 @@ class Checkpointer:
         if os.path.isdir(os.path.join(self.directory, str(step), "blocks")):
             raise ValueError(f"{self.directory}/{step} holds its blocks one per file "
                              f"(save_engine): restore it with restore_engine(engine)")
+        self.verify(step)
         arrays, _ = _split(like)
         out = self._restore_items(step, arrays)
         state, meta = self._rebuild(step, arrays, out)
@@ -345,9 +502,20 @@ class Checkpointer:
         return state, meta
 
     def wait(self) -> None:
-        """Block until background saves have finished."""
+        """Block until background saves have finished (and seal them)."""
         self._manager.wait_until_finished()
+        self._seal_finished()
 
     def close(self) -> None:
         self._manager.wait_until_finished()
+        self._seal_finished()
         self._manager.close()
+
+
+def _state_like(engine) -> dict:
+    """The target of a restore from a `save(state())` checkpoint, from the engine's shapes and
+    placement alone (an engine with streamed blocks: host arrays for its blocks), so a restore
+    neither copies every block first nor needs a usable engine."""
+    if not hasattr(engine, "state_like"):
+        return engine.state()
+    return engine.state_like(blocks=True)

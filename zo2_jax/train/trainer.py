@@ -24,7 +24,7 @@ import numpy as np
 import zo2_jax.models as zm
 from zo2_jax.train import data as D
 from zo2_jax.train import metrics as M
-from zo2_jax.train.checkpoint import Checkpointer
+from zo2_jax.train.checkpoint import CheckpointCorrupt, Checkpointer
 from zo2_jax.train.config import (DEFAULT_MODEL, TrainConfig, against_checkpoint,
                                     same_path, saved_config)
 
@@ -214,11 +214,40 @@ def read_checkpoint_meta(directory: str, step: Optional[int] = None) -> Optional
     was trained with, the evaluation before training), or None when there is none."""
     ck = Checkpointer(directory, read_only=True)
     try:
-        if (step if step is not None else ck.latest_step()) is None:
-            return None
-        return ck.read_meta(step)
+        if step is not None:
+            return ck.read_meta(step)
+        errors = []
+        for s in sorted(ck.all_steps(), reverse=True):  # a damaged newest one: the one before
+            try:
+                return ck.read_meta(s)
+            except ValueError as e:
+                errors.append(str(e))
+        if errors:
+            raise CheckpointCorrupt(f"{directory}: no checkpoint's metadata can be read: "
+                                    + "; ".join(errors))
+        return None
     finally:
         ck.close()
+
+
+def restore_newest_intact(ckpt: Checkpointer, engine, log: Callable[[str], None] = print
+                          ) -> tuple[dict, dict]:
+    """`ckpt.restore_engine(engine)` of the newest checkpoint that is intact: a damaged one
+    (a missing, truncated or changed file: CheckpointCorrupt) is reported and the one before it
+    tried. Returns (data state, metadata); raises CheckpointCorrupt if none is intact."""
+    errors = []
+    for step in sorted(ckpt.all_steps(), reverse=True):
+        try:
+            out = ckpt.restore_engine(engine, step)
+        except CheckpointCorrupt as e:
+            errors.append(f"step {step}: {e}")
+            log(f"the checkpoint of step {step} is damaged ({e}); trying the one before it")
+            continue
+        if errors:
+            log(f"using the checkpoint of step {step}, the newest intact one")
+        return out
+    raise CheckpointCorrupt(f"{ckpt.directory}: no intact checkpoint to resume from ("
+                            + "; ".join(errors) + ")")
 
 
 def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> Result:
@@ -243,7 +272,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> Result:
     completed, data_state = 0, None
     try:
         if meta is not None:
-            data_state, meta = ckpt.restore_engine(engine)
+            data_state, meta = restore_newest_intact(ckpt, engine, log)
             data.loader.restore(data_state)
             start = completed = int(meta["step"])
             before = dict(meta.get("before") or {})
