@@ -74,6 +74,8 @@ def test_resume_mid_stream_is_exact(tmp_path, engine, option):
     first = _make(engine, option)
     _run(first, range(K))
     # mid-stream: no flush, no block_until_ready; ZO2's uploads for step K are in flight
+    if engine == "zo2":
+        assert first._stream._uploaded, "no upload of the next step in flight at the save"
     ck = Checkpointer(str(tmp_path / "engine"), asynchronous=True)
     ck.save_engine(K, first, {"pos": K}, {"step": K})
     whole = None

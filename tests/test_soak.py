@@ -12,6 +12,7 @@ import gc
 import os
 
 import jax
+import numpy as np
 import pytest
 
 from _toy import MODEL, PARAMS, counting_batch, shared_sgd
@@ -47,9 +48,10 @@ def sample(step: int) -> dict:
     return {"step": step, "rss": rss(), **pools()}
 
 
-def soak(directory, steps: int, every: int) -> list:
+def soak(directory, steps: int, every: int, leak=None) -> list:
     """Trains for `steps` steps; evaluates and checkpoints every `every`; returns the samples
-    taken after each eval + checkpoint (step, rss, bytes by memory kind, live arrays)."""
+    taken after each eval + checkpoint (step, rss, bytes by memory kind, live arrays). `leak()`
+    is called once a cycle (the check's own test)."""
     engine = ZO2Engine(MODEL, PARAMS, tx=shared_sgd())
     ck = Checkpointer(str(directory), keep=2, asynchronous=True)
     batches = [counting_batch(jax.random.key(t)) for t in range(8)]
@@ -66,6 +68,8 @@ def soak(directory, steps: int, every: int) -> list:
             ck.save_engine(t, engine, {"pos": t}, {"step": t})
             ck.wait()
             del metrics
+            if leak is not None:
+                leak()
             samples.append(sample(t))
     ck.close()
     assert ck.all_steps() == [steps - every, steps]  # two kept
@@ -101,3 +105,20 @@ def test_short_soak_stays_flat(tmp_path):
 def test_10k_step_soak_stays_flat(tmp_path):
     # every 500 (not 1000) so that a sample falls on step 500, where the target's window opens
     check_flat(soak(tmp_path / "ck", steps=10_000, every=500), start=500)
+
+
+def test_the_soak_check_sees_a_leak(tmp_path):
+    kept = []  # 8 MiB of pinned host memory a cycle, as a forgotten host copy of a block would be
+    host = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
+    leak = lambda: kept.append(jax.device_put(np.ones(2 << 20, np.float32), host))  # noqa: E731
+    samples = soak(tmp_path / "ck", steps=300, every=100, leak=leak)
+    with pytest.raises(AssertionError, match="live_arrays grew"):
+        check_flat(samples, start=100)
+    for s in samples:  # each measure sees it: live arrays, pinned bytes and RSS
+        s["live_arrays"] = samples[0]["live_arrays"]
+    with pytest.raises(AssertionError, match="pinned_host grew"):
+        check_flat(samples, start=100)
+    for s in samples:
+        s["pinned_host"] = samples[0]["pinned_host"]
+    with pytest.raises(AssertionError, match="RSS grew"):
+        check_flat(samples, start=100)
