@@ -14,6 +14,16 @@ Step t with key k_t, pending (k_{t-1}, c_{t-1}, valid_{t-1}) from step t-1, for 
 then at the head  L_j^+- = mean_b loss_b(W_j^+-),  g_j = (L_j^+ - L_j^-) / (2 eps)  and
 c_{t,j} = g_j / q (times min(1, clip / ||sum_j c_j z_j||) with clip_norm), so the update is
 theta <- theta - lr * (1/q) sum_j g_j z_j for MeZO's rule, or any optax transform of that estimate.
+
+Bit-identical across engines: MeZO compiles the stages into one function (a loop over stacked
+blocks), ZO2 into one function per stage and unit. XLA optimises across whatever it sees: it CSEs
+the outer perturbation of embed and head, hoists loop-invariant work out of MeZO's loop, fuses a
+stacked block's dynamic slice or the updated outer into their consumers, and on CPU and GPU
+contracts a multiply and an add of one fusion into an FMA (one rounding instead of two). Any of
+these can move a float32 result by an ulp in one engine and not the other. So every stage pins its
+inputs and outputs with `optimization_barrier` (`_pin`): between two pins both engines compile the
+same computation, whatever surrounds it. In ZO2 the pins sit at jit boundaries, where values are
+materialised anyway (free); in MeZO they cost a copy of one block per block visited.
 """
 
 from __future__ import annotations
@@ -44,6 +54,12 @@ class Pending(NamedTuple):
     key: jax.Array
     coef: jax.Array
     valid: jax.Array
+
+
+def _pin(tree):
+    """An optimisation barrier: the values are computed here, once, and nothing is fused, CSE'd
+    or moved across (see the module docstring)."""
+    return jax.lax.optimization_barrier(tree)
 
 
 def empty_pending(num_directions: int, key: Optional[jax.Array] = None) -> Pending:
@@ -105,6 +121,10 @@ def init_part(spec: Spec, part: str, params: PyTree):
 
 def update_part(spec: Spec, part: str, stored, opt, pend: Pending, count, part_id):
     """Applies the pending update to one part; an exact identity when `pend.valid` is False."""
+    # pinned with part_id, which varies per block, nothing here is hoisted out of MeZO's loop.
+    # (The stored values need no pin: slicing them out of a stack or a packed buffer, fused or
+    # not, moves bits and rounds nothing.)
+    pend, count, part_id = _pin((pend, count, part_id))
     st = spec.storage_of(part)
     theta = st.decode(stored)
     gz = None
@@ -126,7 +146,7 @@ def update_part(spec: Spec, part: str, stored, opt, pend: Pending, count, part_i
     # the old stored bits (not a re-encoding of them, which could re-round) survive a skip.
     stored = st.select(pend.valid, encoded, stored)
     opt = jax.tree.map(lambda a, b: jnp.where(pend.valid, a, b), new_opt, opt)
-    return stored, opt
+    return _pin((stored, opt))
 
 
 def perturbed(spec: Spec, part: str, stored, key, part_id):
@@ -156,10 +176,11 @@ def _branch_weights(spec: Spec, theta, z, b: int):
 def outer_embed(spec: Spec, stored, opt, pend: Pending, count, key, batch):
     """Updates `outer`, embeds the 2q branches: (stored, opt, hs, ctx, gram or None)."""
     stored, opt = update_part(spec, "outer", stored, opt, pend, count, OUTER_PART)
+    key, batch = _pin((key, batch))
     ctx = spec.model.context(batch)
     pairs, zs = perturbed(spec, "outer", stored, key, OUTER_PART)
     hs = tuple(spec.model.embed(w, batch) for pair in pairs for w in pair)
-    return stored, opt, hs, ctx, (gram(zs) if spec.clip_norm is not None else None)
+    return _pin((stored, opt, hs, ctx, (gram(zs) if spec.clip_norm is not None else None)))
 
 
 BRANCHES = ("fused", "sequential")
@@ -200,15 +221,16 @@ def block_step(spec: Spec, stored, opt, pend: Pending, count, part_id, key, hs, 
     if branches not in BRANCHES:
         raise ValueError(f"branches must be one of {BRANCHES}, got {branches!r}")
     stored, opt = update_part(spec, "block", stored, opt, pend, count, part_id)
+    key, hs, ctx, gram_acc, part_id = _pin((key, hs, ctx, gram_acc, part_id))
     if branches == "sequential":
         hs, gram_acc = _sequential_branches(spec, stored, part_id, key, hs, ctx, gram_acc)
-        return stored, opt, hs, gram_acc
+        return _pin((stored, opt, hs, gram_acc))
     pairs, zs = perturbed(spec, "block", stored, key, part_id)
     hs = tuple(spec.model.block(w, hs[2 * j + b], ctx)
                for j, pair in enumerate(pairs) for b, w in enumerate(pair))
     if gram_acc is not None:
         gram_acc = gram_acc + gram(zs)
-    return stored, opt, hs, gram_acc
+    return _pin((stored, opt, hs, gram_acc))
 
 
 def head_finish(spec: Spec, stored, key, hs, batch, gram_acc, pend: Pending, count, skipped_total):
@@ -217,11 +239,18 @@ def head_finish(spec: Spec, stored, key, hs, batch, gram_acc, pend: Pending, cou
     Returns (pending, count, skipped_total, metrics); count counts applied updates, so it grows
     by one if the update applied during this step (the previous pending one) was valid.
     """
+    stored, key, hs, batch, gram_acc, pend, count, skipped_total = _pin(
+        (stored, key, hs, batch, gram_acc, pend, count, skipped_total))
     loss = lambda w, h: jnp.mean(spec.model.head(w, h, batch)[0].astype(jnp.float32))  # noqa
     pairs, _ = perturbed(spec, "outer", stored, key, OUTER_PART)
     losses = [loss(w, hs[2 * j + b]) for j, pair in enumerate(pairs) for b, w in enumerate(pair)]
-    loss_p, loss_m = jnp.stack(losses[0::2]), jnp.stack(losses[1::2])
-    g = (loss_p - loss_m) / (2.0 * spec.eps)
+    # Pinned: the logged losses, the logged g and the applied coefficients all come from these
+    # values, computed once (XLA may otherwise compute a loss twice, in two fusions that round
+    # differently, and the logged g would not be the one the update applies).
+    loss_p, loss_m = _pin((jnp.stack(losses[0::2]), jnp.stack(losses[1::2])))
+    # 2 eps pinned too: divided by a constant, XLA multiplies by its rounded reciprocal, an ulp
+    # away from the quotient a user computes from the logged losses
+    g = _pin((loss_p - loss_m) / _pin(jnp.float32(2.0 * spec.eps)))
     valid = jnp.all(jnp.isfinite(loss_p) & jnp.isfinite(loss_m) & jnp.isfinite(g))
     coef = g / spec.num_directions
     if spec.clip_norm is not None:
@@ -247,17 +276,20 @@ def head_finish(spec: Spec, stored, key, hs, batch, gram_acc, pend: Pending, cou
 # ---- evaluation (no perturbation) ---------------------------------------------------------------
 
 def eval_embed(spec: Spec, stored, batch):
+    stored, batch = _pin((stored, batch))
     w = jax.tree.map(lambda t: t.astype(spec.compute_dtype), spec.outer_storage.decode(stored))
-    return spec.model.embed(w, batch), spec.model.context(batch)
+    return _pin((spec.model.embed(w, batch), spec.model.context(batch)))
 
 
 def eval_block(spec: Spec, stored, h, ctx):
+    stored, h, ctx = _pin((stored, h, ctx))
     w = jax.tree.map(lambda t: t.astype(spec.compute_dtype), spec.storage.decode(stored))
-    return spec.model.block(w, h, ctx)
+    return _pin(spec.model.block(w, h, ctx))
 
 
 def eval_head(spec: Spec, stored, h, batch):
     """(per-example loss [B] float32, logits)."""
+    stored, h, batch = _pin((stored, h, batch))
     w = jax.tree.map(lambda t: t.astype(spec.compute_dtype), spec.outer_storage.decode(stored))
     loss_b, logits = spec.model.head(w, h, batch)
     return loss_b.astype(jnp.float32), logits
