@@ -11,12 +11,13 @@ Samples are taken at one phase of the cycle (after the eval and the checkpoint, 
 garbage collection) so a step's transient arrays are not counted. Device memory is the device's
 memory_stats() (bytes_in_use, peak) where the backend has them (GPU; not the CPU backend); the
 pinned pool is the live arrays' bytes by memory kind. A row: each figure at start and end and
-its growth in %.
+its growth in %, and the RSS after every eval (a leak climbs; an allocator's one-off steps once).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import os
 import shutil
@@ -34,11 +35,16 @@ from zo2_jax.zo import mezo_sgd  # noqa: E402
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def sample() -> dict:
-    """Host RSS, device memory_stats (where there are), live arrays and their bytes by kind."""
+def sample(trim: bool = False) -> dict:
+    """Host RSS, device memory_stats (where there are), live arrays and their bytes by kind,
+    Python's objects. `trim`: glibc's malloc_trim(0) first (returns freed heap pages to the
+    system): RSS that grows without it but not with it is the allocator's, not a leak."""
     gc.collect()
+    if trim:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/statm") as f:
-        out = {"rss": int(f.read().split()[1]) * _PAGE, "live_arrays": 0}
+        out = {"rss": int(f.read().split()[1]) * _PAGE, "live_arrays": 0,
+               "py_objects": len(gc.get_objects())}
     stats = jax.devices()[0].memory_stats() or {}
     for k in ("bytes_in_use", "peak_bytes_in_use"):
         if k in stats:
@@ -58,6 +64,9 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--every", type=int, default=500, help="eval (and checkpoint) interval")
     p.add_argument("--dir", help="checkpoint folder (emptied first); none: no checkpoints")
+    p.add_argument("--trim", action="store_true",
+                   help="malloc_trim(0) before each sample (glibc): tells a leak from the "
+                        "allocator keeping freed pages")
     p.add_argument("--json-out")
     a = p.parse_args(argv)
     if a.steps < 1 or a.every < 1 or a.warmup < 1:
@@ -75,6 +84,7 @@ def main(argv=None) -> dict:
         shutil.rmtree(a.dir, ignore_errors=True)
         ck = Checkpointer(a.dir, keep=2, asynchronous=True)
     key, prev, t = jax.random.key(1), None, 0
+    rss_mib = {}  # step -> RSS after each eval/checkpoint: a leak climbs, a one-off steps once
 
     def cycle(steps: int) -> None:
         nonlocal prev, t
@@ -92,23 +102,25 @@ def main(argv=None) -> dict:
         if ck is not None:
             ck.save_engine(t, engine, {"pos": t}, {"step": t})
             ck.wait()
+        rss_mib[t] = round(sample(a.trim)["rss"] / 2**20, 1)
 
     cycle(a.warmup)
-    checkpoint()  # compiled and allocated once before the first sample
-    start, t0 = sample(), time.perf_counter()
+    if t % a.every:
+        checkpoint()  # compiled and allocated once before the first sample
+    start, t0 = sample(a.trim), time.perf_counter()
     cycle(a.steps)
     if t % a.every:
         checkpoint()  # the end sample at the same phase as the start's
     seconds = time.perf_counter() - t0
-    end = sample()
+    end = sample(a.trim)
     if ck is not None:
         ck.close()
     row = {"probe": "soak", "model": a.model, "layers": cfg.num_layers, "batch": a.batch,
            "seq": a.seq, "storage": a.storage, "compute": a.compute, "steps": a.steps,
-           "warmup": a.warmup, "every": a.every, "checkpoints": ck is not None,
+           "warmup": a.warmup, "every": a.every, "checkpoints": ck is not None, "trim": a.trim,
            "device": jax.devices()[0].device_kind, "jax": jax.__version__,
            "date": time.strftime("%Y-%m-%d"), "seconds": round(seconds, 1),
-           "streamed_bytes": engine.streamed_bytes()}
+           "streamed_bytes": engine.streamed_bytes(), "rss_mib_by_step": rss_mib}
     for k in sorted(set(start) | set(end)):
         s, e = start.get(k, 0), end.get(k, 0)
         row[f"{k}_start"], row[f"{k}_end"] = s, e
