@@ -267,6 +267,9 @@ def _llama3_scaling(path, freqs, head_dim, theta) -> dict | None:
     original context fixed at the value llama.cpp's converter assumes. Any answer is accepted only
     if it reproduces every stored divisor.
     """
+    if not (np.all(np.isfinite(freqs)) and freqs.min() >= 1.0):  # llama3 only ever divides
+        raise GGUFError(f"{path}: tensor {_ROPE_FREQS} should hold finite divisors >= 1, found "
+                        f"values from {freqs.min()} to {freqs.max()}.")
     factor = float(freqs.max())
     if np.allclose(freqs, 1.0):
         return None

@@ -145,12 +145,12 @@ def config_from_hf(c: dict, source: str = "config.json") -> DecoderConfig:
     check_values(c, source)
     try:
         cfg = ADAPTERS[mt].config_from_hf(c, source)
+        return cfg.replace(extra=tuple(sorted((k, v) for k, v in c.items() if isinstance(
+            v, (int, float, str, bool, type(None))))))
     except (UnsupportedModelError, CheckpointError):
         raise
     except ValueError as e:  # DecoderConfig's own consistency checks
         raise CheckpointError(f"{source}: {e}") from None
-    return cfg.replace(extra=tuple(sorted((k, v) for k, v in c.items()
-                                          if isinstance(v, (int, float, str, bool, type(None))))))
 
 
 def config_to_hf(cfg: DecoderConfig) -> dict:

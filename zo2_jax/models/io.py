@@ -69,7 +69,7 @@ class _Safetensors:
                     raise CheckpointError(f"{f}: not a safetensors file (its header length {n:,} "
                                           f"exceeds the file's {size:,} bytes or the format's "
                                           f"limit of {_MAX_HEADER:,})")
-                header = _load_json(fh.read(n), f"{f}: header")
+                header = _load_json(fh.read(n), f"{f}: not a safetensors file: its header")
             if not isinstance(header, dict):
                 raise CheckpointError(f"{f}: not a safetensors file (its header is a "
                                       f"{type(header).__name__}, not a JSON object)")
@@ -100,7 +100,8 @@ class _Safetensors:
             return isinstance(x, int) and not isinstance(x, bool)
 
         if not (isinstance(info, dict) and isinstance(info.get("dtype"), str)
-                and isinstance(info.get("shape"), list) and isinstance(info.get("data_offsets"), list)
+                and isinstance(info.get("shape"), list)
+                and isinstance(info.get("data_offsets"), list)
                 and all(is_int(d) and 0 <= d <= hf.MAX_SIZE for d in info["shape"])
                 and len(info["data_offsets"]) == 2 and all(map(is_int, info["data_offsets"]))):
             raise CheckpointError(f"{f}: tensor {name!r} has a malformed header entry "
