@@ -142,8 +142,11 @@ def test_engine_step_matches_the_formula():
     np.testing.assert_allclose(m["loss_plus"], loss_plus, rtol=1e-5)
     np.testing.assert_allclose(m["loss_minus"], loss_minus, rtol=1e-5)
     g = float(m["projected_grad"])
-    np.testing.assert_allclose(g, (float(m["loss_plus"]) - float(m["loss_minus"])) / (2 * eps),
-                               rtol=1e-6)
+    # the logged g is exactly the float32 quotient of the logged losses, and the g the update
+    # applies (the pending coefficient, q = 1)
+    lp, lm = np.float32(m["loss_plus"]), np.float32(m["loss_minus"])
+    assert np.float32(m["projected_grad"]) == (lp - lm) / np.float32(2 * eps)
+    assert np.asarray(engine.state()["pending"]["coef"])[0] == np.float32(m["projected_grad"])
     want = jax.tree.map(lambda p, z_: p - lr * (g * z_ + (wd * p if p.ndim >= 2 else 0.0)),
                         PARAMS, z)
     for a, b in zip(jax.tree.leaves(engine.params()), jax.tree.leaves(want)):

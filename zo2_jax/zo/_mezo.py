@@ -171,9 +171,11 @@ class MeZOEngine:
 
     def step(self, batch: dict, key) -> dict:
         """One ZO step on `batch` with step key `key`; returns a dict of device scalars:
-        loss (mean of L+ and L-), loss_plus, loss_minus, projected_grad ([q] if q > 1),
-        skipped (1 if a loss was not finite: no update from this step), skipped_total
-        (and grad_norm with clip_norm). Nothing here waits for the device."""
+        loss (mean of L+ and L-), loss_plus, loss_minus, projected_grad ([q] if q > 1:
+        g_j = (L_j^+ - L_j^-) / (2 eps) in float32, exactly the g that the update applies, as
+        g / q times clip_norm's factor), skipped (1 if a loss was not finite: no update from
+        this step), skipped_total (and grad_norm with clip_norm). Nothing here waits for the
+        device."""
         common.check_batch(batch)
         self._state, metrics = _step(self.spec, self._state, batch, as_key(key))
         self._dirty = True
