@@ -17,13 +17,14 @@ theta <- theta - lr * (1/q) sum_j g_j z_j for MeZO's rule, or any optax transfor
 
 Bit-identical across engines: MeZO compiles the stages into one function (a loop over stacked
 blocks), ZO2 into one function per stage and unit. XLA optimises across whatever it sees: it CSEs
-the outer perturbation of embed and head, hoists loop-invariant work out of MeZO's loop, fuses a
-stacked block's dynamic slice or the updated outer into their consumers, and on CPU and GPU
+the outer perturbation of embed and head, hoists loop-invariant work out of MeZO's loop, fuses the
+updated parameters into their consumers, picks reduction and dot strategies per fusion, and on GPU
 contracts a multiply and an add of one fusion into an FMA (one rounding instead of two). Any of
 these can move a float32 result by an ulp in one engine and not the other. So every stage pins its
 inputs and outputs with `optimization_barrier` (`_pin`): between two pins both engines compile the
-same computation, whatever surrounds it. In ZO2 the pins sit at jit boundaries, where values are
-materialised anyway (free); in MeZO they cost a copy of one block per block visited.
+same computation, whatever surrounds it. Where a jit boundary already is (ZO2's one-block units)
+a pin costs nothing; elsewhere (MeZO's loop, ZO2's multi-block units) it materialises a block's
+updated parameters once more and keeps the update from fusing with the perturbation.
 """
 
 from __future__ import annotations
