@@ -9,6 +9,7 @@ jax has no device memory_stats(): the pools are the live arrays' bytes by memory
 'pinned_host'). The GPU row (OPT-1.3B, 2,000 steps) is benchmarks/probes/soak.py.
 """
 
+import ctypes
 import gc
 import os
 
@@ -50,8 +51,18 @@ def pools() -> dict:
     return out
 
 
+def _trim() -> None:
+    """glibc's malloc_trim(0): returns freed heap pages to the system, so RSS shows what is held
+    rather than what the allocator keeps (a no-op where there is no glibc)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def sample(step: int) -> dict:
     gc.collect()
+    _trim()
     return {"step": step, "rss": rss(), **pools()}
 
 
