@@ -13,7 +13,7 @@ import math
 import os
 import struct
 import warnings
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Union
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +21,6 @@ import numpy as np
 
 from zo2_jax.models import hf
 from zo2_jax.models.hf import CheckpointError
-from zo2_jax.models.config import DecoderConfig
 from zo2_jax.models.model import Model
 
 _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
