@@ -29,7 +29,7 @@ def _cfg(tiny, tmp, **kw):
     base = dict(model=tiny, steps=6, batch_size=4, lr=1e-3, eps=1e-2, eval_examples=16,
                 out_dir=str(tmp / "out"), progress=False, seed=3)
     base.update(kw)
-    return TrainConfig(**base)
+    return TrainConfig.from_dict(base)
 
 
 def _leaves(engine):
