@@ -88,6 +88,10 @@ class BlockStream:
         self._uploaded.clear()
         self.schedule.reset()
 
+    def _wait(self, unit: Unit, token) -> None:
+        """Blocks until a slot's token is ready (a hook: a probe times the host's waits)."""
+        jax.block_until_ready(token)
+
     def _payload(self, unit: Unit, with_opt: bool) -> tuple:
         """What an upload of the unit sends: ([blocks], [optimiser states] or None)."""
         blks = [self.store.blocks[j] for j in unit]
@@ -102,7 +106,7 @@ class BlockStream:
             for op in make_ops():
                 u = op.unit
                 if op.kind == "wait":
-                    jax.block_until_ready(self._tokens.pop(op.ticket))
+                    self._wait(u, self._tokens.pop(op.ticket))
                 elif op.kind == "upload":
                     self._uploaded[u] = jax.device_put(self._payload(u, op.with_opt), self.device)
                 elif op.kind == "opts":
