@@ -258,8 +258,8 @@ def _coerce(field: dataclasses.Field, v: Any) -> Any:
     return v
 
 
-GROUPS = {f.name: f.type if isinstance(f.type, type) else f.default.__class__
-          for f in dataclasses.fields(TrainConfig) if f.metadata.get("kind") == "group"}
+GROUPS = {f.name: type(f.default) for f in dataclasses.fields(TrainConfig)
+          if f.metadata.get("kind") == "group"}
 
 
 def flat_fields() -> dict:
