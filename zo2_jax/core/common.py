@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from zo2_jax.core import options
+from zo2_jax.core import spmd
 from zo2_jax.core.options import ZOOptions
 from zo2_jax.models.model import check_batch  # noqa: F401  (the engines' batch check)
 from zo2_jax.core.parts import Pending, Spec, freeze_mask
@@ -68,6 +69,25 @@ def check_params(model, params: PyTree) -> None:
                 raise ValueError(f"block {i} leaf {jax.tree_util.keystr(path)} is {_describe(x)}, "
                                  f"block 0 has {_describe(x0)}: blocks must share shapes and "
                                  f"dtypes (one compiled block function serves them all)")
+
+
+def parallel_of(mesh, parallel: str, num_directions: int):
+    """The engine's `spmd.Parallel` for `mesh=` (None, a Mesh, a device count or a list of
+    devices), or None where it is one device of a single process (the one-device engine)."""
+    options.check("parallel", parallel, ZOOptions)
+    if mesh is None:
+        return None
+    m = spmd.as_mesh(mesh)
+    if m.size == 1 and jax.process_count() == 1:
+        return None
+    return spmd.Parallel.make(m, parallel, num_directions)
+
+
+def single_device(mesh) -> jax.Device:
+    """The device of a one-device engine (`parallel_of` gave None)."""
+    if mesh is None:
+        return jax.devices()[0]
+    return spmd.as_mesh(mesh).devices.flat[0]
 
 
 def check_eps(eps) -> float:

@@ -32,6 +32,7 @@ TRAINING = ("train",)
 
 ComputeDtype = Literal["float32", "bfloat16"]
 Directions = Literal["gaussian", "rademacher"]
+Parallel = Literal["auto", "data", "directions"]
 
 
 def option(default, help: str, kind: str, commands=ALL_COMMANDS, choices=None, metavar=None):
@@ -132,6 +133,14 @@ class ZOOptions:
                                 choices=get_args(Rounding))
     compute_dtype: ComputeDtype = option("float32", "dtype of the forward passes", "choice",
                                          choices=("float32", "bfloat16"))
+    devices: int = option(1, "devices to run on, as one mesh: the first N of jax.devices() "
+                          "(every process's, after jax.distributed.initialize); 0: all of them",
+                          "natural", ("train", "eval"))
+    parallel: Parallel = option(AUTO, "how a mesh splits a step: directions (each device its "
+                                "share of num_directions; bit-identical to one device) or data "
+                                "(each device its rows of the batch); auto: directions when "
+                                "num_directions is a multiple of the devices", "choice",
+                                TRAINING, choices=(AUTO, "data", "directions"))
 
     def __post_init__(self):
         check_all(self)
@@ -144,7 +153,15 @@ class ZOOptions:
         import jax.numpy as jnp
         return dict(eps=self.eps, num_directions=self.num_directions,
                     directions=self.directions, storage=self.storage(),
-                    compute_dtype=jnp.dtype(self.compute_dtype))
+                    compute_dtype=jnp.dtype(self.compute_dtype), mesh=self.mesh(),
+                    parallel=self.parallel)
+
+    def mesh(self):
+        """The engines' `mesh=`: None for one device, else the device count (0: all)."""
+        if self.devices == 1:
+            return None
+        import jax
+        return self.devices or len(jax.devices())
 
 
 def default(owner, name: str):

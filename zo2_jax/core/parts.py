@@ -63,6 +63,29 @@ def _pin(tree):
     return jax.lax.optimization_barrier(tree)
 
 
+def fixed_sum(x) -> jax.Array:
+    """The sum of all elements of `x` in one fixed order (pairwise: halves added elementwise),
+    whatever program it is compiled in. XLA picks a reduction's order per program (a sum of
+    four losses came out an ulp apart on one device and on a device of a mesh); elementwise
+    adds it does not reorder."""
+    x = jnp.ravel(x)
+    rest = None
+    while x.shape[0] > 1:
+        if x.shape[0] % 2:
+            rest = x[-1] if rest is None else rest + x[-1]
+            x = x[:-1]
+        h = x.shape[0] // 2
+        x = x[:h] + x[h:]
+    total = x[0] if x.shape[0] else jnp.zeros([], x.dtype)
+    return total if rest is None else total + rest
+
+
+def fixed_mean(x) -> jax.Array:
+    """`fixed_sum(x)` over the element count (the count pinned, so it is divided by, not
+    multiplied by a rounded reciprocal)."""
+    return fixed_sum(x) / _pin(jnp.asarray(jnp.size(x), x.dtype))
+
+
 def empty_pending(num_directions: int, key: Optional[jax.Array] = None) -> Pending:
     key = jax.random.key(0) if key is None else key
     return Pending(key, jnp.zeros([num_directions], jnp.float32), jnp.zeros([], bool))
@@ -150,18 +173,35 @@ def update_part(spec: Spec, part: str, stored, opt, pend: Pending, count, part_i
     return _pin((stored, opt))
 
 
-def perturbed(spec: Spec, part: str, stored, key, part_id):
-    """[(W_j^+, W_j^-)] in the compute dtype, and the directions [z_j], for j < q.
+def directions_of(spec: Spec, dirs=None):
+    """The direction indices a stage runs: all q (`dirs` None), or the given ones (a device's
+    share of the directions on a mesh; traced scalars there)."""
+    return range(spec.num_directions) if dirs is None else dirs
+
+
+def perturbed(spec: Spec, part: str, stored, key, part_id, dirs=None):
+    """[(W_j^+, W_j^-)] in the compute dtype, and the directions [z_j], for j in `dirs` (default
+    all j < q).
 
     The perturbation is added in float32 to the decoded weights and only then cast, so the z of
     the branches is exactly the z of the update (also with bfloat16 compute)."""
     theta = spec.storage_of(part).decode(stored)
     pairs, zs = [], []
-    for j in range(spec.num_directions):
+    for j in directions_of(spec, dirs):
         z = part_noise(key, j, part_id, theta, spec.directions)
         pairs.append((_branch_weights(spec, theta, z, 0), _branch_weights(spec, theta, z, 1)))
         zs.append(z)
     return pairs, zs
+
+
+def _gram(spec: Spec, part: str, stored, key, part_id, zs, dirs):
+    """The part's Gram matrix of all q directions: from `zs` when they are all of them, else
+    regenerated (a device of a direction-parallel mesh holds only its own)."""
+    if dirs is None:
+        return gram(zs)
+    theta = spec.storage_of(part).decode(stored)
+    return gram([part_noise(key, j, part_id, theta, spec.directions)
+                 for j in range(spec.num_directions)])
 
 
 def _branch_weights(spec: Spec, theta, z, b: int):
@@ -174,20 +214,23 @@ def _branch_weights(spec: Spec, theta, z, b: int):
 
 # ---- the three stages of a training step -------------------------------------------------------
 
-def outer_embed(spec: Spec, stored, opt, pend: Pending, count, key, batch):
-    """Updates `outer`, embeds the 2q branches: (stored, opt, hs, ctx, gram or None)."""
+def outer_embed(spec: Spec, stored, opt, pend: Pending, count, key, batch, dirs=None):
+    """Updates `outer`, embeds the branches of `dirs` (default all 2q): (stored, opt, hs, ctx,
+    gram or None)."""
     stored, opt = update_part(spec, "outer", stored, opt, pend, count, OUTER_PART)
     key, batch = _pin((key, batch))
     ctx = spec.model.context(batch)
-    pairs, zs = perturbed(spec, "outer", stored, key, OUTER_PART)
+    pairs, zs = perturbed(spec, "outer", stored, key, OUTER_PART, dirs)
     hs = tuple(spec.model.embed(w, batch) for pair in pairs for w in pair)
-    return _pin((stored, opt, hs, ctx, (gram(zs) if spec.clip_norm is not None else None)))
+    g = None if spec.clip_norm is None else _gram(spec, "outer", stored, key, OUTER_PART, zs,
+                                                  dirs)
+    return _pin((stored, opt, hs, ctx, g))
 
 
 BRANCHES = ("fused", "sequential")
 
 
-def _sequential_branches(spec: Spec, stored, part_id, key, hs, ctx, gram_acc):
+def _sequential_branches(spec: Spec, stored, part_id, key, hs, ctx, gram_acc, dirs=None):
     """The 2q branches through one block, each branch's weights made only once the previous
     branch's output exists (an optimization barrier orders them): one perturbed copy of the
     block at a time instead of the +eps and -eps copies together, at the cost of generating
@@ -195,11 +238,11 @@ def _sequential_branches(spec: Spec, stored, part_id, key, hs, ctx, gram_acc):
     schedule."""
     st = spec.storage_of("block")
     src, k, out = stored, key, []
-    for j in range(spec.num_directions):
+    for i, j in enumerate(directions_of(spec, dirs)):
         for b in range(2):
             theta = st.decode(src)
             w = _branch_weights(spec, theta, part_noise(k, j, part_id, theta, spec.directions), b)
-            h = spec.model.block(w, hs[2 * j + b], ctx)
+            h = spec.model.block(w, hs[2 * i + b], ctx)
             # the next branch's z must not be shared with (CSE'd into) this one's: its key and
             # weights come through the barrier, after this branch's output
             h, src, k = jax.lax.optimization_barrier((h, src, k))
@@ -222,16 +265,24 @@ def block_step(spec: Spec, stored, opt, pend: Pending, count, part_id, key, hs, 
     if branches not in BRANCHES:
         raise ValueError(f"branches must be one of {BRANCHES}, got {branches!r}")
     stored, opt = update_part(spec, "block", stored, opt, pend, count, part_id)
+    return (stored, opt, *block_forward(spec, stored, part_id, key, hs, ctx, gram_acc, branches))
+
+
+def block_forward(spec: Spec, stored, part_id, key, hs, ctx, gram_acc, branches: str = "fused",
+                  dirs=None):
+    """The branches of `dirs` (default all 2q) through block `part_id` as stored (already
+    updated): (hs, gram). `block_step` without the update (a mesh runs the update on its
+    shards, and this on the gathered block)."""
     key, hs, ctx, gram_acc, part_id = _pin((key, hs, ctx, gram_acc, part_id))
     if branches == "sequential":
-        hs, gram_acc = _sequential_branches(spec, stored, part_id, key, hs, ctx, gram_acc)
-        return _pin((stored, opt, hs, gram_acc))
-    pairs, zs = perturbed(spec, "block", stored, key, part_id)
-    hs = tuple(spec.model.block(w, hs[2 * j + b], ctx)
-               for j, pair in enumerate(pairs) for b, w in enumerate(pair))
+        hs, gram_acc = _sequential_branches(spec, stored, part_id, key, hs, ctx, gram_acc, dirs)
+        return _pin((stored, hs, gram_acc))[1:]
+    pairs, zs = perturbed(spec, "block", stored, key, part_id, dirs)
+    hs = tuple(spec.model.block(w, hs[2 * i + b], ctx)
+               for i, pair in enumerate(pairs) for b, w in enumerate(pair))
     if gram_acc is not None:
-        gram_acc = gram_acc + gram(zs)
-    return _pin((stored, opt, hs, gram_acc))
+        gram_acc = gram_acc + _gram(spec, "block", stored, key, part_id, zs, dirs)
+    return _pin((stored, hs, gram_acc))[1:]
 
 
 def head_finish(spec: Spec, stored, key, hs, batch, gram_acc, pend: Pending, count, skipped_total):
@@ -240,15 +291,31 @@ def head_finish(spec: Spec, stored, key, hs, batch, gram_acc, pend: Pending, cou
     Returns (pending, count, skipped_total, metrics); count counts applied updates, so it grows
     by one if the update applied during this step (the previous pending one) was valid.
     """
-    stored, key, hs, batch, gram_acc, pend, count, skipped_total = _pin(
-        (stored, key, hs, batch, gram_acc, pend, count, skipped_total))
-    loss = lambda w, h: jnp.mean(spec.model.head(w, h, batch)[0].astype(jnp.float32))  # noqa
-    pairs, _ = perturbed(spec, "outer", stored, key, OUTER_PART)
+    (loss_p, loss_m), (key, gram_acc, pend, count, skipped_total) = head_losses(
+        spec, stored, key, hs, batch, (key, gram_acc, pend, count, skipped_total))
+    return finish(spec, loss_p, loss_m, key, gram_acc, pend, count, skipped_total)
+
+
+def head_losses(spec: Spec, stored, key, hs, batch, rest=(), dirs=None, mean=None):
+    """(L^+, L^-) of the branches of `dirs` (default all q; [len(dirs)] float32 each), and
+    `rest` passed through the same barrier. `mean` reduces the per-example losses (a
+    data-parallel mesh sums over its devices' rows)."""
+    stored, key, hs, batch, rest = _pin((stored, key, hs, batch, rest))
+    mean = fixed_mean if mean is None else mean
+    # the per-example losses pinned before the mean: XLA may otherwise merge the model's
+    # reduction over tokens with the mean over rows into one, in an order that depends on what
+    # else the program holds (one device's q directions, or a mesh device's share)
+    loss = lambda w, h: mean(_pin(spec.model.head(w, h, batch)[0].astype(jnp.float32)))  # noqa
+    pairs, _ = perturbed(spec, "outer", stored, key, OUTER_PART, dirs)
     losses = [loss(w, hs[2 * j + b]) for j, pair in enumerate(pairs) for b, w in enumerate(pair)]
     # Pinned: the logged losses, the logged g and the applied coefficients all come from these
     # values, computed once (XLA may otherwise compute a loss twice, in two fusions that round
     # differently, and the logged g would not be the one the update applies).
-    loss_p, loss_m = _pin((jnp.stack(losses[0::2]), jnp.stack(losses[1::2])))
+    return _pin((jnp.stack(losses[0::2]), jnp.stack(losses[1::2]))), rest
+
+
+def finish(spec: Spec, loss_p, loss_m, key, gram_acc, pend: Pending, count, skipped_total):
+    """From the q losses of each sign: (pending, count, skipped_total, metrics) of head_finish."""
     # 2 eps pinned too: divided by a constant, XLA multiplies by its rounded reciprocal, an ulp
     # away from the quotient a user computes from the logged losses
     g = _pin((loss_p - loss_m) / _pin(jnp.float32(2.0 * spec.eps)))
@@ -256,15 +323,15 @@ def head_finish(spec: Spec, stored, key, hs, batch, gram_acc, pend: Pending, cou
     coef = g / spec.num_directions
     if spec.clip_norm is not None:
         # ||sum_j c_j z_j||^2 = c^T G c with G the Gram matrix accumulated over all parts.
-        norm = jnp.sqrt(jnp.maximum(jnp.sum(coef[:, None] * gram_acc * coef[None, :]), 0.0))
+        norm = jnp.sqrt(jnp.maximum(fixed_sum(coef[:, None] * gram_acc * coef[None, :]), 0.0))
         coef = coef * jnp.where(norm > spec.clip_norm, spec.clip_norm / norm, 1.0)
     coef = jnp.where(valid, coef, 0.0)
     skipped = jnp.logical_not(valid).astype(jnp.int32)
     skipped_total = skipped_total + skipped
     metrics = {
-        "loss": jnp.mean((loss_p + loss_m) / 2.0),
-        "loss_plus": jnp.mean(loss_p),
-        "loss_minus": jnp.mean(loss_m),
+        "loss": fixed_mean((loss_p + loss_m) / 2.0),
+        "loss_plus": fixed_mean(loss_p),
+        "loss_minus": fixed_mean(loss_m),
         "projected_grad": g[0] if spec.num_directions == 1 else g,
         "skipped": skipped,
         "skipped_total": skipped_total,

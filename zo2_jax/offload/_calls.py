@@ -2,7 +2,8 @@
 
 A unit is one block or a run of consecutive streamed blocks computed by one jitted call. The
 functions take the hashable `Spec` and the unit's `Packing` (or None) as static arguments, so
-engines with equal specs share compiled code. The math is `zo2_jax.core.parts`.
+engines with equal specs share compiled code. The math is `zo2_jax.core.parts`; on a mesh (the
+static keyword `par`, a `spmd.Parallel`) its sharded form in `zo2_jax.core.spmd`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from zo2_jax.core import parts
+from zo2_jax.core import spmd
 from zo2_jax.core import trees
 
 
@@ -22,13 +24,35 @@ def _copy(tree):
 
 # One module-level jitted function per stage, the hashable Spec static: the unit functions serve
 # every unit of one size (one structure), and engines with equal specs share compiled code.
-outer_fn = jax.jit(parts.outer_embed, static_argnums=0, donate_argnums=(1, 2))
-head_fn = jax.jit(parts.head_finish, static_argnums=0)
-update_fn = jax.jit(parts.update_part, static_argnums=(0, 1), donate_argnums=(2, 3))
+def _outer(spec, stored, opt, pend, count, key, batch, par=None):
+    return spmd.outer_embed(spec, par, stored, opt, pend, count, key, batch)
+
+
+def _head(spec, stored, key, hs, batch, gram_acc, pend, count, skipped_total, par=None):
+    return spmd.head_finish(spec, par, stored, key, hs, batch, gram_acc, pend, count,
+                            skipped_total)
+
+
+def _update(spec, part, stored, opt, pend, count, part_id, par=None):
+    return spmd.update_part(spec, par, part, stored, opt, pend, count, part_id)
+
+
+def _eval_embed(spec, stored, batch, par=None):
+    return spmd.eval_embed(spec, par, stored, batch)
+
+
+def _eval_head(spec, stored, h, batch, par=None):
+    return spmd.eval_head(spec, par, stored, h, batch)
+
+
+outer_fn = jax.jit(_outer, static_argnums=0, static_argnames="par", donate_argnums=(1, 2))
+head_fn = jax.jit(_head, static_argnums=0, static_argnames="par")
+update_fn = jax.jit(_update, static_argnums=(0, 1), static_argnames="par",
+                    donate_argnums=(2, 3))
 init_fn = jax.jit(parts.init_part, static_argnums=(0, 1))
 init_opt_fn = jax.jit(parts.init_opt, static_argnums=(0, 1))
-eval_embed_fn = jax.jit(parts.eval_embed, static_argnums=0)
-eval_head_fn = jax.jit(parts.eval_head, static_argnums=0)
+eval_embed_fn = jax.jit(_eval_embed, static_argnums=0, static_argnames="par")
+eval_head_fn = jax.jit(_eval_head, static_argnums=0, static_argnames="par")
 decode_fn = jax.jit(lambda storage, stored: _copy(storage.decode(stored)), static_argnums=0)
 
 
@@ -68,35 +92,35 @@ def _over_unit(blks, opts, ids, carry, one):
 
 
 def unit_step(spec, packing, blks, opts, pend, count, ids, key, hs, ctx, gram_acc,
-              branches: str = "fused"):
+              branches: str = "fused", par=None):
     """`parts.block_step` over the unit's blocks in order: (blocks, opts, hs, gram)."""
     def one(blk, opt, pid, carry):
         blk, opt = _unpacked(packing, blk, opt)
-        blk, opt, hs, g = parts.block_step(spec, blk, opt, pend, count, pid, key, carry[0], ctx,
-                                           carry[1], branches)
+        blk, opt, hs, g = spmd.block_step(spec, par, blk, opt, pend, count, pid, key, carry[0],
+                                          ctx, carry[1], branches)
         return (*_packed(packing, blk, opt), (hs, g))
 
     new_b, new_o, (hs, gram_acc) = _over_unit(blks, opts, ids, (hs, gram_acc), one)
     return new_b, new_o, hs, gram_acc
 
 
-def _unit_update(spec, packing, blks, opts, pend, count, ids):
+def _unit_update(spec, packing, blks, opts, pend, count, ids, par=None):
     def one(blk, opt, pid, carry):
-        blk, opt = parts.update_part(spec, "block", *_unpacked(packing, blk, opt), pend, count,
-                                     pid)
+        blk, opt = spmd.update_part(spec, par, "block", *_unpacked(packing, blk, opt), pend,
+                                    count, pid)
         return (*_packed(packing, blk, opt), carry)
 
     new_b, new_o, _ = _over_unit(blks, opts, ids, (), one)
     return new_b, new_o
 
 
-def _unit_eval(spec, packing, blks, h, ctx):
+def _unit_eval(spec, packing, blks, h, ctx, par=None):
     unpack = (lambda b: b) if packing is None else packing.block.unpack  # noqa: E731
     if len(blks) == 1:
-        return parts.eval_block(spec, unpack(blks[0]), h, ctx)
+        return spmd.eval_block(spec, par, unpack(blks[0]), h, ctx)
     stacked = trees.stack(blks)  # a loop, as in _over_unit (without write-back of blocks)
-    return jax.lax.fori_loop(0, len(blks), lambda i, h: parts.eval_block(
-        spec, unpack(trees.take(stacked, i)), h, ctx), h)
+    return jax.lax.fori_loop(0, len(blks), lambda i, h: spmd.eval_block(
+        spec, par, unpack(trees.take(stacked, i)), h, ctx), h)
 
 
 def _unit_decode(spec, packing, blks):
@@ -107,9 +131,11 @@ def _unit_decode(spec, packing, blks):
 # one step function per branch schedule (see parts.block_step), so that the other stages'
 # compiled code does not depend on the schedule
 unit_fns = {b: jax.jit(functools.partial(unit_step, branches=b), static_argnums=(0, 1),
-                        donate_argnums=(2, 3, 8, 10)) for b in parts.BRANCHES}
-unit_update_fn = jax.jit(_unit_update, static_argnums=(0, 1), donate_argnums=(2, 3))
-unit_eval_fn = jax.jit(_unit_eval, static_argnums=(0, 1))
+                        static_argnames="par", donate_argnums=(2, 3, 8, 10))
+            for b in parts.BRANCHES}
+unit_update_fn = jax.jit(_unit_update, static_argnums=(0, 1), static_argnames="par",
+                         donate_argnums=(2, 3))
+unit_eval_fn = jax.jit(_unit_eval, static_argnums=(0, 1), static_argnames="par")
 unit_decode_fn = jax.jit(_unit_decode, static_argnums=(0, 1))
 pack_fn = jax.jit(lambda lay, stored, opt: lay.pack(stored, opt), static_argnums=0)
 

@@ -103,7 +103,8 @@ class ZO2Engine:
                  device: Optional[jax.Device] = None,
                  packed: Union[bool, str] = StreamOptions.packed,
                  branches: str = StreamOptions.branches,
-                 blocks_per_call: Union[int, str] = StreamOptions.blocks_per_call):
+                 blocks_per_call: Union[int, str] = StreamOptions.blocks_per_call,
+                 mesh=None, parallel: str = ZOOptions.parallel):
         placement = dict(resident_blocks=resident_blocks, max_inflight=max_inflight,
                          packed=packed, branches=branches, blocks_per_call=blocks_per_call,
                          device_budget_bytes=device_budget_bytes)
@@ -113,13 +114,31 @@ class ZO2Engine:
             clip_norm=clip_norm, directions=directions)
         self.spec = spec
         n = self.num_blocks = len(params["blocks"])
-        dev = device or jax.devices()[0]
-        if "pinned_host" not in _memory_kinds(dev):
-            raise ValueError(f"device {dev} has no 'pinned_host' memory (it has "
-                             f"{_memory_kinds(dev)}); ZO2 streams blocks from pinned host memory")
-        self._dev = jax.sharding.SingleDeviceSharding(dev, memory_kind="device")
-        self._host = jax.sharding.SingleDeviceSharding(dev, memory_kind="pinned_host")
+        par = self._par = common.parallel_of(mesh, parallel, spec.num_directions)
+        if par is not None and device is not None:
+            raise ValueError("ZO2Engine: give either device= or mesh=, not both")
+        dev = (device or common.single_device(mesh)) if par is None else None
+        for d in ([dev] if par is None else list(par.mesh.devices.flat)):
+            if d.process_index == jax.process_index() and "pinned_host" not in _memory_kinds(d):
+                raise ValueError(f"device {d} has no 'pinned_host' memory (it has "
+                                 f"{_memory_kinds(d)}); ZO2 streams blocks from pinned host "
+                                 f"memory")
+        if par is None:
+            self._dev = jax.sharding.SingleDeviceSharding(dev, memory_kind="device")
+            self._host = jax.sharding.SingleDeviceSharding(dev, memory_kind="pinned_host")
+        else:
+            # outer, batches and scalars replicated; blocks sharded leaf by leaf
+            # (`_block_shardings`), moved between memories keeping their sharding
+            self._dev = par.sharding()
+            self._host = jax.memory.Space.Host
+            if packed is True:
+                raise ValueError("packed=True: packed blocks are one flat buffer each, which a "
+                                 "mesh cannot shard leaf by leaf; on a mesh blocks stream "
+                                 "unpacked (leave packed unset)")
+            placement["packed"] = False
         self._batch_shape = planning.check_batch_shape(batch_shape)
+        if par is not None and self._batch_shape is not None:
+            par.check_batch(self._batch_shape[0])
         if plan is None:
             plan = planning.plan_for(spec, params, batch_shape=self._batch_shape, **placement)
         else:
@@ -135,15 +154,23 @@ class ZO2Engine:
         self._packing = plan.packing
         resident = plan.resident
         if n > len(resident):  # before any block goes to the host (lazily given: only block 0 made)
-            planning.check_host_memory(plan.host_bytes, planning.pinned_pool_limit(dev),
-                                       planning.host_total_bytes())
+            # on a mesh this process holds its devices' shards: its share of one copy
+            share = 1.0 if par is None else len(par.mesh.local_devices) / par.n
+            planning.check_host_memory(
+                int(plan.host_bytes * share),
+                planning.pinned_pool_limit(dev if par is None else par.mesh.local_devices[0]),
+                planning.host_total_bytes())
 
         self._outer, self._opt_outer = calls.init_fn(spec, "outer",
-                                                     jax.device_put(params["outer"], self._dev))
+                                                     self._put(params["outer"], self._dev))
         blocks, opts = [], []
         for i in range(n):
             b = make_block(i)
-            if i not in resident and self._packing is not None:
+            if par is not None:  # encoded on the shards, then each shard to its host memory
+                s, o = calls.init_fn(spec, "block", par.put(b, par.shardings(b)))
+                kind = "device" if i in resident else "pinned_host"
+                s, o = jax.device_put((s, o), (par.shardings(s, kind), par.shardings(o, kind)))
+            elif i not in resident and self._packing is not None:
                 s, o = jax.device_put(calls.pinit_fn(spec, self._packing,
                                                      jax.device_put(b, self._dev)), self._host)
             elif i not in resident and self._stored_as_is(b):
@@ -163,12 +190,13 @@ class ZO2Engine:
             opts.append(o)
             del b
         self._store = BlockStore(blocks, opts, resident)
-        self._stream = BlockStream(self._store, self._dev, self._host, plan.max_inflight,
+        self._stream = BlockStream(self._store, self._dev if par is None else
+                                   jax.memory.Space.Device, self._host, plan.max_inflight,
                                    plan.units, hold=plan.hold)
-        self._ids = [jax.device_put(np.uint32(i), self._dev) for i in range(n)]
-        self._pending = jax.device_put(parts.empty_pending(spec.num_directions), self._dev)
-        self._count = jax.device_put(jnp.zeros([], jnp.int32), self._dev)
-        self._skipped_total = jax.device_put(jnp.zeros([], jnp.int32), self._dev)
+        self._ids = [self._put(np.uint32(i), self._dev) for i in range(n)]
+        self._pending = self._put(parts.empty_pending(spec.num_directions), self._dev)
+        self._count = self._put(np.zeros([], np.int32), self._dev)
+        self._skipped_total = self._put(np.zeros([], np.int32), self._dev)
         self._dirty = False
         self._broken: Optional[str] = None  # why the engine must not run (a failed restore)
 
@@ -179,6 +207,23 @@ class ZO2Engine:
     branches = property(lambda self: self.plan.branches)
     blocks_per_call = property(lambda self: self.plan.blocks_per_call)
     footprint = property(lambda self: self.plan.footprint)
+
+    @property
+    def mesh(self):
+        """The engine's mesh (`spmd.Parallel`: mesh, mode, q), or None on one device."""
+        return self._par
+
+    def _put(self, tree, sharding):
+        return (jax.device_put(tree, sharding) if self._par is None
+                else self._par.put(tree, sharding))
+
+    def _block_shardings(self, tree, kind: str):
+        """Where the engine keeps a block (or its optimiser state) in memory `kind`: per leaf,
+        sharded over the mesh (`spmd.leaf_spec`), or on the one device."""
+        if self._par is not None:
+            return self._par.shardings(tree, kind)
+        one = self._dev if kind == "device" else self._host
+        return jax.tree.map(lambda _: one, tree)
 
     def _stored_as_is(self, block) -> bool:
         st = self.spec.storage
@@ -215,7 +260,7 @@ class ZO2Engine:
         key = self._to_device(as_key(key))
         pend, count = self._pending, self._count
         self._outer, self._opt_outer, hs, ctx, g = calls.outer_fn(
-            self.spec, self._outer, self._opt_outer, pend, count, key, batch)
+            self.spec, self._outer, self._opt_outer, pend, count, key, batch, par=self._par)
         with self._partial("a step"):
             return self._step_blocks(batch, key, pend, count, hs, ctx, g)
 
@@ -237,13 +282,13 @@ class ZO2Engine:
         def compute(unit, blks, opts):
             blks, opts, carry[0], carry[1] = unit_fn(
                 self.spec, self._packing_of(unit), blks, opts, pend, count, self._unit_ids(unit),
-                key, carry[0], ctx, carry[1])
+                key, carry[0], ctx, carry[1], par=self._par)
             return blks, opts
 
         self._stream.update_pass(compute, ahead=True)
         self._pending, self._count, self._skipped_total, metrics = calls.head_fn(
             self.spec, self._outer, key, carry[0], batch, carry[1], pend, count,
-            self._skipped_total)
+            self._skipped_total, par=self._par)
         self._stream.prefetch(with_opt=True)
         self._dirty = True
         return metrics
@@ -255,15 +300,16 @@ class ZO2Engine:
             return
         pend, count = self._pending, self._count
         self._outer, self._opt_outer = calls.update_fn(self.spec, "outer", self._outer,
-                                                  self._opt_outer, pend, count, OUTER_PART)
+                                                  self._opt_outer, pend, count, OUTER_PART,
+                                                  par=self._par)
         with self._partial("a flush"):
             self._stream.update_pass(lambda unit, blks, opts: calls.unit_update_fn(
                 self.spec, self._packing_of(unit), blks, opts, pend, count,
-                self._unit_ids(unit)))
+                self._unit_ids(unit), par=self._par))
             # Committed to the device like the step's outputs, so the next step hits the jit
             # cache. A failure here leaves the blocks updated and the pending update not
             # cleared: the engine must refuse to run, as for a failure in a block.
-            self._count, self._pending = jax.device_put(
+            self._count, self._pending = self._put(
                 (count + pend.valid.astype(jnp.int32),
                  parts.empty_pending(self.spec.num_directions, pend.key)), self._dev)
         self._dirty = False
@@ -275,15 +321,16 @@ class ZO2Engine:
         common.check_batch(batch, self._batch_shape)
         self.flush()
         batch = self._to_device(dict(batch))
-        h, ctx = calls.eval_embed_fn(self.spec, self._outer, batch)
+        h, ctx = calls.eval_embed_fn(self.spec, self._outer, batch, par=self._par)
         carry = [h]
 
         def compute(unit, blks):
-            carry[0] = calls.unit_eval_fn(self.spec, self._packing_of(unit), blks, carry[0], ctx)
+            carry[0] = calls.unit_eval_fn(self.spec, self._packing_of(unit), blks, carry[0], ctx,
+                                          par=self._par)
             return carry[0]
 
         self._stream.read_pass(compute, ahead=True)
-        out = calls.eval_head_fn(self.spec, self._outer, carry[0], batch)
+        out = calls.eval_head_fn(self.spec, self._outer, carry[0], batch, par=self._par)
         self._stream.prefetch(with_opt=False)
         return out
 
@@ -333,7 +380,7 @@ class ZO2Engine:
         if all(isinstance(x, jax.Array) and x.sharding == self._dev
                for x in jax.tree.leaves(tree)):
             return tree
-        return jax.device_put(tree, self._dev)
+        return self._put(tree, self._dev)
 
     def _packing_of(self, unit) -> Optional[Packing]:
         return None if unit[0] in self._store.resident else self._packing
@@ -384,10 +431,12 @@ class ZO2Engine:
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
             if isinstance(x, jax.Array) else x, self._small_state())
         if blocks:
-            host = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._host)  # noqa
             pairs = [self.block_like(i) for i in range(self.num_blocks)]
-            out["blocks"] = [jax.tree.map(host, b) for b, _ in pairs]
-            out["opt_blocks"] = [jax.tree.map(host, o) for _, o in pairs]
+            host = lambda t: jax.tree.map(  # noqa: E731
+                lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), t,
+                self._block_shardings(t, "pinned_host"))
+            out["blocks"] = [host(b) for b, _ in pairs]
+            out["opt_blocks"] = [host(o) for _, o in pairs]
         return out
 
     def block_state(self, i: int) -> tuple[PyTree, PyTree]:
@@ -461,8 +510,8 @@ class ZO2Engine:
                 self._place(i, blk, opt)
                 placed += 1
                 del blk, opt
-            outer = jax.device_put((state["outer"], state["opt_outer"], pending, state["count"],
-                                    state["skipped_total"]), self._dev)
+            outer = self._put((state["outer"], state["opt_outer"], pending, state["count"],
+                               state["skipped_total"]), self._dev)
         except BaseException as e:
             if placed > 0:
                 self._broken = (
@@ -482,6 +531,7 @@ class ZO2Engine:
             new = jax.device_put(calls.pack_fn(self._packing, *jax.device_put(
                 (blk, opt), self._dev)), self._host)
         else:
-            new = jax.device_put((blk, opt), self._dev if i in self._store.resident
-                                 else self._host)
+            kind = "device" if i in self._store.resident else "pinned_host"
+            new = self._put((blk, opt), (self._block_shardings(blk, kind),
+                                         self._block_shardings(opt, kind)))
         self._store.blocks[i], self._store.opts[i] = jax.block_until_ready(new)

@@ -19,6 +19,7 @@ import optax
 
 from zo2_jax.core import common
 from zo2_jax.core import parts
+from zo2_jax.core import spmd
 from zo2_jax.core import trees
 from zo2_jax.core.noise import OUTER_PART, as_key
 from zo2_jax.core.options import ZOOptions
@@ -34,37 +35,40 @@ def _depth(state) -> int:
 # Module-level jitted functions with the (hashable) Spec static: engines with equal specs share
 # compiled code.
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
-def _step(spec: parts.Spec, state, batch, key):
+# `par` (static): the mesh (`spmd.Parallel`), or None on one device, where every stage is the
+# `parts` function itself.
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=2)
+def _step(spec: parts.Spec, par, state, batch, key):
     pend, count = state["pending"], state["count"]
-    outer, opt_outer, hs, ctx, g = parts.outer_embed(
-        spec, state["outer"], state["opt_outer"], pend, count, key, batch)
+    outer, opt_outer, hs, ctx, g = spmd.outer_embed(
+        spec, par, state["outer"], state["opt_outer"], pend, count, key, batch)
 
     def body(i, carry):
         blocks, opts, hs, g = carry
-        b, o, hs, g = parts.block_step(spec, trees.take(blocks, i), trees.take(opts, i), pend,
-                                       count, i.astype(jnp.uint32), key, hs, ctx, g)
+        b, o, hs, g = spmd.block_step(spec, par, trees.take(blocks, i), trees.take(opts, i),
+                                      pend, count, i.astype(jnp.uint32), key, hs, ctx, g)
         return trees.put(blocks, b, i), trees.put(opts, o, i), hs, g
 
     blocks, opts, hs, g = jax.lax.fori_loop(
         0, _depth(state), body, (state["blocks"], state["opt_blocks"], hs, g))
-    pend, count, skipped_total, metrics = parts.head_finish(
-        spec, outer, key, hs, batch, g, pend, count, state["skipped_total"])
+    pend, count, skipped_total, metrics = spmd.head_finish(
+        spec, par, outer, key, hs, batch, g, pend, count, state["skipped_total"])
     new = {"outer": outer, "opt_outer": opt_outer, "blocks": blocks, "opt_blocks": opts,
            "pending": pend, "count": count, "skipped_total": skipped_total}
     return new, metrics
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
-def _flush(spec: parts.Spec, state):
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=2)
+def _flush(spec: parts.Spec, par, state):
     pend, count = state["pending"], state["count"]
     outer, opt_outer = parts.update_part(spec, "outer", state["outer"], state["opt_outer"],
                                          pend, count, OUTER_PART)
 
     def body(i, carry):
         blocks, opts = carry
-        b, o = parts.update_part(spec, "block", trees.take(blocks, i), trees.take(opts, i), pend,
-                                 count, i.astype(jnp.uint32))
+        b, o = spmd.update_part(spec, par, "block", trees.take(blocks, i), trees.take(opts, i),
+                                pend, count, i.astype(jnp.uint32))
         return trees.put(blocks, b, i), trees.put(opts, o, i)
 
     blocks, opts = jax.lax.fori_loop(0, _depth(state), body,
@@ -74,12 +78,12 @@ def _flush(spec: parts.Spec, state):
             "pending": parts.empty_pending(spec.num_directions, pend.key)}
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _forward(spec: parts.Spec, state, batch):
-    h, ctx = parts.eval_embed(spec, state["outer"], batch)
-    h = jax.lax.fori_loop(0, _depth(state), lambda i, h: parts.eval_block(
-        spec, trees.take(state["blocks"], i), h, ctx), h)
-    return parts.eval_head(spec, state["outer"], h, batch)
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _forward(spec: parts.Spec, par, state, batch):
+    h, ctx = spmd.eval_embed(spec, par, state["outer"], batch)
+    h = jax.lax.fori_loop(0, _depth(state), lambda i, h: spmd.eval_block(
+        spec, par, trees.take(state["blocks"], i), h, ctx), h)
+    return spmd.eval_head(spec, par, state["outer"], h, batch)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -140,15 +144,21 @@ class MeZOEngine:
                  *, eps: float = ZOOptions.eps, num_directions: int = ZOOptions.num_directions,
                  compute_dtype: Any = jnp.float32, storage: Optional[Storage] = None,
                  outer_storage: Optional[Storage] = None, clip_norm: Optional[float] = None,
-                 directions: str = ZOOptions.directions):
+                 directions: str = ZOOptions.directions, mesh=None,
+                 parallel: str = ZOOptions.parallel):
         spec, params, make_block = common.prepare(
             model, params, tx, eps=eps, num_directions=num_directions,
             compute_dtype=compute_dtype, storage=storage, outer_storage=outer_storage,
             clip_norm=clip_norm, directions=directions)
         self.spec = spec
         self.num_blocks = len(params["blocks"])
-        self._dev = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="device")
-        put = lambda t: jax.device_put(t, self._dev)  # noqa: E731
+        self._par = common.parallel_of(mesh, parallel, spec.num_directions)
+        if self._par is None:
+            dev = common.single_device(mesh)
+            self._dev = jax.sharding.SingleDeviceSharding(dev, memory_kind="device")
+        else:
+            self._dev = self._par.sharding()
+        put = lambda t: self._put(t, self._dev)  # noqa: E731
         outer, opt_outer = _init_part(spec, "outer", put(params["outer"]))
         # Blocks are encoded one at a time and written into preallocated stacked buffers (in
         # place, donated), so loading needs one extra block, not a second copy of the model.
@@ -156,16 +166,56 @@ class MeZOEngine:
         for i in range(self.num_blocks):
             s, o = _init_part(spec, "block", put(make_block(i)))
             if blocks is None:
+                stacked = lambda t: jax.tree.map(  # noqa: E731
+                    lambda x: jax.ShapeDtypeStruct((self.num_blocks,) + x.shape, x.dtype), t)
                 zeros = lambda t: jax.tree.map(  # noqa: E731
-                    lambda x: jnp.zeros((self.num_blocks,) + x.shape, x.dtype, device=self._dev), t)
-                blocks, opts = zeros(s), zeros(o)
+                    lambda x, sh: jnp.zeros(x.shape, x.dtype, device=sh), t,
+                    self._blocks_sharding(t))
+                blocks, opts = zeros(stacked(s)), zeros(stacked(o))
             blocks, opts = _set_block(blocks, opts, s, o, i)
         # Committed to the device, like every later state, so step 2 reuses step 1's executable.
-        self._state = put({
+        self._state = self._place({
             "outer": outer, "opt_outer": opt_outer, "blocks": blocks, "opt_blocks": opts,
             "pending": parts.empty_pending(spec.num_directions),
             "count": jnp.zeros([], jnp.int32), "skipped_total": jnp.zeros([], jnp.int32)})
         self._dirty = False  # a valid update may be pending (host-side hint, avoids idle flushes)
+
+    # ---- placement ------------------------------------------------------------------------------
+
+    @property
+    def mesh(self):
+        """The engine's mesh (`spmd.Parallel`: mesh, mode, q), or None on one device."""
+        return self._par
+
+    def _put(self, tree, shardings):
+        return jax.device_put(tree, shardings) if self._par is None else self._par.put(
+            tree, shardings)
+
+    def _blocks_sharding(self, stacked_tree):
+        """Where stacked blocks live: the device, or sharded over the mesh (`spmd.leaf_spec`)."""
+        if self._par is None:
+            return jax.tree.map(lambda _: self._dev, stacked_tree)
+        return self._par.shardings(stacked_tree, stacked=True)
+
+    def _inputs(self, batch: dict, key=None):
+        """On a mesh, the batch (and key) placed on every device (as global arrays across
+        processes: each process passes the same values); on one device as they are."""
+        if self._par is None:
+            return batch if key is None else (batch, key)
+        if key is not None:
+            self._par.check_batch(jax.tree.leaves(batch)[0].shape[0])
+        batch = self._par.put(batch if isinstance(batch, tuple) else dict(batch), self._dev)
+        return batch if key is None else (batch, self._par.put(key, self._dev))
+
+    def _place(self, state: dict) -> dict:
+        """A state dict placed where the engine keeps each part (stacked blocks sharded on a
+        mesh, the rest replicated)."""
+        out = {k: self._put(v, self._dev) for k, v in state.items()
+               if k not in ("blocks", "opt_blocks")}
+        for k in ("blocks", "opt_blocks"):
+            if k in state:
+                out[k] = self._put(state[k], self._blocks_sharding(state[k]))
+        return out
 
     # ---- public API ----------------------------------------------------------------------------
 
@@ -177,14 +227,15 @@ class MeZOEngine:
         this step), skipped_total (and grad_norm with clip_norm). Nothing here waits for the
         device."""
         common.check_batch(batch)
-        self._state, metrics = _step(self.spec, self._state, batch, as_key(key))
+        batch, key = self._inputs(batch, as_key(key))
+        self._state, metrics = _step(self.spec, self._par, self._state, batch, key)
         self._dirty = True
         return metrics
 
     def flush(self) -> None:
         """Applies the pending update (call before evaluating, saving or exporting)."""
         if self._dirty:
-            self._state = _flush(self.spec, self._state)
+            self._state = _flush(self.spec, self._par, self._state)
             self._dirty = False
 
     def eval_loss(self, batch: dict, per_example: bool = False) -> jax.Array:
@@ -192,14 +243,14 @@ class MeZOEngine:
         batch, or per example ([B], float32)."""
         common.check_batch(batch)
         self.flush()
-        loss_b, _ = _forward(self.spec, self._state, batch)
+        loss_b, _ = _forward(self.spec, self._par, self._state, self._inputs(batch))
         return loss_b if per_example else jnp.mean(loss_b)
 
     def logits(self, batch: dict) -> jax.Array:
         """The model's logits at the current parameters (after flushing)."""
         common.check_batch(batch)
         self.flush()
-        return _forward(self.spec, self._state, batch)[1]
+        return _forward(self.spec, self._par, self._state, self._inputs(batch))[1]
 
     def params(self) -> PyTree:
         """Flushes, then returns {'outer', 'blocks': [...]} decoded to float32 on the device
@@ -241,11 +292,11 @@ class MeZOEngine:
                 common.check_like(f"opt_blocks[{i}]", opts[i], want_o)
         # An explicit memory kind: a Device target would keep pinned-host arrays (a ZO2 state)
         # where they are.
-        put = lambda t: jax.device_put(t, self._dev)  # noqa: E731
-        new = put({k: state[k] for k in ("outer", "opt_outer", "count", "skipped_total")})
+        put = lambda t: self._put(t, self._dev)  # noqa: E731
+        new = self._place({k: state[k] for k in ("outer", "opt_outer", "count", "skipped_total")})
         new["pending"] = put(pending)
         if stacked:
-            new["blocks"], new["opt_blocks"] = put(blocks), put(opts)
+            new.update(self._place({"blocks": blocks, "opt_blocks": opts}))
         else:  # block by block into the engine's own stacked buffers (donated): no second copy
             b, o = self._state.pop("blocks"), self._state.pop("opt_blocks")
             for i in range(self.num_blocks):
