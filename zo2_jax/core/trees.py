@@ -55,13 +55,19 @@ def host_copy(x) -> np.ndarray:
     view of the buffer, which costs no memory). This uses jax's own conversion without its
     cache, a private method; where a jax version lacks it, the array is first copied (a
     transient extra buffer where `x` lives) and the host copy is taken of that copy, whose cache
-    dies with it. A typed PRNG key is returned as it is (numpy has no such dtype).
+    dies with it. An array sharded over several processes is gathered (every process must
+    call this). A typed PRNG key is returned as it is (numpy has no such dtype).
     """
     if not isinstance(x, jax.Array):
         return np.asarray(x)
     if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
         return x
     x.block_until_ready()
+    if not x.is_fully_addressable:  # a mesh over several processes: gather the shards
+        from jax.experimental import multihost_utils
+        if x.sharding.memory_kind not in (None, "device"):
+            x = jax.device_put(x, jax.memory.Space.Device)  # gathered on the devices
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     to_np = getattr(x, _UNCACHED, None) if len(x.sharding.device_set) == 1 else None
     if to_np is not None:
         return to_np()[0]
