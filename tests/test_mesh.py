@@ -110,3 +110,55 @@ def test_two_processes_match_one(tmp_path):
         want = [np.asarray(x[i]).astype(np.float32).tolist()
                 for x in jax.tree.leaves((st["blocks"], st["opt_blocks"]))]
         assert got["blocks"][i] == want, f"block {i}"
+
+
+RSS_WORKER = r"""
+import ctypes, gc, json, os, sys
+import jax, jax.numpy as jnp, numpy as np
+from _toy import ToyModel, counting_batch, shared_sgd
+from zo2_jax.offload import ZO2Engine
+
+def rss():
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+n = int(sys.argv[1])
+model = ToyModel(vocab=32, dim=1024, num_blocks=24)
+rng = np.random.default_rng(0)
+outer = {"embed": rng.standard_normal((32, 1024), np.float32),
+         "norm": {"scale": np.ones(1024, np.float32)}}
+def block(i):
+    r = np.random.default_rng(i)
+    return {"w": r.standard_normal((1024, 1024), np.float32) / 32,
+            "b": np.zeros(1024, np.float32), "norm": {"scale": np.ones(1024, np.float32)}}
+params = {"outer": outer, "blocks": [lambda i=i: block(i) for i in range(24)]}
+base = rss()
+e = ZO2Engine(model, params, shared_sgd(), num_directions=4, mesh=None if n == 1 else n,
+              max_inflight=2)
+for t in range(2):
+    e.step(counting_batch(jax.random.key(t), batch_size=4, seq=8), jax.random.key(t))
+e.flush()
+jax.block_until_ready(e._store.blocks)
+print(json.dumps({"grown": rss() - base, "streamed": e.streamed_bytes()}))
+"""
+
+
+@pytest.mark.slow
+def test_host_memory_holds_one_copy_whatever_the_device_count(tmp_path):
+    """ZO2 on 4 devices keeps one copy of the streamed blocks in host memory: the process's
+    resident memory grows by at most 1.2x what it grows by on one device (CPU devices' memory is
+    host memory too, so the device-side shards and transients count as well)."""
+    script = tmp_path / "rss.py"
+    script.write_text(RSS_WORKER)
+    grown = {}
+    for n in (1, 4):
+        r = subprocess.run([sys.executable, str(script), str(n)], env=_env(4), cwd=HERE,
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        grown[n] = json.loads(r.stdout.strip().splitlines()[-1])
+    streamed = grown[1]["streamed"]
+    assert streamed == grown[4]["streamed"] > 90 * 2**20
+    assert grown[1]["grown"] >= 0.9 * streamed, grown  # the measure sees the blocks
+    assert grown[4]["grown"] <= 1.2 * grown[1]["grown"], grown
