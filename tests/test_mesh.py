@@ -162,3 +162,46 @@ def test_host_memory_holds_one_copy_whatever_the_device_count(tmp_path):
     assert streamed == grown[4]["streamed"] > 90 * 2**20
     assert grown[1]["grown"] >= 0.9 * streamed, grown  # the measure sees the blocks
     assert grown[4]["grown"] <= 1.2 * grown[1]["grown"], grown
+
+
+@pytest.mark.slow
+def test_cli_two_processes_with_checkpoint_and_resume_match_one_device(tmp_path):
+    """`zo2-jax train` launched as two processes (one command each, --coordinator), checkpointed
+    at step 2 and 4, resumed to step 6 by two new processes: the same per-step losses and g, and
+    the same exported model, bit for bit, as one process on one device."""
+    from _tiny import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "tiny")
+    common = ["train", "--model", model, "--engine", "zo2", "--num-directions", "4",
+              "--batch-size", "4", "--eval-every", "0", "--no-progress"]
+    mp = tmp_path / "two"
+
+    def two(steps):
+        port = _free_port()
+        cmd = lambda i: [sys.executable, "-m", "zo2_jax.cli", *common, "--devices", "4",  # noqa
+                         "--out-dir", str(mp), "--checkpoint-dir", str(mp / "ckpt"),
+                         "--checkpoint-every", "2", "--steps", str(steps), "--export-dir",
+                         str(mp / "model"), "--coordinator", f"127.0.0.1:{port}",
+                         "--num-processes", "2", "--process-id", str(i)]
+        procs = [subprocess.Popen(cmd(i), env=_env(2), cwd=tmp_path, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for i in range(2)]
+        logs = [p.communicate(timeout=900)[0] for p in procs]
+        assert all(p.returncode == 0 for p in procs), "\n----\n".join(x[-3000:] for x in logs)
+        return logs[0]
+
+    two(4)
+    assert "resumed from" in two(6)
+    one = tmp_path / "one"
+    r = subprocess.run([sys.executable, "-m", "zo2_jax.cli", *common, "--out-dir", str(one),
+                        "--steps", "6", "--export-dir", str(one / "model")], env=_env(1),
+                       cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    def steps(folder):
+        recs = [json.loads(line) for line in open(folder / "metrics.jsonl")]
+        return [(r["step"], r["loss"], r["projected_grad"]) for r in recs if r.get("kind") != "eval"]
+    assert steps(mp) == steps(one) and len(steps(one)) == 6
+    import safetensors.numpy as stn
+    a, b = (stn.load_file(str(f / "model" / "model.safetensors")) for f in (mp, one))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert (mp / "process1" / "metrics.jsonl").exists()  # the second process logs apart

@@ -252,6 +252,36 @@ _MAIN_JOB_HELP = (
     + "; any train flag may follow (zo2-jax --steps 100).")
 
 
+def _add_launch_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "several hosts", "Run one command per host, each with the same settings, the "
+        "coordinator's address and its own --process-id; --devices then counts the devices "
+        "of every host (0: all). Checkpoint and data folders must be shared by the hosts.")
+    g.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="address of process 0 (jax.distributed.initialize)")
+    g.add_argument("--num-processes", type=int, metavar="N", help="processes in the run")
+    g.add_argument("--process-id", type=int, metavar="I", help="this process, 0..N-1")
+
+
+def init_distributed(args: argparse.Namespace) -> None:
+    """jax.distributed.initialize from the launch flags (CPU collectives through gloo)."""
+    given = [args.coordinator is not None, args.num_processes is not None,
+             args.process_id is not None]
+    if not any(given):
+        return
+    if not all(given):
+        raise ValueError("--coordinator, --num-processes and --process-id go together (one "
+                         "command per host)")
+    if args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
+        raise ValueError(f"--process-id must be in 0..{args.num_processes - 1} and "
+                         f"--num-processes >= 1, got {args.process_id} and "
+                         f"{args.num_processes}")
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(args.coordinator, num_processes=args.num_processes,
+                               process_id=args.process_id)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="zo2-jax", description=__doc__.splitlines()[0].strip("`").split(": ", 1)[-1],
@@ -264,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start from the main job's settings (the defaults shown are "
                         "TrainConfig's)")
     _add_config_flags(t, "train")
+    _add_launch_flags(t)
     helps = {"eval": ("evaluate a model or a checkpoint",
                       "Evaluate a model, or the newest checkpoint in --checkpoint-dir (with its "
                       "evaluation settings unless given anew); prints a JSON line."),
@@ -283,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--max-new-tokens", type=int, default=20, metavar="N",
                            help="tokens to generate (default: %(default)s)")
         _add_config_flags(s, name)
+        if name == "eval":
+            _add_launch_flags(s)
     return p
 
 
@@ -300,6 +333,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from zo2_jax.train.trainer import TrainingInterrupted
 
     try:
+        if hasattr(args, "coordinator"):
+            init_distributed(args)
         return {"train": _cmd_train, "eval": _cmd_eval, "export": _cmd_export,
                 "generate": _cmd_generate}[args.command](args)
     except (ValueError, FileNotFoundError, MemoryError) as e:

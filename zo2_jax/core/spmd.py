@@ -297,7 +297,9 @@ def eval_head(spec, par: Optional[Parallel], stored, h, batch):
     if par is None:
         return parts.eval_head(spec, stored, h, batch)
     split = _eval_split(par, batch)
-    f = lambda stored, h, batch: parts.eval_head(  # noqa: E731
-        spec, stored, _undev(h), par.rows(batch, split))
-    out = _D if split else _R
-    return _smap(par, f, (_R, _D, _R), (out, out))(stored, h, batch)
+
+    def f(stored, h, batch):
+        out = parts.eval_head(spec, stored, _undev(h), par.rows(batch, split))
+        # gathered: every device (and process) holds the whole batch's losses and logits
+        return jax.lax.all_gather(out, AXIS, tiled=True) if split else out
+    return _smap(par, f, (_R, _D, _R), _R)(stored, h, batch)

@@ -164,8 +164,12 @@ class _BlocksHandler(ocp.CheckpointHandler):
     def save(self, directory, args: "_BlocksSave") -> None:
         directory = os.fspath(directory)
         index = {"format": _BLOCKS_FORMAT, "num_blocks": args.num_blocks, "blocks": []}
+        primary = jax.process_index() == 0
         for i in range(args.num_blocks):
-            tree = args.read(i)
+            tree = args.read(i)  # on every process: a block sharded over processes is gathered
+            if not primary:  # one process writes (the folder is shared)
+                del tree
+                continue
             name, offset, leaves = f"{i:05d}.bin", 0, []
             with open(os.path.join(directory, name), "wb") as f:
                 for path, x in _leaf_entries(tree):
@@ -183,6 +187,8 @@ class _BlocksHandler(ocp.CheckpointHandler):
                 os.fsync(f.fileno())
             index["blocks"].append({"file": name, "nbytes": offset, "leaves": leaves})
             del tree
+        if not primary:
+            return
         with open(os.path.join(directory, "index.json"), "w") as f:
             json.dump(index, f)
             f.flush()
@@ -361,6 +367,9 @@ class Checkpointer:
     def _seal_finished(self) -> None:
         """Seals the steps this object saved once no save is running (`seal`)."""
         if self.read_only or not self._unsealed or self._manager.is_saving_in_progress():
+            return
+        if jax.process_index() != 0:  # the primary process seals (the folder is shared)
+            self._unsealed.clear()
             return
         for step in self._unsealed:
             folder = os.path.join(self.directory, str(step))

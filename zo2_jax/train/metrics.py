@@ -12,7 +12,7 @@ import jax
 
 def device_memory() -> dict:
     """Current and peak bytes in use on the default device ({} where the backend keeps none)."""
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     return {k: int(stats[k]) for k in ("bytes_in_use", "peak_bytes_in_use") if k in stats}
 
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import zo2_jax.models as zm
+from zo2_jax.core.trees import host_copy
 from zo2_jax.train import data as D
 from zo2_jax.train import metrics as M
 from zo2_jax.train.checkpoint import CheckpointCorrupt, Checkpointer
@@ -259,6 +260,11 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> Result:
     `TrainingInterrupted` says what is saved and how to resume.
     """
     t_start = time.perf_counter()
+    # Several processes (after jax.distributed.initialize) run this same loop on one mesh; the
+    # first writes the log, the plot and the export, the others log into out_dir/process<k>.
+    primary = jax.process_index() == 0
+    if not primary:
+        log = lambda *_: None  # noqa: E731
     cfg, meta, notes = resume_config(cfg)
     for note in notes:
         log(f"note: {note}")
@@ -278,7 +284,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> Result:
             before = dict(meta.get("before") or {})
             log(f"resumed from {ckpt.directory} at step {start}")
         data_state = data.loader.state()
-        mlog = M.MetricsLog(cfg.out_dir, resume_step=start if start else None)
+        log_dir = cfg.out_dir if primary else os.path.join(cfg.out_dir,
+                                                           f"process{jax.process_index()}")
+        mlog = M.MetricsLog(log_dir, resume_step=start if start else None)
         if start == 0:
             before = evaluate(engine, data)
             mlog.write({"kind": "eval", "step": 0, **before})
@@ -287,7 +295,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> Result:
                                  "before": before}
         base_key = jax.random.key(cfg.seed)
         bar = None
-        if cfg.progress:
+        if cfg.progress and primary:
             from tqdm.auto import tqdm
             bar = tqdm(total=cfg.steps, initial=start, desc=f"{cfg.engine} {cfg.optimizer}",
                        dynamic_ncols=True)
@@ -328,8 +336,12 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> Result:
             ckpt.save_engine(cfg.steps, engine, data_state, run_meta(cfg.steps))
         export_path = None
         if cfg.export_dir:
-            export_path = zm.save_pretrained(model, engine.params(), cfg.export_dir,
-                                             tokenizer=tok)
+            params = engine.params()
+            if jax.process_count() > 1:  # gathered on every process, written by the first
+                params = jax.tree.map(host_copy, params)
+            export_path = (zm.save_pretrained(model, params, cfg.export_dir, tokenizer=tok)
+                           if primary else cfg.export_dir)
+            del params
     except KeyboardInterrupt as e:
         if isinstance(e, TrainingInterrupted):
             raise
@@ -342,7 +354,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> Result:
             mlog.close()
     plot_path = None
     try:
-        plot_path = M.plot(mlog.path, os.path.join(cfg.out_dir, "training.png"))
+        plot_path = M.plot(mlog.path, os.path.join(os.path.dirname(mlog.path), "training.png"))
     except Exception as e:  # a missing font or backend must not lose a finished run
         warnings.warn(f"could not draw the plot: {e}")
     return Result(before, after, cfg.steps - start, time.perf_counter() - t_start, mlog.path,
