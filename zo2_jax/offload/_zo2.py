@@ -79,6 +79,10 @@ class ZO2Engine:
         units cost the host fewer dispatches; `max_inflight` counts units, so up to W x G
         streamed blocks hold device memory. Resident blocks are units of their own.
       device: the device (default: the first).
+      mesh, parallel: several devices, as for MeZOEngine: each streamed block's leaves are
+        sharded over the mesh in pinned host memory (one copy of the model on the host), each
+        device uploads and writes back its shard, the update runs on the shards and the
+        updated block is all-gathered on the devices. Blocks stream unpacked on a mesh.
       params: as for MeZOEngine; blocks may be zero-argument callables, each called once when
         its block is encoded and offloaded (load or create a model one block at a time, e.g.
         straight into int8 host storage, with no full-precision copy of the whole model).

@@ -133,6 +133,14 @@ class MeZOEngine:
       directions: 'gaussian' (MeZO's z ~ N(0, I)) or 'rademacher' (z in {-1, +1}^d, Spall's
         SPSA: also E[z z^T] = I, a lower-variance estimate, and ~30x cheaper to generate, which
         matters where the noise, not the forward pass, bounds the step, e.g. small models on CPU).
+      mesh: run on several devices (`zo2_jax.core.spmd`): a device count (the first n of
+        `jax.devices()`), a list of devices or a 1-D `jax.sharding.Mesh`; the stacked blocks are
+        sharded leaf by leaf over it, `outer` replicated. None (default) or one device: one
+        device. Batches (and keys) are placed on every device; across processes each process
+        passes the same ones.
+      parallel: how a mesh splits a step: "directions" (q a multiple of the devices;
+        bit-identical to one device), "data" (the batch size a multiple of the devices), or
+        "auto" (directions where q allows).
 
     Example:
       >>> engine = MeZOEngine(model, params, mezo_sgd(1e-6), eps=1e-3)
