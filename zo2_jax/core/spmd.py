@@ -112,6 +112,7 @@ class Parallel:
     mesh: Mesh
     mode: str
     num_directions: int
+    auto: bool = dataclasses.field(default=False, compare=False)  # chosen by mode="auto"
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -129,7 +130,19 @@ class Parallel:
         mesh = as_mesh(mesh)
         if mode == "auto":
             mode = "directions" if num_directions % mesh.size == 0 else "data"
+            return cls(mesh, mode, int(num_directions), auto=True)
         return cls(mesh, mode, int(num_directions))
+
+    def __str__(self) -> str:
+        n, q = self.n, self.num_directions
+        why = ""
+        if self.auto:
+            why = (f" (auto: num_directions={q} is a multiple of {n})" if self.mode == "directions"
+                   else f" (auto: num_directions={q} is not a multiple of {n})")
+        split = (f"{q // n} of the {q} directions per device" if self.mode == "directions"
+                 else f"all {q} directions on 1/{n} of the batch per device")
+        return (f"mesh of {n} devices ({len(self.mesh.local_devices)} in this process), "
+                f"parallel={self.mode}{why}: {split}; each block sharded leaf by leaf")
 
     @property
     def n(self) -> int:

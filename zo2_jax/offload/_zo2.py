@@ -18,6 +18,7 @@ computes, write-backs and waits is `schedule.py` (data), carried out by `_stream
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any, Iterable, Optional, Union
 
 import jax
@@ -154,6 +155,10 @@ class ZO2Engine:
                 raise ValueError(f"ZO2Engine: plan= decides the placement; leave {given} "
                                  f"unset (or make the plan with them: make_plan(...))")
             planning.check_plan(plan, spec, params)
+        if par is not None:
+            plan = dataclasses.replace(plan, reasons=plan.reasons + (
+                f"{par}; blocks stream unpacked on a mesh", f"pinned host memory and "
+                f"bytes streamed are the whole mesh's: each device moves 1/{par.n}"))
         self.plan = plan
         self._packing = plan.packing
         resident = plan.resident
