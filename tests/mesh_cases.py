@@ -176,6 +176,10 @@ def test_bad_mesh_options_are_refused():
         e.step(counting_batch(jax.random.key(0), batch_size=6), jax.random.key(0))
     with pytest.raises(ValueError, match="batch size 6"):
         ZO2Engine(MODEL, PARAMS, mesh=4, parallel="data", batch_shape=(6, 8), **kw)
+    z = ZO2Engine(MODEL, PARAMS, mesh=4, parallel="data", **kw)
+    with pytest.raises(ValueError, match="batch size 6 is not a multiple of 4"):
+        z.step(counting_batch(jax.random.key(0), batch_size=6), jax.random.key(0))
+    z.step(counting_batch(jax.random.key(0), batch_size=8), jax.random.key(0))  # still usable
     # a mesh of one device is the one-device engine on that device
     one = ZO2Engine(MODEL, PARAMS, mesh=[jax.devices()[3]], **kw)
     assert one.mesh is None and one.memory_kinds()["outer"] == "device"

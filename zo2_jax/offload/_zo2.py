@@ -265,6 +265,8 @@ class ZO2Engine:
         give its state, until `restore` (e.g. `Checkpointer.restore_engine`) succeeds."""
         self._check_usable()
         common.check_batch(batch, self._batch_shape)
+        if self._par is not None:
+            self._par.check_batch(jax.tree.leaves(batch)[0].shape[0])
         batch = self._to_device(dict(batch))
         key = self._to_device(as_key(key))
         pend, count = self._pending, self._count
