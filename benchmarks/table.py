@@ -384,6 +384,54 @@ def precision_table(rows) -> Table:
     return t
 
 
+def _start_end(r, k, fmt) -> str:
+    s, e, g = r.get(f"{k}_start"), r.get(f"{k}_end"), r.get(f"{k}_growth_pct")
+    if s is None or e is None:
+        return "-"
+    return f"{fmt(s)} -> {fmt(e)}" + ("" if g is None else f" ({g:+.2f}%)")
+
+
+def soak_table(rows) -> Table:
+    soak = [r for r in rows if r.get("probe") == "soak" and r.get("card") != "cpu"]
+    t = Table("Long runs: memory at the start and the end",
+              "benchmarks/probes/soak.py: ZO2 for `steps` steps after a warm-up, an evaluation "
+              "and a checkpoint every `every` steps; each figure sampled after the evaluation and "
+              "the checkpoint (waited for), malloc_trim(0) and a collection, at the first cycle "
+              "and the last. Device bytes: XLA's bytes_in_use; pinned: the live arrays' bytes in "
+              "pinned host memory.",
+              ["model", "B x T", "storage / compute", "steps (every)", "host RSS",
+               "device in use", "pinned host", "live arrays", "call"])
+    mib = lambda b: f"{b / 2**20:.0f} MiB"  # noqa: E731
+    for r in soak[-4:]:
+        t.add([shape(r), f"{r['batch']}x{r['seq']}", f"{short(r['storage'])} / "
+               f"{short(r['compute'])}", f"{r['steps']} ({r['every']})",
+               _start_end(r, "rss", mib), _start_end(r, "device_bytes_in_use", mib),
+               _start_end(r, "live_pinned_host_bytes", mib),
+               _start_end(r, "live_arrays", str), r["call"]], [r])
+    return t
+
+
+def mesh_table(rows) -> Table:
+    mesh = [r for r in rows if r.get("probe") == "mesh"]
+    last = mesh[-1]["call"] if mesh else None
+    mesh = [r for r in mesh if r["call"] == last]
+    t = Table("The mesh path against the one-device path",
+              "benchmarks/probes/mesh_probe.py: ZO2 on the one-device path and on a mesh of N "
+              "devices in one process, the same keys; `same` is whether the mesh gave the same "
+              "losses and g bit for bit (parallel=directions). A mesh of 1 runs the mesh code "
+              "(shard_map stages, sharded transfers) on one device: its cost over the one-device "
+              "path.",
+              ["model", "B x T", "path", "devices", "parallel", "q", "step", "tokens/s",
+               "vs one device", "same", "peak device", "call"])
+    for r in mesh:
+        t.add([shape(r), f"{r['batch']}x{r['seq']}", r["path"], str(r["devices"]),
+               r.get("parallel") or "-", str(r["num_directions"]), ms(r["step_s"]),
+               f"{r['tokens_per_s']:,.0f}", num(r.get("speed_vs_one_device")),
+               {True: "yes", False: "**no**", None: "-"}[r.get("same_as_one_device")],
+               gb(r.get("peak_device_bytes")), r["call"]], [r])
+    return t
+
+
 ORDER = {}  # call -> its place in the record (oldest first)
 
 
@@ -393,7 +441,7 @@ def render(rows: list) -> str:
         ORDER.setdefault(r["call"], len(ORDER))
     out = [HEADER]
     for make in (bus_table, mezo_table, memory_table, big_table, reference_table,
-                 precision_table):
+                 precision_table, soak_table, mesh_table):
         out += make(rows).render()
     return "\n".join(out).rstrip() + "\n"
 
