@@ -51,12 +51,12 @@ def host_copy(x) -> np.ndarray:
 
     `np.asarray` of a jax array on a GPU keeps the host copy cached on the array for as long as
     the array lives; reading every streamed block in turn (a checkpoint) would then keep a second
-    copy of the model. Here each call returns a copy of its own (on the CPU backend, a read-only
-    view of the buffer, which costs no memory). This uses jax's own conversion without its
-    cache, a private method; where a jax version lacks it, the array is first copied (a
-    transient extra buffer where `x` lives) and the host copy is taken of that copy, whose cache
-    dies with it. An array sharded over several processes is gathered (every process must
-    call this). A typed PRNG key is returned as it is (numpy has no such dtype).
+    copy of the model. Here each call returns a copy of its own: on the CPU backend a read-only
+    view of the buffer (jax's conversion without its cache, a private method), elsewhere, or
+    where a jax version lacks that method, the host copy of a transient copy of `x` (made where
+    `x` lives), whose cache dies with it. An array sharded over several processes is gathered
+    (every process must call this). A typed PRNG key is returned as it is (numpy has no such
+    dtype).
     """
     if not isinstance(x, jax.Array):
         return np.asarray(x)
@@ -68,7 +68,12 @@ def host_copy(x) -> np.ndarray:
         if x.sharding.memory_kind not in (None, "device"):
             x = jax.device_put(x, jax.memory.Space.Device)  # gathered on the devices
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    to_np = getattr(x, _UNCACHED, None) if len(x.sharding.device_set) == 1 else None
+    # On the CPU backend jax's conversion without its cache is a view of the (immutable) buffer.
+    # Elsewhere the runtime keeps the host copy cached on the buffer it converts (two
+    # conversions of one array return the same memory): convert a copy, whose cache dies with it.
+    devices = x.sharding.device_set
+    cpu = all(d.platform == "cpu" for d in devices)
+    to_np = getattr(x, _UNCACHED, None) if cpu and len(devices) == 1 else None
     if to_np is not None:
         return to_np()[0]
     return np.asarray(x.copy())

@@ -35,7 +35,8 @@ class BlockStream:
 
     Args:
       store: the blocks; streamed ones live in `host` memory, resident ones on `device`.
-      device, host: the device and pinned-host shardings.
+      device, host: the device and pinned-host shardings, or functions of a tree giving one
+        sharding per leaf (a mesh: each leaf moves between memories keeping its sharding).
       max_inflight: W, the most streamed units on the device at once (>= 1).
       units: the pass order (`plan.make_units`); default one block per unit.
       hold: the host never waits on the slots of the `hold` units dispatched last (>= 1);
@@ -48,6 +49,8 @@ class BlockStream:
                  units: Optional[Sequence[Unit]] = None, hold: Optional[int] = None,
                  wrap: bool = True):
         self.store, self.device, self.host = store, device, host
+        self._dev_of = device if callable(device) else (lambda _: device)
+        self._host_of = host if callable(host) else (lambda _: host)
         units = [tuple(u) for u in (units or [(i,) for i in range(store.n)])]
         n_streamed = len([u for u in units if u[0] not in store.resident])
         if hold is None:
@@ -108,11 +111,12 @@ class BlockStream:
                 if op.kind == "wait":
                     self._wait(u, self._tokens.pop(op.ticket))
                 elif op.kind == "upload":
-                    self._uploaded[u] = jax.device_put(self._payload(u, op.with_opt), self.device)
+                    payload = self._payload(u, op.with_opt)
+                    self._uploaded[u] = jax.device_put(payload, self._dev_of(payload))
                 elif op.kind == "opts":
                     blks, _ = self._uploaded[u]
-                    self._uploaded[u] = (blks, jax.device_put([store.opts[j] for j in u],
-                                                              self.device))
+                    opts = [store.opts[j] for j in u]
+                    self._uploaded[u] = (blks, jax.device_put(opts, self._dev_of(opts)))
                 elif op.kind == "compute" and op.resident:
                     if update:
                         blks, opts = fn(u, [store.blocks[i] for i in u],
@@ -132,10 +136,10 @@ class BlockStream:
                 elif op.kind == "write_back":
                     # the results and the uploads that follow in one device_put (each costs the
                     # host a fixed time, which bounds the step of a small model)
+                    back = (list(new[0]), list(new[1]))
+                    ups = [self._payload(up.unit, up.with_opt) for up in op.uploads]
                     (blks, opts), sent = jax.device_put(
-                        ((list(new[0]), list(new[1])),
-                         [self._payload(up.unit, up.with_opt) for up in op.uploads]),
-                        (self.host, self.device))
+                        (back, ups), (self._host_of(back), self._dev_of(ups)))
                     new = None
                     self._tokens[op.ticket] = (blks, opts)
                     self._uploaded.update(zip([up.unit for up in op.uploads], sent))

@@ -199,8 +199,12 @@ class ZO2Engine:
             opts.append(o)
             del b
         self._store = BlockStore(blocks, opts, resident)
+        # on a mesh, transfers name each leaf's sharding in the other memory
         self._stream = BlockStream(self._store, self._dev if par is None else
-                                   jax.memory.Space.Device, self._host, plan.max_inflight,
+                                   (lambda t: par.shardings(t, "device")),
+                                   self._host if par is None else
+                                   (lambda t: par.shardings(t, "pinned_host")),
+                                   plan.max_inflight,
                                    plan.units, hold=plan.hold)
         self._ids = [self._put(np.uint32(i), self._dev) for i in range(n)]
         self._pending = self._put(parts.empty_pending(spec.num_directions), self._dev)
