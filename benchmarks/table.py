@@ -24,17 +24,14 @@ HEADER = """\
 # Benchmarks
 
 Generated from `benchmarks/record.jsonl` by `python benchmarks/table.py benchmarks/record.jsonl
---write BENCHMARKS.md`; do not edit by hand. Rows are measured by `benchmarks/matrix.py` (see its
-`--help`; the PyTorch reference through `--reference`); earlier figures and how they were found:
-`git log -p BENCHMARKS.md benchmarks/`.
+--write BENCHMARKS.md` (do not edit by hand); rows from `benchmarks/matrix.py` and the probes in
+`benchmarks/probes`; history: `git log -p BENCHMARKS.md benchmarks/`.
 
 Random weights in the reference's nanoGPT shapes (GPT-2 blocks at OPT sizes, vocab 50304, untied
-head), one GPU. A row is the latest measurement of its shape and settings; "earlier" gives the
-same row in older calls. "engine" is what the engine ran with: W units in flight, G blocks per
-call, packed or unpacked blocks, fused or sequential branches; settings given explicitly are in
-*italics*, the rest are what the engine's defaults chose in that call. Step times are medians
-over the timed steps, with the host reading each step's loss one step late as training does
-(calls 3a to 9e, before the matrix script, give means over the timed steps).
+head). A row is the latest measurement of its shape and settings; "earlier": the same row in older
+calls. "engine": W units in flight, G blocks per call, packed or not, fused or sequential
+branches; settings given explicitly in *italics*. Step times are medians over the timed steps,
+the host reading each loss a step late (calls 3a to 9e, before matrix.py: means).
 
 Performance model: `T_limit = max(C, P_s/B_up, P_s/B_down, 2 P_s/B_bi)`, with P_s the bytes
 streamed per step each way, B the pinned bandwidths measured in the same process, and C the MeZO
@@ -394,11 +391,8 @@ def _start_end(r, k, fmt) -> str:
 def soak_table(rows) -> Table:
     soak = [r for r in rows if r.get("probe") == "soak" and r.get("card") != "cpu"]
     t = Table("Long runs: memory at the start and the end",
-              "benchmarks/probes/soak.py: ZO2 for `steps` steps after a warm-up, an evaluation "
-              "and a checkpoint every `every` steps; each figure sampled after the evaluation and "
-              "the checkpoint (waited for), malloc_trim(0) and a collection, at the first cycle "
-              "and the last. Device bytes: XLA's bytes_in_use; pinned: the live arrays' bytes in "
-              "pinned host memory.",
+              "soak.py: an eval and a checkpoint every `every` steps; sampled after them, "
+              "malloc_trim(0) and a collection, at the first cycle and the last.",
               ["model", "B x T", "storage / compute", "steps (every)", "host RSS",
                "device in use", "pinned host", "live arrays", "call"])
     mib = lambda b: f"{b / 2**20:.0f} MiB"  # noqa: E731
@@ -416,11 +410,8 @@ def mesh_table(rows) -> Table:
     last = mesh[-1]["call"] if mesh else None
     mesh = [r for r in mesh if r["call"] == last]
     t = Table("The mesh path against the one-device path",
-              "benchmarks/probes/mesh_probe.py: ZO2 on the one-device path and on a mesh of N "
-              "devices in one process, the same keys; `same` is whether the mesh gave the same "
-              "losses and g bit for bit (parallel=directions). A mesh of 1 runs the mesh code "
-              "(shard_map stages, sharded transfers) on one device: its cost over the one-device "
-              "path.",
+              "mesh_probe.py, one process, the same keys; `same`: the mesh's losses and g bit for "
+              "bit. A mesh of 1 runs the mesh code on one device.",
               ["model", "B x T", "path", "devices", "parallel", "q", "step", "tokens/s",
                "vs one device", "same", "peak device", "call"])
     for r in mesh:
