@@ -34,7 +34,8 @@ def _engine(model, a, q: int, n, compute):
               storage=Storage(a.storage, rounding="stochastic"), max_inflight=a.max_inflight,
               branches=a.branches)
     if n is None:
-        return ZO2Engine(model, lazy_params(model, init_dtype), mezo_sgd(1e-6), **kw)
+        return ZO2Engine(model, lazy_params(model, init_dtype), mezo_sgd(1e-6),
+                         packed={"auto": "auto", "yes": True, "no": False}[a.packed], **kw)
     if n == 1:  # the mesh path on one device: bypass parallel_of's one-device shortcut
         real = common.parallel_of
         common.parallel_of = lambda mesh, parallel, q_: spmd.Parallel(  # noqa: E731
@@ -54,6 +55,9 @@ def main(argv=None) -> None:
     add_model_args(p, engines="zo2")
     p.add_argument("--devices", default="1,all", help="mesh sizes, comma-separated")
     p.add_argument("--parallel", default="directions", choices=["directions", "data"])
+    p.add_argument("--packed", default="auto", choices=["auto", "yes", "no"],
+                   help="the one-device path's packing (a mesh streams unpacked): 'no' "
+                        "compares like with like")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--json-out")
@@ -75,6 +79,7 @@ def main(argv=None) -> None:
         row = {"probe": "mesh", "model": a.model, "batch": a.batch, "seq": a.seq,
                "layers": cfg.num_layers, "storage": a.storage, "compute": a.compute,
                "devices": n or 1, "path": "one-device" if n is None else "mesh",
+               "packed": eng.packed,
                "parallel": None if n is None else eng.mesh.mode, "num_directions": q,
                "step_s": timing["step_s"], "step_s_mean": timing["step_s_mean"],
                "tokens_per_s": a.batch * a.seq / timing["step_s"],
