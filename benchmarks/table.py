@@ -33,9 +33,8 @@ calls. "engine": W units in flight, G blocks per call, packed or not, fused or s
 branches; settings given explicitly in *italics*. Step times are medians over the timed steps,
 the host reading each loss a step late (calls 3a to 9e, before matrix.py: means).
 
-Performance model: `T_limit = max(C, P_s/B_up, P_s/B_down, 2 P_s/B_bi)`, with P_s the bytes
-streamed per step each way, B the pinned bandwidths measured in the same process, and C the MeZO
-step (everything resident) where it ran. Step / T_limit near 1: as fast as bus or compute allow.
+Performance model: `T_limit = max(C, P_s/B_up, P_s/B_down, 2 P_s/B_bi)`: P_s bytes streamed per
+step each way, B pinned bandwidths measured in the same process, C the MeZO step where it ran.
 """
 
 
@@ -391,8 +390,8 @@ def _start_end(r, k, fmt) -> str:
 def soak_table(rows) -> Table:
     soak = [r for r in rows if r.get("probe") == "soak" and r.get("card") != "cpu"]
     t = Table("Long runs: memory at the start and the end",
-              "soak.py: an eval and a checkpoint every `every` steps; sampled after them, "
-              "malloc_trim(0) and a collection, at the first cycle and the last.",
+              "soak.py: eval and checkpoint every `every` steps; sampled after them, first "
+              "and last cycle.",
               ["model", "B x T", "storage / compute", "steps (every)", "host RSS",
                "device in use", "pinned host", "live arrays", "call"])
     mib = lambda b: f"{b / 2**20:.0f} MiB"  # noqa: E731
@@ -407,15 +406,15 @@ def soak_table(rows) -> Table:
 
 def mesh_table(rows) -> Table:
     mesh = [r for r in rows if r.get("probe") == "mesh"]
-    last = mesh[-1]["call"] if mesh else None
-    mesh = [r for r in mesh if r["call"] == last]
+    calls = list(dict.fromkeys(r["call"] for r in mesh))[-2:]  # the last two calls
+    mesh = [r for r in mesh if r["call"] in calls]
     t = Table("The mesh path against the one-device path",
-              "mesh_probe.py, one process, the same keys; `same`: the mesh's losses and g bit for "
-              "bit. A mesh of 1 runs the mesh code on one device.",
-              ["model", "B x T", "path", "devices", "parallel", "q", "step", "tokens/s",
+              "mesh_probe.py, one process, same keys; `same`: losses and g bit for bit equal.",
+              ["model", "B x T", "path", "packed", "devices", "parallel", "q", "step", "tokens/s",
                "vs one device", "same", "peak device", "call"])
     for r in mesh:
-        t.add([shape(r), f"{r['batch']}x{r['seq']}", r["path"], str(r["devices"]),
+        t.add([shape(r), f"{r['batch']}x{r['seq']}", r["path"],
+               {True: "yes", False: "no", None: "-"}[r.get("packed")], str(r["devices"]),
                r.get("parallel") or "-", str(r["num_directions"]), ms(r["step_s"]),
                f"{r['tokens_per_s']:,.0f}", num(r.get("speed_vs_one_device")),
                {True: "yes", False: "**no**", None: "-"}[r.get("same_as_one_device")],
