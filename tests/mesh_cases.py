@@ -186,7 +186,7 @@ def test_bad_mesh_options_are_refused():
     assert jax.tree.leaves(one._outer)[0].devices() == {jax.devices()[3]}
 
 
-@pytest.mark.parametrize("target", ["zo2-on-2", pytest.param("mezo-on-1", marks=pytest.mark.slow),
+@pytest.mark.parametrize("target", [pytest.param("zo2-on-2", marks=pytest.mark.slow), "mezo-on-1",
                                     pytest.param("zo2-on-8", marks=pytest.mark.slow)])
 def test_checkpoint_restores_onto_another_device_count(tmp_path, target):
     """A checkpoint of a 4-device ZO2 engine, written mid-run, restored onto another device
