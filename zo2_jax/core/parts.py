@@ -65,9 +65,9 @@ def _pin(tree):
 
 def fixed_sum(x) -> jax.Array:
     """The sum of all elements of `x` in one fixed order (pairwise: halves added elementwise),
-    whatever program it is compiled in. XLA picks a reduction's order per program (a sum of
-    four losses came out an ulp apart on one device and on a device of a mesh); elementwise
-    adds it does not reorder."""
+    whatever program it is compiled in. XLA picks a reduction's order per program, so the same
+    reduction can round differently on one device and on a device of a mesh; elementwise adds
+    it does not reorder."""
     x = jnp.ravel(x)
     rest = None
     while x.shape[0] > 1:
@@ -262,8 +262,6 @@ def block_step(spec: Spec, stored, opt, pend: Pending, count, part_id, key, hs, 
     in one pass (z generated once, both copies alive together); "sequential" runs one branch
     after the other (about half the scratch memory, z generated twice). Both give bit-identical
     values. (An argument, not a Spec field: the other stages do not depend on it.)"""
-    if branches not in BRANCHES:
-        raise ValueError(f"branches must be one of {BRANCHES}, got {branches!r}")
     stored, opt = update_part(spec, "block", stored, opt, pend, count, part_id)
     return (stored, opt, *block_forward(spec, stored, part_id, key, hs, ctx, gram_acc, branches))
 
@@ -273,6 +271,8 @@ def block_forward(spec: Spec, stored, part_id, key, hs, ctx, gram_acc, branches:
     """The branches of `dirs` (default all 2q) through block `part_id` as stored (already
     updated): (hs, gram). `block_step` without the update (a mesh runs the update on its
     shards, and this on the gathered block)."""
+    if branches not in BRANCHES:
+        raise ValueError(f"branches must be one of {BRANCHES}, got {branches!r}")
     key, hs, ctx, gram_acc, part_id = _pin((key, hs, ctx, gram_acc, part_id))
     if branches == "sequential":
         hs, gram_acc = _sequential_branches(spec, stored, part_id, key, hs, ctx, gram_acc, dirs)

@@ -172,6 +172,8 @@ class Parallel:
             shardings = jax.tree.map(lambda _: shardings, tree)
 
         def one(x, s):
+            if isinstance(x, jax.Array) and x.sharding == s:
+                return x  # already there (a device_put would still cost host time)
             if jax.process_count() == 1 or (isinstance(x, jax.Array)
                                              and not x.is_fully_addressable):
                 return jax.device_put(x, s)
@@ -204,6 +206,12 @@ class Parallel:
         if self.mode == "directions":
             return None  # head_losses' own (parts.fixed_mean)
         return lambda x: jax.lax.psum(parts.fixed_sum(x), AXIS) / batch_size
+
+
+def put(par: Optional[Parallel], tree: PyTree, shardings: PyTree) -> PyTree:
+    """`tree` placed as `shardings`: `jax.device_put` on one device (`par` None), else
+    `par.put` (which also works across processes)."""
+    return jax.device_put(tree, shardings) if par is None else par.put(tree, shardings)
 
 
 def _smap(par: Parallel, f, in_specs, out_specs):

@@ -28,6 +28,7 @@ import optax
 
 from zo2_jax.core import common
 from zo2_jax.core import parts
+from zo2_jax.core import spmd
 from zo2_jax.core import trees
 from zo2_jax.core.noise import OUTER_PART, as_key
 from zo2_jax.core.options import ZOOptions
@@ -133,7 +134,7 @@ class ZO2Engine:
             self._host = jax.sharding.SingleDeviceSharding(dev, memory_kind="pinned_host")
         else:
             # outer, batches and scalars replicated; blocks sharded leaf by leaf
-            # (`_block_shardings`), moved between memories keeping their sharding
+            # (`_block_shardings`); Space.Host: decoded blocks (params()) keep their sharding
             self._dev = par.sharding()
             self._host = jax.memory.Space.Host
             if packed is True:
@@ -200,12 +201,11 @@ class ZO2Engine:
             del b
         self._store = BlockStore(blocks, opts, resident)
         # on a mesh, transfers name each leaf's sharding in the other memory
-        self._stream = BlockStream(self._store, self._dev if par is None else
-                                   (lambda t: par.shardings(t, "device")),
-                                   self._host if par is None else
-                                   (lambda t: par.shardings(t, "pinned_host")),
-                                   plan.max_inflight,
-                                   plan.units, hold=plan.hold)
+        self._stream = BlockStream(
+            self._store, self._dev if par is None else (
+                lambda t: self._block_shardings(t, "device")),
+            self._host if par is None else (lambda t: self._block_shardings(t, "pinned_host")),
+            plan.max_inflight, plan.units, hold=plan.hold)
         self._ids = [self._put(np.uint32(i), self._dev) for i in range(n)]
         self._pending = self._put(parts.empty_pending(spec.num_directions), self._dev)
         self._count = self._put(np.zeros([], np.int32), self._dev)
@@ -227,8 +227,7 @@ class ZO2Engine:
         return self._par
 
     def _put(self, tree, sharding):
-        return (jax.device_put(tree, sharding) if self._par is None
-                else self._par.put(tree, sharding))
+        return spmd.put(self._par, tree, sharding)
 
     def _block_shardings(self, tree, kind: str):
         """Where the engine keeps a block (or its optimiser state) in memory `kind`: per leaf,

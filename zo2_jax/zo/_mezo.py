@@ -196,8 +196,7 @@ class MeZOEngine:
         return self._par
 
     def _put(self, tree, shardings):
-        return jax.device_put(tree, shardings) if self._par is None else self._par.put(
-            tree, shardings)
+        return spmd.put(self._par, tree, shardings)
 
     def _blocks_sharding(self, stacked_tree):
         """Where stacked blocks live: the device, or sharded over the mesh (`spmd.leaf_spec`)."""
@@ -212,7 +211,7 @@ class MeZOEngine:
             return batch if key is None else (batch, key)
         if key is not None:
             self._par.check_batch(jax.tree.leaves(batch)[0].shape[0])
-        batch = self._par.put(batch if isinstance(batch, tuple) else dict(batch), self._dev)
+        batch = self._par.put(dict(batch), self._dev)
         return batch if key is None else (batch, self._par.put(key, self._dev))
 
     def _place(self, state: dict) -> dict:
