@@ -9,11 +9,14 @@ their one-device path): on a one-GPU machine it measures what the mesh path cost
 one-device path, and checks the mesh path's shard_map stages on the GPU. Each mesh row runs
 parallel="directions" with num_directions a multiple of its size (bit-identical to one device);
 `--parallel data` runs the data split instead (equal to within float re-association).
+`--trace DIR` adds to each row a profiler trace of a few more steps, summarised as
+`timeline.py` does (kernel, copy and idle time per device and step).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -23,6 +26,7 @@ import numpy as np
 
 from _common import (ROOT, add_model_args, build_model, command_line, finish,
                      git_identity, lazy_params, make_batch, time_engine)
+from timeline import trace_engine
 from zo2_jax.core import common, spmd
 from zo2_jax.offload import Storage, ZO2Engine
 from zo2_jax.zo import mezo_sgd
@@ -60,6 +64,9 @@ def main(argv=None) -> None:
                         "compares like with like")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--trace", metavar="DIR",
+                   help="also trace --trace-steps steps of each row under DIR, summarised")
+    p.add_argument("--trace-steps", type=int, default=3)
     p.add_argument("--json-out")
     a = p.parse_args(argv)
     cfg, compute, _, model = build_model(a)
@@ -75,6 +82,9 @@ def main(argv=None) -> None:
         timing = time_engine(eng, batch, a.steps, a.warmup)
         m = eng.step(batch, jax.random.key(12345))  # one more step, its metrics compared
         out = {k: np.asarray(m[k]) for k in ("loss_plus", "loss_minus", "projected_grad")}
+        label = "one-device" if n is None else f"mesh{n}"
+        traced = (trace_engine(eng, batch, a.trace_steps, 1, os.path.join(a.trace, label))
+                  if a.trace else None)
         stats = [d.memory_stats() or {} for d in jax.local_devices()[:max(n or 1, 1)]]
         row = {"probe": "mesh", "model": a.model, "batch": a.batch, "seq": a.seq,
                "layers": cfg.num_layers, "storage": a.storage, "compute": a.compute,
@@ -87,6 +97,8 @@ def main(argv=None) -> None:
                                         default=None),
                "streamed_bytes": eng.streamed_bytes(), "seconds": time.perf_counter() - t0,
                "device": jax.devices()[0].device_kind, "command": command_line(sys.argv[1:]), **ident}
+        if traced:
+            row["trace"] = traced
         del eng
         return row, out
 
