@@ -67,14 +67,17 @@ def batches(n, seed=0):
 
 def check_logged_g(engine, m, eps):
     """The logged g is the one applied: pending coef = g / q, and g is the float32
-    (loss_plus - loss_minus) / 2 eps of the logged losses (q = 1)."""
+    (loss_plus - loss_minus) / 2 eps of the logged losses (q = 1; within the device's
+    division's rounding)."""
     q = engine.spec.num_directions
     g = np.atleast_1d(np.asarray(m["projected_grad"]))
     coef = np.asarray(engine.state()["pending"]["coef"])
     np.testing.assert_array_equal(coef, g / np.float32(q))
     if q == 1:
         lp, lm = np.float32(m["loss_plus"]), np.float32(m["loss_minus"])
-        np.testing.assert_array_equal(g[0], (lp - lm) / np.float32(2 * eps))
+        # XLA divides correctly rounded on the CPU, not on the GPU (2 ulp)
+        ulp = 0 if jax.default_backend() == "cpu" else 2
+        np.testing.assert_array_max_ulp(g[0], (lp - lm) / np.float32(2 * eps), maxulp=ulp)
 
 
 def run_pair(model, params, tx_fn, steps, zo2_kw, **kw):

@@ -36,6 +36,7 @@ With N = 1 every function here is the one-device function of `parts`: `par` None
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Optional, Sequence
 
 import jax
@@ -161,9 +162,11 @@ class Parallel:
         return NamedSharding(self.mesh, spec, memory_kind=kind)
 
     def shardings(self, tree: PyTree, kind: str = "device", stacked: bool = False) -> PyTree:
-        """A NamedSharding per leaf of a block (or of stacked blocks): see `leaf_spec`."""
-        return jax.tree.map(lambda x: self.sharding(leaf_spec(np.shape(x), self.n, stacked),
-                                                    kind), tree)
+        """A NamedSharding per leaf of a block (or of stacked blocks): see `leaf_spec`. Built
+        once per tree structure and shapes (the stream asks for every block it moves)."""
+        leaves, treedef = jax.tree.flatten(tree)
+        shapes = tuple(tuple(np.shape(x)) for x in leaves)
+        return _shardings(self, treedef, shapes, kind, stacked)
 
     def put(self, tree: PyTree, shardings: PyTree) -> PyTree:
         """`tree` (host values, the same on every process) placed as `shardings` (one sharding,
@@ -206,6 +209,12 @@ class Parallel:
         if self.mode == "directions":
             return None  # head_losses' own (parts.fixed_mean)
         return lambda x: jax.lax.psum(parts.fixed_sum(x), AXIS) / batch_size
+
+
+@functools.lru_cache(maxsize=512)
+def _shardings(par: Parallel, treedef, shapes, kind: str, stacked: bool) -> PyTree:
+    return jax.tree.unflatten(treedef, [par.sharding(leaf_spec(s, par.n, stacked), kind)
+                                        for s in shapes])
 
 
 def put(par: Optional[Parallel], tree: PyTree, shardings: PyTree) -> PyTree:
