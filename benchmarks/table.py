@@ -406,7 +406,7 @@ def soak_table(rows) -> Table:
 
 def mesh_table(rows) -> Table:
     mesh = [r for r in rows if r.get("probe") == "mesh"]
-    calls = list(dict.fromkeys(r["call"] for r in mesh))[-2:]  # the last two calls
+    calls = list(dict.fromkeys(r["call"] for r in mesh))[-1:]  # the latest call
     mesh = [r for r in mesh if r["call"] in calls]
     t = Table("The mesh path against the one-device path",
               "mesh_probe.py, one process, same keys; `same`: losses and g bit for bit equal.",
