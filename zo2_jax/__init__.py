@@ -31,6 +31,7 @@ _EXPORTS = {
                        "generate", "load", "load_tokenizer", "logits", "per_example_loss",
                        "preset", "save_pretrained"],
     "zo2_jax.core.storage": ["Int8Leaf", "Storage"],
+    "zo2_jax.core.estimators": ["Estimator"],
     "zo2_jax.zo": ["MeZOEngine", "MeZOSGD", "MeZOSGDState", "ZOGrad", "apply_zo_grad",
                    "ZOOptions", "mezo_sgd", "zo_value_and_grad"],
     "zo2_jax.offload": ["HostMemoryError", "Plan", "StreamOptions", "ZO2Engine", "make_plan"],
@@ -59,6 +60,7 @@ def __dir__():
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
+    from zo2_jax.core.estimators import Estimator  # noqa: F401
     from zo2_jax.core.storage import Int8Leaf, Storage  # noqa: F401
     from zo2_jax.models import (CheckpointError, DecoderConfig, Model,  # noqa: F401
                                 UnsupportedModelError, generate, load, load_tokenizer, logits,

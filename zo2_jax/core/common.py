@@ -16,6 +16,7 @@ from zo2_jax.core import options
 from zo2_jax.core import spmd
 from zo2_jax.core.options import ZOOptions
 from zo2_jax.models.model import check_batch  # noqa: F401  (the engines' batch check)
+from zo2_jax.core.estimators import Estimator, as_estimator
 from zo2_jax.core.parts import Pending, Spec, freeze_mask
 from zo2_jax.core.storage import Int8Leaf, Storage
 from zo2_jax.core.transforms import MeZOSGD, check_block_transform, mezo_sgd, resolve_mask
@@ -110,7 +111,7 @@ def _block_mask(mask_spec, blocks, model):
 
 
 def check_options(model, *, eps, num_directions, compute_dtype, storage, outer_storage,
-                  clip_norm, directions="gaussian", **_) -> float:
+                  clip_norm, directions="gaussian", estimator="mezo", **_) -> float:
     """The cheap argument checks (before any block is made or loaded); returns eps as a float."""
     for stage in ("context", "embed", "block", "head"):
         if not callable(getattr(model, stage, None)):
@@ -126,15 +127,17 @@ def check_options(model, *, eps, num_directions, compute_dtype, storage, outer_s
         if st is not None and not isinstance(st, Storage):
             raise TypeError(f"{name} must be a zo2_jax.Storage, got {type(st).__name__}")
     options.check("directions", directions, ZOOptions)
+    as_estimator(estimator).check_directions(num_directions)
     return eps
 
 
 def build_spec(model, params, tx, *, eps, num_directions, compute_dtype, storage,
-               outer_storage, clip_norm, directions="gaussian") -> Spec:
+               outer_storage, clip_norm, directions="gaussian", estimator="mezo") -> Spec:
     """Validates the engine arguments and returns the static Spec of the run."""
     eps = check_options(model, eps=eps, num_directions=num_directions,
                         compute_dtype=compute_dtype, storage=storage,
-                        outer_storage=outer_storage, clip_norm=clip_norm, directions=directions)
+                        outer_storage=outer_storage, clip_norm=clip_norm, directions=directions,
+                        estimator=estimator)
     check_params(model, params)
     tx = mezo_sgd(1e-6) if tx is None else tx
     outer_mask = block_mask = None
@@ -159,7 +162,7 @@ def build_spec(model, params, tx, *, eps, num_directions, compute_dtype, storage
                 compute_dtype=jnp.dtype(compute_dtype), storage=storage,
                 outer_storage=outer_storage or storage, tx=tx, outer_mask=outer_mask,
                 block_mask=block_mask, clip_norm=None if clip_norm is None else float(clip_norm),
-                directions=directions)
+                directions=directions, estimator=as_estimator(estimator))
 
 
 def lazy_blocks(params):
@@ -222,7 +225,8 @@ def meta(spec: Spec, engine: str, num_blocks: int, key_impl: str) -> dict:
     return {"engine": engine, "num_blocks": num_blocks, "num_directions": spec.num_directions,
             "storage": dataclasses.asdict(spec.storage),
             "outer_storage": dataclasses.asdict(spec.outer_storage),
-            "fused": spec.fused, "key_impl": key_impl, "directions": spec.directions}
+            "fused": spec.fused, "key_impl": key_impl, "directions": spec.directions,
+            "estimator": dataclasses.asdict(spec.estimator)}
 
 
 def pending_to_tree(p: Pending) -> dict:
@@ -236,8 +240,10 @@ def pending_from_tree(d: Mapping, key_impl: str) -> Pending:
 
 def check_meta(spec: Spec, num_blocks: int, m: Mapping) -> None:
     want = meta(spec, "", num_blocks, "")
-    m = {"directions": "gaussian", **m}  # states saved before the option existed
-    for k in ("num_blocks", "num_directions", "storage", "outer_storage", "fused", "directions"):
+    # states saved before the options existed
+    m = {"directions": "gaussian", "estimator": dataclasses.asdict(Estimator()), **m}
+    for k in ("num_blocks", "num_directions", "storage", "outer_storage", "fused", "directions",
+              "estimator"):
         if m.get(k) != want[k]:
             raise ValueError(f"state was saved with {k}={m.get(k)!r}, this engine has "
                              f"{k}={want[k]!r}: build the engine as the state's was (the "

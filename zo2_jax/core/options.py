@@ -23,6 +23,7 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 
+from zo2_jax.core.estimators import ESTIMATORS, Estimator
 from zo2_jax.core.noise import DIRECTIONS
 from zo2_jax.core.storage import Rounding, Storage, StorageDType
 
@@ -124,6 +125,14 @@ class ZOOptions:
     directions: Directions = option("gaussian", "distribution of z: gaussian (MeZO's) or "
                                     "rademacher (+-1, far cheaper to generate)", "choice",
                                     TRAINING, choices=DIRECTIONS)
+    estimator: str = option("mezo", "zeroth-order estimator: mezo (two-sided SPSA, 2q forward "
+                            "passes), fzoo (one-sided from a shared unperturbed pass, step "
+                            "normalised by the loss spread; q + 1 passes, q >= 2) or sparse "
+                            "(Sparse-MeZO: only each matrix's smallest-magnitude entries "
+                            "perturbed)", "choice", TRAINING, choices=ESTIMATORS)
+    sparse_fraction: float = option(Estimator.fraction, "the sparse estimator: fraction of each "
+                                    "matrix perturbed (its smallest magnitudes), in (0, 1]",
+                                    "positive", TRAINING)
     storage_dtype: StorageDType = option(Storage.dtype, "how parameters are stored (on the "
                                          "host with zo2); low-bit storage halves or quarters "
                                          "the bytes moved per step", "choice",
@@ -144,6 +153,10 @@ class ZOOptions:
 
     def __post_init__(self):
         check_all(self)
+        self.make_estimator().check_directions(self.num_directions)
+
+    def make_estimator(self) -> Estimator:
+        return Estimator(self.estimator, self.sparse_fraction)
 
     def storage(self) -> Storage:
         return Storage(self.storage_dtype, rounding=self.rounding)
@@ -152,7 +165,8 @@ class ZOOptions:
         """The engines' keyword arguments for these options."""
         import jax.numpy as jnp
         return dict(eps=self.eps, num_directions=self.num_directions,
-                    directions=self.directions, storage=self.storage(),
+                    directions=self.directions, estimator=self.make_estimator(),
+                    storage=self.storage(),
                     compute_dtype=jnp.dtype(self.compute_dtype), mesh=self.mesh(),
                     parallel=self.parallel)
 

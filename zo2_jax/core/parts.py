@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from zo2_jax.core.estimators import Estimator
 from zo2_jax.core.noise import OUTER_PART, gram, part_noise, rounding_key
 from zo2_jax.core.storage import Storage
 from zo2_jax.core.transforms import MeZOSGD, fused_sgd_leaf, learning_rate_at
@@ -117,6 +118,7 @@ class Spec:
     block_mask: Optional[tuple]
     clip_norm: Optional[float]
     directions: str = "gaussian"
+    estimator: Estimator = Estimator()
 
     @property
     def fused(self) -> bool:
@@ -150,10 +152,10 @@ def update_part(spec: Spec, part: str, stored, opt, pend: Pending, count, part_i
     # not, moves bits and rounds nothing.)
     pend, count, part_id = _pin((pend, count, part_id))
     st = spec.storage_of(part)
-    theta = st.decode(stored)
+    theta = st.decode(stored)  # the values the step that made `pend` perturbed
     gz = None
-    for j in range(spec.num_directions):
-        z = part_noise(pend.key, j, part_id, theta, spec.directions)
+    for j, z in zip(range(spec.num_directions),
+                    directions(spec, pend.key, range(spec.num_directions), part_id, theta)):
         term = jax.tree.map(lambda z_: pend.coef[j] * z_, z)
         gz = term if gz is None else jax.tree.map(jnp.add, gz, term)
     if spec.fused:
@@ -179,19 +181,33 @@ def directions_of(spec: Spec, dirs=None):
     return range(spec.num_directions) if dirs is None else dirs
 
 
-def perturbed(spec: Spec, part: str, stored, key, part_id, dirs=None):
-    """[(W_j^+, W_j^-)] in the compute dtype, and the directions [z_j], for j in `dirs` (default
-    all j < q).
+def directions(spec: Spec, key, js, part_id, theta) -> list:
+    """The estimator's directions d_j of one part for j in `js`: z_j(key) (`part_noise`), shaped
+    by the estimator from the part's values `theta` (Sparse-MeZO's mask; see
+    `estimators.Estimator.shaper`)."""
+    shape = spec.estimator.shaper(theta)
+    zs = [part_noise(key, j, part_id, theta, spec.directions) for j in js]
+    return zs if shape is None else [shape(z) for z in zs]
 
-    The perturbation is added in float32 to the decoded weights and only then cast, so the z of
-    the branches is exactly the z of the update (also with bfloat16 compute)."""
+
+def branches_of(spec: Spec, dirs=None) -> list:
+    """The forward branches a stage runs for `dirs`, in carried order: (i, sign) for the i-th
+    direction of `dirs`, sign +1 / -1, or (None, 0) for the unperturbed branch
+    (`Estimator.branches`)."""
+    return spec.estimator.branches(len(list(directions_of(spec, dirs))))
+
+
+def perturbed(spec: Spec, part: str, stored, key, part_id, dirs=None):
+    """The weights of each branch of `dirs` (default all j < q) in the compute dtype, in the
+    order of `branches_of`, and the directions [d_j].
+
+    The perturbation is added in float32 to the decoded weights and only then cast, so the d of
+    the branches is exactly the d of the update (also with bfloat16 compute)."""
     theta = spec.storage_of(part).decode(stored)
-    pairs, zs = [], []
-    for j in directions_of(spec, dirs):
-        z = part_noise(key, j, part_id, theta, spec.directions)
-        pairs.append((_branch_weights(spec, theta, z, 0), _branch_weights(spec, theta, z, 1)))
-        zs.append(z)
-    return pairs, zs
+    zs = directions(spec, key, directions_of(spec, dirs), part_id, theta)
+    ws = [_branch_weights(spec, theta, None if i is None else zs[i], sign)
+          for i, sign in branches_of(spec, dirs)]
+    return ws, zs
 
 
 def _gram(spec: Spec, part: str, stored, key, part_id, zs, dirs):
@@ -200,14 +216,16 @@ def _gram(spec: Spec, part: str, stored, key, part_id, zs, dirs):
     if dirs is None:
         return gram(zs)
     theta = spec.storage_of(part).decode(stored)
-    return gram([part_noise(key, j, part_id, theta, spec.directions)
-                 for j in range(spec.num_directions)])
+    return gram(directions(spec, key, range(spec.num_directions), part_id, theta))
 
 
-def _branch_weights(spec: Spec, theta, z, b: int):
-    """theta + eps z (b = 0) or theta - eps z (b = 1), in float32, then cast to compute dtype."""
+def _branch_weights(spec: Spec, theta, z, sign: int):
+    """theta + eps z (sign 1), theta - eps z (sign -1) or theta (sign 0), in float32, then cast
+    to the compute dtype."""
     cd, eps = spec.compute_dtype, spec.eps
-    if b == 0:
+    if sign == 0:
+        return jax.tree.map(lambda t: t.astype(cd), theta)
+    if sign == 1:
         return jax.tree.map(lambda t, z_: (t + eps * z_).astype(cd), theta, z)
     return jax.tree.map(lambda t, z_: (t - eps * z_).astype(cd), theta, z)
 
@@ -220,8 +238,8 @@ def outer_embed(spec: Spec, stored, opt, pend: Pending, count, key, batch, dirs=
     stored, opt = update_part(spec, "outer", stored, opt, pend, count, OUTER_PART)
     key, batch = _pin((key, batch))
     ctx = spec.model.context(batch)
-    pairs, zs = perturbed(spec, "outer", stored, key, OUTER_PART, dirs)
-    hs = tuple(spec.model.embed(w, batch) for pair in pairs for w in pair)
+    ws, zs = perturbed(spec, "outer", stored, key, OUTER_PART, dirs)
+    hs = tuple(spec.model.embed(w, batch) for w in ws)
     g = None if spec.clip_norm is None else _gram(spec, "outer", stored, key, OUTER_PART, zs,
                                                   dirs)
     return _pin((stored, opt, hs, ctx, g))
@@ -231,26 +249,26 @@ BRANCHES = ("fused", "sequential")
 
 
 def _sequential_branches(spec: Spec, stored, part_id, key, hs, ctx, gram_acc, dirs=None):
-    """The 2q branches through one block, each branch's weights made only once the previous
+    """The branches through one block, each branch's weights made only once the previous
     branch's output exists (an optimization barrier orders them): one perturbed copy of the
     block at a time instead of the +eps and -eps copies together, at the cost of generating
     each z twice (three times with clip_norm, for the Gram matrix). Same values as the fused
     schedule."""
     st = spec.storage_of("block")
     src, k, out = stored, key, []
-    for i, j in enumerate(directions_of(spec, dirs)):
-        for b in range(2):
-            theta = st.decode(src)
-            w = _branch_weights(spec, theta, part_noise(k, j, part_id, theta, spec.directions), b)
-            h = spec.model.block(w, hs[2 * i + b], ctx)
-            # the next branch's z must not be shared with (CSE'd into) this one's: its key and
-            # weights come through the barrier, after this branch's output
-            h, src, k = jax.lax.optimization_barrier((h, src, k))
-            out.append(h)
+    js = list(directions_of(spec, dirs))
+    for b, (i, sign) in enumerate(branches_of(spec, dirs)):
+        theta = st.decode(src)
+        z = None if i is None else directions(spec, k, [js[i]], part_id, theta)[0]
+        h = spec.model.block(_branch_weights(spec, theta, z, sign), hs[b], ctx)
+        # the next branch's z must not be shared with (CSE'd into) this one's: its key and
+        # weights come through the barrier, after this branch's output
+        h, src, k = jax.lax.optimization_barrier((h, src, k))
+        out.append(h)
     if gram_acc is not None:
         theta = st.decode(src)
-        gram_acc = gram_acc + gram([part_noise(k, j, part_id, theta, spec.directions)
-                                    for j in range(spec.num_directions)])
+        gram_acc = gram_acc + gram(directions(spec, k, range(spec.num_directions), part_id,
+                                              theta))
     return tuple(out), gram_acc
 
 
@@ -277,9 +295,8 @@ def block_forward(spec: Spec, stored, part_id, key, hs, ctx, gram_acc, branches:
     if branches == "sequential":
         hs, gram_acc = _sequential_branches(spec, stored, part_id, key, hs, ctx, gram_acc, dirs)
         return _pin((stored, hs, gram_acc))[1:]
-    pairs, zs = perturbed(spec, "block", stored, key, part_id, dirs)
-    hs = tuple(spec.model.block(w, hs[2 * i + b], ctx)
-               for i, pair in enumerate(pairs) for b, w in enumerate(pair))
+    ws, zs = perturbed(spec, "block", stored, key, part_id, dirs)
+    hs = tuple(spec.model.block(w, h, ctx) for w, h in zip(ws, hs))
     if gram_acc is not None:
         gram_acc = gram_acc + _gram(spec, "block", stored, key, part_id, zs, dirs)
     return _pin((stored, hs, gram_acc))[1:]
@@ -291,36 +308,61 @@ def head_finish(spec: Spec, stored, key, hs, batch, gram_acc, pend: Pending, cou
     Returns (pending, count, skipped_total, metrics); count counts applied updates, so it grows
     by one if the update applied during this step (the previous pending one) was valid.
     """
-    (loss_p, loss_m), (key, gram_acc, pend, count, skipped_total) = head_losses(
+    losses, (key, gram_acc, pend, count, skipped_total) = head_losses(
         spec, stored, key, hs, batch, (key, gram_acc, pend, count, skipped_total))
-    return finish(spec, loss_p, loss_m, key, gram_acc, pend, count, skipped_total)
+    return finish(spec, losses, key, gram_acc, pend, count, skipped_total)
+
+
+class Losses(NamedTuple):
+    """The mean losses of a step's branches (float32): `plus` [k] at theta + eps d_j, `minus`
+    [k] at theta - eps d_j (None for a one-sided estimator), `zero` [] at theta (None for a
+    two-sided one)."""
+
+    plus: jax.Array
+    minus: Optional[jax.Array]
+    zero: Optional[jax.Array]
 
 
 def head_losses(spec: Spec, stored, key, hs, batch, rest=(), dirs=None, mean=None):
-    """(L^+, L^-) of the branches of `dirs` (default all q; [len(dirs)] float32 each), and
-    `rest` passed through the same barrier. `mean` reduces the per-example losses (a
-    data-parallel mesh sums over its devices' rows)."""
+    """The `Losses` of the branches of `dirs` (default all q directions), and `rest` passed
+    through the same barrier. `mean` reduces the per-example losses (a data-parallel mesh sums
+    over its devices' rows)."""
     stored, key, hs, batch, rest = _pin((stored, key, hs, batch, rest))
     mean = fixed_mean if mean is None else mean
     # the per-example losses pinned before the mean: XLA may otherwise merge the model's
     # reduction over tokens with the mean over rows into one, in an order that depends on what
     # else the program holds (one device's q directions, or a mesh device's share)
     loss = lambda w, h: mean(_pin(spec.model.head(w, h, batch)[0].astype(jnp.float32)))  # noqa
-    pairs, _ = perturbed(spec, "outer", stored, key, OUTER_PART, dirs)
-    losses = [loss(w, hs[2 * j + b]) for j, pair in enumerate(pairs) for b, w in enumerate(pair)]
+    ws, _ = perturbed(spec, "outer", stored, key, OUTER_PART, dirs)
+    signs = [s for _, s in branches_of(spec, dirs)]
+    losses = [loss(w, h) for w, h in zip(ws, hs)]
+    pick = lambda sign: jnp.stack([x for x, s in zip(losses, signs) if s == sign])  # noqa: E731
+    out = Losses(pick(1), None if spec.estimator.one_sided else pick(-1),
+                 pick(0)[0] if spec.estimator.one_sided else None)
     # Pinned: the logged losses, the logged g and the applied coefficients all come from these
     # values, computed once (XLA may otherwise compute a loss twice, in two fusions that round
     # differently, and the logged g would not be the one the update applies).
-    return _pin((jnp.stack(losses[0::2]), jnp.stack(losses[1::2]))), rest
+    return _pin(out), rest
 
 
-def finish(spec: Spec, loss_p, loss_m, key, gram_acc, pend: Pending, count, skipped_total):
-    """From the q losses of each sign: (pending, count, skipped_total, metrics) of head_finish."""
-    # 2 eps pinned too: divided by a constant, XLA multiplies by its rounded reciprocal, an ulp
-    # away from the quotient a user computes from the logged losses
-    g = _pin((loss_p - loss_m) / _pin(jnp.float32(2.0 * spec.eps)))
-    valid = jnp.all(jnp.isfinite(loss_p) & jnp.isfinite(loss_m) & jnp.isfinite(g))
-    coef = g / spec.num_directions
+def finish(spec: Spec, losses: Losses, key, gram_acc, pend: Pending, count, skipped_total):
+    """From the losses of all q directions: (pending, count, skipped_total, metrics) of
+    head_finish."""
+    loss_p, loss_m, loss_0 = losses
+    q = spec.num_directions
+    if spec.estimator.one_sided:
+        # FZOO: one-sided differences, the step normalised by the spread of the L_j^+
+        g = _pin((loss_p - loss_0) / _pin(jnp.float32(spec.eps)))
+        mu = fixed_mean(loss_p)
+        sigma = jnp.sqrt(fixed_sum((loss_p - mu) ** 2) / _pin(jnp.float32(q - 1)))
+        valid = jnp.all(jnp.isfinite(loss_p) & jnp.isfinite(g)) & jnp.isfinite(loss_0)
+        coef = jnp.where(sigma > 0, g / (q * jnp.where(sigma > 0, sigma, 1.0)), 0.0)
+    else:
+        # 2 eps pinned too: divided by a constant, XLA multiplies by its rounded reciprocal, an
+        # ulp away from the quotient a user computes from the logged losses
+        g = _pin((loss_p - loss_m) / _pin(jnp.float32(2.0 * spec.eps)))
+        valid = jnp.all(jnp.isfinite(loss_p) & jnp.isfinite(loss_m) & jnp.isfinite(g))
+        coef = g / q
     if spec.clip_norm is not None:
         # ||sum_j c_j z_j||^2 = c^T G c with G the Gram matrix accumulated over all parts.
         norm = jnp.sqrt(jnp.maximum(fixed_sum(coef[:, None] * gram_acc * coef[None, :]), 0.0))
@@ -329,13 +371,16 @@ def finish(spec: Spec, loss_p, loss_m, key, gram_acc, pend: Pending, count, skip
     skipped = jnp.logical_not(valid).astype(jnp.int32)
     skipped_total = skipped_total + skipped
     metrics = {
-        "loss": fixed_mean((loss_p + loss_m) / 2.0),
+        "loss": loss_0 if spec.estimator.one_sided else fixed_mean((loss_p + loss_m) / 2.0),
         "loss_plus": fixed_mean(loss_p),
-        "loss_minus": fixed_mean(loss_m),
         "projected_grad": g[0] if spec.num_directions == 1 else g,
         "skipped": skipped,
         "skipped_total": skipped_total,
     }
+    if spec.estimator.one_sided:
+        metrics["loss_spread"] = sigma
+    else:
+        metrics["loss_minus"] = fixed_mean(loss_m)
     if spec.clip_norm is not None:
         metrics["grad_norm"] = norm
     return Pending(key, coef, valid), count + pend.valid.astype(jnp.int32), skipped_total, metrics

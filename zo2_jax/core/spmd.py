@@ -290,12 +290,16 @@ def head_finish(spec, par: Optional[Parallel], stored, key, hs, batch, gram_acc,
     size = _batch_size(batch)
 
     def f(stored, key, hs, batch, gram_acc, pend, count, skipped_total):
-        (lp, lm), rest = parts.head_losses(
+        losses, rest = parts.head_losses(
             spec, stored, key, _undev(hs), par.rows(batch),
             (key, gram_acc, pend, count, skipped_total), dirs=par.dirs(), mean=par.mean(size))
         if par.mode == "directions":
-            lp, lm = (jax.lax.all_gather(x, AXIS, tiled=True) for x in (lp, lm))
-        return parts.finish(spec, lp, lm, *rest)
+            # every device's L^+ and L^- in direction order; L_0 (the whole batch at theta)
+            # is the same on every device
+            losses = losses._replace(**{
+                k: jax.lax.all_gather(getattr(losses, k), AXIS, tiled=True)
+                for k in ("plus", "minus") if getattr(losses, k) is not None})
+        return parts.finish(spec, losses, *rest)
     return _smap(par, f, (_R, _R, _D) + (_R,) * 5, _R)(
         stored, key, hs, batch, gram_acc, pend, count, skipped_total)
 

@@ -31,6 +31,7 @@ from zo2_jax.core import parts
 from zo2_jax.core import spmd
 from zo2_jax.core import trees
 from zo2_jax.core.noise import OUTER_PART, as_key
+from zo2_jax.core.estimators import Estimator
 from zo2_jax.core.options import ZOOptions
 from zo2_jax.core.storage import Storage
 from zo2_jax.core.trees import tree_nbytes
@@ -102,7 +103,8 @@ class ZO2Engine:
                  *, eps: float = ZOOptions.eps, num_directions: int = ZOOptions.num_directions,
                  compute_dtype: Any = jnp.float32, storage: Optional[Storage] = None,
                  outer_storage: Optional[Storage] = None, clip_norm: Optional[float] = None,
-                 directions: str = ZOOptions.directions, plan: Optional[Plan] = None,
+                 directions: str = ZOOptions.directions,
+                 estimator: Union[str, Estimator] = ZOOptions.estimator, plan: Optional[Plan] = None,
                  resident_blocks: Union[int, Iterable[int]] = StreamOptions.resident_blocks,
                  max_inflight: Union[int, str] = StreamOptions.max_inflight,
                  device_budget_bytes: Optional[int] = None, batch_shape: Optional[tuple] = None,
@@ -117,7 +119,7 @@ class ZO2Engine:
         spec, params, make_block = common.prepare(
             model, params, tx, eps=eps, num_directions=num_directions,
             compute_dtype=compute_dtype, storage=storage, outer_storage=outer_storage,
-            clip_norm=clip_norm, directions=directions)
+            clip_norm=clip_norm, directions=directions, estimator=estimator)
         self.spec = spec
         n = self.num_blocks = len(params["blocks"])
         par = self._par = common.parallel_of(mesh, parallel, spec.num_directions)

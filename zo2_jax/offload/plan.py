@@ -176,6 +176,7 @@ def make_plan(model, params: PyTree, tx=None, *, eps: float = ZOOptions.eps,
               num_directions: int = ZOOptions.num_directions,
               compute_dtype: Any = jnp.float32, storage=None, outer_storage=None,
               clip_norm: Optional[float] = None, directions: str = ZOOptions.directions,
+              estimator: Any = ZOOptions.estimator,
               resident_blocks: Union[int, Iterable[int]] = StreamOptions.resident_blocks,
               max_inflight: Union[int, str] = StreamOptions.max_inflight,
               packed: Union[bool, str] = StreamOptions.packed,
@@ -190,7 +191,8 @@ def make_plan(model, params: PyTree, tx=None, *, eps: float = ZOOptions.eps,
     or under a device budget."""
     spec, params, _ = common.prepare(
         model, params, tx, eps=eps, num_directions=num_directions, compute_dtype=compute_dtype,
-        storage=storage, outer_storage=outer_storage, clip_norm=clip_norm, directions=directions)
+        storage=storage, outer_storage=outer_storage, clip_norm=clip_norm, directions=directions,
+        estimator=estimator)
     return plan_for(spec, params, resident_blocks=resident_blocks, max_inflight=max_inflight,
                     packed=packed, branches=branches, blocks_per_call=blocks_per_call,
                     device_budget_bytes=device_budget_bytes, batch_shape=batch_shape,

@@ -11,7 +11,7 @@ the step compiles once whatever the depth and needs one copy of the parameters.
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +22,7 @@ from zo2_jax.core import parts
 from zo2_jax.core import spmd
 from zo2_jax.core import trees
 from zo2_jax.core.noise import OUTER_PART, as_key
+from zo2_jax.core.estimators import Estimator
 from zo2_jax.core.options import ZOOptions
 from zo2_jax.core.storage import Storage
 
@@ -152,12 +153,13 @@ class MeZOEngine:
                  *, eps: float = ZOOptions.eps, num_directions: int = ZOOptions.num_directions,
                  compute_dtype: Any = jnp.float32, storage: Optional[Storage] = None,
                  outer_storage: Optional[Storage] = None, clip_norm: Optional[float] = None,
-                 directions: str = ZOOptions.directions, mesh=None,
+                 directions: str = ZOOptions.directions,
+                 estimator: Union[str, Estimator] = ZOOptions.estimator, mesh=None,
                  parallel: str = ZOOptions.parallel):
         spec, params, make_block = common.prepare(
             model, params, tx, eps=eps, num_directions=num_directions,
             compute_dtype=compute_dtype, storage=storage, outer_storage=outer_storage,
-            clip_norm=clip_norm, directions=directions)
+            clip_norm=clip_norm, directions=directions, estimator=estimator)
         self.spec = spec
         self.num_blocks = len(params["blocks"])
         self._par = common.parallel_of(mesh, parallel, spec.num_directions)

@@ -1,0 +1,216 @@
+"""The estimators beyond MeZO's (`zo2_jax.core.estimators`): each against its paper's definition
+and the exact directional derivative on the toy model, and ZO2 bit-identical to MeZO for each."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from _toy import MODEL, PARAMS, counting_batch
+from test_offload_exactness import assert_trees_identical, comparable_state
+from zo2_jax import Estimator, ZOOptions
+from zo2_jax.core.estimators import smallest_mask
+from zo2_jax.core.noise import OUTER_PART, part_noise
+from zo2_jax.offload import Storage, ZO2Engine
+from zo2_jax.zo import MeZOEngine, mezo_sgd
+
+EPS = 1e-3
+
+
+def _np_mask(x, fraction):
+    a = np.abs(np.asarray(x, np.float32)).ravel()
+    k = min(a.size, max(1, math.ceil(fraction * a.size)))
+    t = np.sort(a[~np.isnan(a)])[k - 1]
+    return (np.abs(np.asarray(x, np.float32)) <= t) & ~np.isnan(np.asarray(x))
+
+
+@pytest.mark.parametrize("fraction", [1e-6, 0.1, 0.25, 0.5, 0.999, 1.0])
+def test_smallest_mask_is_an_exact_selection(fraction):
+    rng = np.random.default_rng(0)
+    f = jax.jit(smallest_mask, static_argnums=1)
+    for x in (rng.normal(size=(37, 23)), np.round(rng.normal(size=(64, 8)), 1),  # ties
+              rng.normal(size=(5, 7, 3)) * 1e-30, np.array([[0.0, -0.0, 3.0, -2.0]])):
+        x = x.astype(np.float32)
+        got = np.asarray(f(jnp.asarray(x), fraction))
+        np.testing.assert_array_equal(got, _np_mask(x, fraction))
+        k = min(x.size, max(1, math.ceil(fraction * x.size)))
+        assert got.sum() >= k
+
+
+def test_smallest_mask_by_magnitude_never_a_nan():
+    x = jnp.asarray([[np.nan, 1.0, -0.5, 2.0], [-3.0, 0.25, np.inf, -np.inf]], jnp.float32)
+    got = np.asarray(smallest_mask(x, 0.5))  # the 4 smallest magnitudes: 0.25, 0.5, 1, 2
+    np.testing.assert_array_equal(got, [[False, True, True, True], [False, True, False, False]])
+    assert not np.asarray(smallest_mask(x, 1.0))[0, 0]  # NaN: never, even with fraction 1
+
+
+def _directions(key, j, params, fraction=None, kind="gaussian"):
+    """d_j of the whole model: z_j per part, masked to the smallest `fraction` of each matrix
+    (the numpy selection) when given."""
+    def shape(z, theta):
+        if fraction is None:
+            return z
+        return jax.tree.map(lambda z_, t: z_ * _np_mask(t, fraction) if t.ndim >= 2 else z_,
+                            z, theta)
+    return {"outer": shape(part_noise(key, j, OUTER_PART, params["outer"], kind),
+                           params["outer"]),
+            "blocks": [shape(part_noise(key, j, i, b, kind), b)
+                       for i, b in enumerate(params["blocks"])]}
+
+
+_loss = jax.jit(MODEL.loss)
+
+
+def _shifted(params, d, s):
+    return jax.tree.map(lambda p, z: p + s * EPS * z, params, d)
+
+
+def _directional_derivative(params, d, batch):
+    return float(jax.jvp(lambda p: MODEL.loss(p, batch), (params,), (d,))[1])
+
+
+def test_fzoo_step_is_the_papers_update():
+    """FZOO: L_0 at theta, L_j^+ at theta + eps u_j; g_j = (L_j^+ - L_0) / eps (the directional
+    derivative to first order); sigma the sample std of the L_j^+; theta' = theta - lr (1/q)
+    sum_j g_j / sigma u_j."""
+    q, lr = 4, 1e-2
+    engine = MeZOEngine(MODEL, PARAMS, mezo_sgd(lr), eps=EPS, num_directions=q,
+                        directions="rademacher", estimator="fzoo")
+    batch, key = counting_batch(jax.random.key(0)), jax.random.key(7)
+    m = engine.step(batch, key)
+    d = [_directions(key, j, PARAMS, kind="rademacher") for j in range(q)]
+    for z in d:
+        assert all(set(np.unique(np.asarray(x))) <= {-1.0, 1.0} for x in jax.tree.leaves(z))
+    l0 = float(_loss(PARAMS, batch))
+    lp = np.array([float(_loss(_shifted(PARAMS, z, 1.0), batch)) for z in d])
+    np.testing.assert_allclose(float(m["loss"]), l0, rtol=1e-6)
+    np.testing.assert_allclose(float(m["loss_plus"]), lp.mean(), rtol=1e-6)
+    g = np.asarray(m["projected_grad"], np.float64)
+    # float32 losses near 3.4, differences of about 1e-3: g is known to about 1e-3
+    np.testing.assert_allclose(g, (lp - l0) / EPS, atol=2e-3)
+    exact = np.array([_directional_derivative(PARAMS, z, batch) for z in d])
+    np.testing.assert_allclose(g, exact, rtol=0.05, atol=0.02)
+    sigma = float(m["loss_spread"])
+    np.testing.assert_allclose(sigma, np.std(lp, ddof=1), rtol=2e-2)
+    coef = np.asarray(engine.state()["pending"]["coef"])
+    np.testing.assert_allclose(coef, g / (q * sigma), rtol=1e-6)
+    engine.flush()
+    want = jax.tree.map(lambda p, *zs: p - lr * sum(c * z for c, z in zip(coef, zs)),
+                        PARAMS, *d)
+    for a, b in zip(jax.tree.leaves(engine.params()), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_fzoo_applies_nothing_when_the_perturbed_losses_are_equal():
+    """sigma = 0 (here: eps so small that every perturbed loss rounds to L_0) gives a step of
+    zero, not a division by zero."""
+    engine = MeZOEngine(MODEL, PARAMS, mezo_sgd(1.0), eps=1e-30, num_directions=2,
+                        estimator="fzoo")
+    m = engine.step(counting_batch(jax.random.key(0)), jax.random.key(1))
+    assert float(m["loss_spread"]) == 0.0 and int(m["skipped"]) == 0
+    np.testing.assert_array_equal(np.asarray(engine.state()["pending"]["coef"]), 0.0)
+    engine.flush()
+    assert_trees_identical(engine.params(), PARAMS, "a zero step")
+
+
+def test_sparse_step_perturbs_and_updates_only_the_smallest_entries():
+    """Sparse-MeZO: each matrix perturbed and updated only on its `fraction` smallest
+    magnitudes (mask from the values the step perturbed); vectors dense; MeZO's two-sided g."""
+    q, lr, fraction = 2, 1e-2, 0.3
+    engine = MeZOEngine(MODEL, PARAMS, mezo_sgd(lr), eps=EPS, num_directions=q,
+                        estimator=Estimator("sparse", fraction=fraction))
+    batch, key = counting_batch(jax.random.key(0)), jax.random.key(3)
+    m = engine.step(batch, key)
+    d = [_directions(key, j, PARAMS, fraction) for j in range(q)]
+    lp = np.array([float(_loss(_shifted(PARAMS, z, 1.0), batch)) for z in d])
+    lm = np.array([float(_loss(_shifted(PARAMS, z, -1.0), batch)) for z in d])
+    np.testing.assert_allclose(float(m["loss_plus"]), lp.mean(), rtol=1e-6)
+    np.testing.assert_allclose(float(m["loss_minus"]), lm.mean(), rtol=1e-6)
+    g = np.asarray(m["projected_grad"], np.float64)
+    exact = np.array([_directional_derivative(PARAMS, z, batch) for z in d])
+    np.testing.assert_allclose(g, exact, rtol=0.02, atol=0.01)
+    coef = np.asarray(engine.state()["pending"]["coef"])
+    engine.flush()
+    new = engine.params()
+    want = jax.tree.map(lambda p, *zs: p - lr * sum(c * z for c, z in zip(coef, zs)),
+                        PARAMS, *d)
+    for a, b, p in zip(jax.tree.leaves(new), jax.tree.leaves(want), jax.tree.leaves(PARAMS)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+        if p.ndim >= 2:  # outside the mask: untouched, bit for bit
+            keep = ~_np_mask(p, fraction)
+            np.testing.assert_array_equal(np.asarray(a)[keep], np.asarray(p)[keep])
+            assert np.sum(np.asarray(a) != np.asarray(p)) <= math.ceil(fraction * p.size)
+        else:
+            assert np.all(np.asarray(a) != np.asarray(p))  # dense
+
+
+def _run_pair(kw, zo2_kw, steps=3):
+    mezo, zo2 = MeZOEngine(MODEL, PARAMS, **kw), ZO2Engine(MODEL, PARAMS, **zo2_kw, **kw)
+    for t in range(steps):
+        batch, key = counting_batch(jax.random.key(t)), jax.random.key(50 + t)
+        m1, m2 = mezo.step(batch, key), zo2.step(batch, key)
+        assert set(m1) == set(m2)
+        for k in m1:
+            assert np.array_equal(np.asarray(m1[k]), np.asarray(m2[k])), (t, k, m1[k], m2[k])
+    assert_trees_identical(comparable_state(mezo), comparable_state(zo2), "state")
+    assert_trees_identical(mezo.params(), zo2.params(), "params")
+    return mezo, zo2
+
+
+SR_BF16 = Storage("bfloat16", rounding="stochastic")
+PAIRS = {
+    "fzoo-q3-rademacher-bf16sr-streamed": (
+        dict(tx=mezo_sgd(1e-3), num_directions=3, directions="rademacher", estimator="fzoo",
+             storage=SR_BF16), dict(resident_blocks=0, max_inflight=2, blocks_per_call=1)),
+    "sparse-q2-momentum-sequential": (
+        dict(tx=optax.sgd(1e-3, momentum=0.9), num_directions=2,
+             estimator=Estimator("sparse", fraction=0.3)),
+        dict(resident_blocks=1, branches="sequential")),
+    "fzoo-q2-clip-int8sr-sequential": (
+        dict(tx=mezo_sgd(1e-3), num_directions=2, estimator="fzoo", clip_norm=0.5,
+             storage=Storage("int8", rounding="stochastic")),
+        dict(resident_blocks=0, max_inflight=3, branches="sequential", blocks_per_call=2)),
+    "sparse-q1-adam-bf16-compute-clip": (
+        dict(tx=optax.adam(1e-3), estimator=Estimator("sparse", fraction=0.1), clip_norm=0.5,
+             storage=SR_BF16, compute_dtype=jnp.bfloat16), dict(resident_blocks=0)),
+}
+SLOW_PAIRS = {"fzoo-q2-clip-int8sr-sequential", "sparse-q1-adam-bf16-compute-clip"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_PAIRS
+                                  else n for n in PAIRS])
+def test_zo2_matches_mezo_bit_for_bit(name):
+    kw, zo2_kw = PAIRS[name]
+    _run_pair(kw, zo2_kw)
+
+
+def test_bad_estimator_options():
+    with pytest.raises(ValueError, match="estimator must be one of"):
+        MeZOEngine(MODEL, PARAMS, estimator="adam")
+    with pytest.raises(ValueError, match="num_directions >= 2"):
+        ZO2Engine(MODEL, PARAMS, estimator="fzoo")
+    for bad in (0, 1.5, float("nan"), True):
+        with pytest.raises(ValueError, match=r"fraction must be a number in \(0, 1\]"):
+            Estimator("sparse", fraction=bad)
+    with pytest.raises(TypeError, match="estimator must be a name"):
+        MeZOEngine(MODEL, PARAMS, estimator=3)
+    with pytest.raises(ValueError, match="num_directions >= 2"):
+        ZOOptions(estimator="fzoo")
+    with pytest.raises(ValueError, match="sparse_fraction"):
+        ZOOptions(sparse_fraction=-1)
+    assert ZOOptions(estimator="sparse", sparse_fraction=0.5).engine_kwargs()["estimator"] == \
+        Estimator("sparse", 0.5)
+
+
+def test_a_state_does_not_switch_estimator():
+    a = MeZOEngine(MODEL, PARAMS, num_directions=2)
+    b = MeZOEngine(MODEL, PARAMS, num_directions=2, estimator="fzoo")
+    c = MeZOEngine(MODEL, PARAMS, num_directions=2, estimator=Estimator("sparse", 0.5))
+    with pytest.raises(ValueError, match="estimator"):
+        b.restore(a.state())
+    with pytest.raises(ValueError, match="estimator"):
+        c.restore(MeZOEngine(MODEL, PARAMS, num_directions=2,
+                             estimator=Estimator("sparse", 0.25)).state())

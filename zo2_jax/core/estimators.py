@@ -1,0 +1,133 @@
+"""Zeroth-order estimators: which forward passes a step runs, along which directions, and how the
+step's coefficients come from the losses.
+
+Every estimator here needs, while a part is on the device, only the part itself, the step's key
+and a few scalars, so it streams like MeZO-SGD (`parts` runs it for both engines):
+
+- "mezo" (MeZO, arXiv 2305.17333): two-sided SPSA. For each of q directions z_j, the losses
+  L_j^+- at theta +- eps z_j; g_j = (L_j^+ - L_j^-) / (2 eps), coefficient c_j = g_j / q.
+  2q forward passes a step.
+- "fzoo" (FZOO, Dang et al. 2025, arXiv 2506.09034): one-sided, with the unperturbed loss L_0
+  shared by all q directions: g_j = (L_j^+ - L_0) / eps, and the step normalised by the spread
+  of the perturbed losses, c_j = g_j / (q sigma), sigma the sample standard deviation of the
+  L_j^+ (a step whose perturbed losses are all equal applies nothing). q + 1 forward passes a
+  step; q >= 2. The paper draws Rademacher directions (`directions="rademacher"`). The update
+  is then lr * normalised gradient: FZOO's learning rates are not MeZO's (sigma is about
+  eps * |grad|).
+- "sparse" (Sparse-MeZO, Liu et al. 2024, arXiv 2402.15751): MeZO's two-sided estimate with
+  each matrix perturbed (and updated) only in its `fraction` of smallest-magnitude entries.
+  The mask is computed on the device from the part's stored values each time a direction is
+  made (`smallest_mask`: an exact selection, so both engines, every mesh and the deferred
+  update see the same mask); nothing is stored. Vectors (biases, norm scales) stay dense.
+  2q forward passes a step, and about 32 extra passes over each matrix to select its mask.
+
+The coefficients c_j multiply the directions d_j in the estimate sum_j c_j d_j that `tx`
+receives, so every estimator composes with any optax transform.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+ESTIMATORS = ("mezo", "fzoo", "sparse")
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimator:
+    """A zeroth-order estimator (see the module docstring). Hashable: part of the engines' Spec.
+
+    Attributes:
+      name: "mezo", "fzoo" or "sparse".
+      fraction: "sparse": the fraction of each matrix perturbed (its smallest magnitudes), in
+        (0, 1]; 1 perturbs everything (MeZO's directions).
+    """
+
+    name: str = "mezo"
+    fraction: float = 0.25
+
+    def __post_init__(self):
+        if self.name not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.name!r}")
+        f = self.fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not (
+                math.isfinite(f) and 0 < f <= 1):
+            raise ValueError(f"the sparse estimator's fraction must be a number in (0, 1], got "
+                             f"{f!r}")
+        object.__setattr__(self, "fraction", float(f))
+
+    def __str__(self) -> str:
+        return f"sparse(fraction={self.fraction:g})" if self.name == "sparse" else self.name
+
+    @property
+    def one_sided(self) -> bool:
+        """Whether the branches are L_0 and the L_j^+ (FZOO), not the L_j^+ and L_j^-."""
+        return self.name == "fzoo"
+
+    def check_directions(self, num_directions: int) -> None:
+        if self.one_sided and num_directions < 2:
+            raise ValueError(f"the fzoo estimator normalises by the spread of its perturbed "
+                             f"losses: it needs num_directions >= 2, got {num_directions}")
+
+    def forward_passes(self, num_directions: int) -> int:
+        """Forward passes of a step with q directions (one device)."""
+        return num_directions + 1 if self.one_sided else 2 * num_directions
+
+    def branches(self, k: int) -> list:
+        """The forward branches of a step over k directions, in the order their hidden states
+        are carried: (i, sign) for the i-th direction with sign +1 / -1, or (None, 0) for the
+        unperturbed one."""
+        if self.one_sided:
+            return [(None, 0)] + [(i, 1) for i in range(k)]
+        return [(i, s) for i in range(k) for s in (1, -1)]
+
+    def shaper(self, theta: PyTree) -> Optional[Callable[[PyTree], PyTree]]:
+        """The map from raw directions z to the estimator's d (a function of the part's values
+        `theta`, float32), or None where d = z."""
+        if self.name != "sparse" or self.fraction >= 1.0:
+            return None
+        masks = jax.tree.map(lambda t: smallest_mask(t, self.fraction) if t.ndim >= 2 else None,
+                             theta)
+        return lambda z: jax.tree.map(
+            lambda z_, m: z_ if m is None else jnp.where(m, z_, jnp.zeros_like(z_)), z, masks,
+            is_leaf=lambda x: x is None)
+
+
+def as_estimator(value) -> Estimator:
+    """An Estimator from an Estimator or its name."""
+    if isinstance(value, Estimator):
+        return value
+    if isinstance(value, str):
+        return Estimator(value)
+    raise TypeError(f"estimator must be a name ({', '.join(ESTIMATORS)}) or a "
+                    f"zo2_jax.Estimator, got {type(value).__name__}")
+
+
+def smallest_mask(x: jax.Array, fraction: float) -> jax.Array:
+    """True on the ceil(fraction * size) entries of `x` of smallest magnitude (and on entries
+    tied with the largest of them), False elsewhere and on NaNs.
+
+    The threshold is found exactly, with no sort: the bit patterns of non-negative float32
+    values order like the values, so a binary search over the 2^31 patterns (31 counting passes
+    over `x`) finds the smallest t with at least k entries <= t. Counts are integers, so the
+    mask is the same whatever program (or sharding) computes it."""
+    a = jax.lax.bitcast_convert_type(jnp.abs(x.astype(jnp.float32)), jnp.uint32)
+    k = min(x.size, max(1, math.ceil(fraction * x.size)))
+
+    def step(_, lohi):
+        lo, hi = lohi
+        mid = lo + (hi - lo) // 2
+        enough = jnp.sum((a <= mid).astype(jnp.int32)) >= k
+        return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+
+    # +inf is 0x7F800000; NaNs (above it) are never selected
+    lo, hi = jax.lax.fori_loop(0, 31, step, (jnp.uint32(0), jnp.uint32(0x7F800000)))
+    return a <= hi
+
+
+__all__ = ["ESTIMATORS", "Estimator", "as_estimator", "smallest_mask"]
