@@ -297,7 +297,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> Result:
         bar = None
         if cfg.progress and primary:
             from tqdm.auto import tqdm
-            bar = tqdm(total=cfg.steps, initial=start, desc=f"{cfg.engine} {cfg.optimizer}",
+            bar = tqdm(total=cfg.steps, initial=start,
+                       desc=f"{cfg.engine} {cfg.zo.estimator} {cfg.optimizer}",
                        dynamic_ncols=True)
         pending, skipped, t_prev = None, 0, time.perf_counter()
         with _DeferInterrupt(log) as stop:  # a Ctrl-C ends the loop between steps

@@ -1,0 +1,76 @@
+"""benchmarks/time_to_accuracy.py: its method syntax, its held-out standard-library task, its
+target arithmetic, and (slow) a whole run on a tiny model as a user runs it."""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "time_to_accuracy.py")
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import time_to_accuracy as tta  # noqa: E402
+
+
+def test_method_syntax():
+    m = tta.parse_method("sparse:q=2:lr=1e-5:fraction=0.1")
+    assert (m["name"], m["q"], m["lr"], m["fraction"], m["directions"]) == (
+        "sparse", 2, 1e-5, 0.1, "rademacher")
+    assert tta.passes_per_step(m) == 4
+    assert tta.passes_per_step(tta.parse_method("fzoo:q=4:lr=1")) == 5
+    for bad, why in (("adam:lr=1", "must be one of"), ("mezo", "give its lr"),
+                     ("mezo:lr=1:q", "not key=value"), ("mezo:lr=x", "bad value for lr"),
+                     ("mezo:lr=1:beta=2", "not key=value")):
+        with pytest.raises(argparse.ArgumentTypeError, match=why):
+            tta.parse_method(bad)
+
+
+def test_stdlib_task_holds_out_whole_modules():
+    train, ev = tta.stdlib_docs(max_chars=300_000)
+    assert train and ev
+    assert sum(map(len, train)) < 300_000 + max(map(len, train))  # the cap holds
+    assert (train, ev) == tta.stdlib_docs(max_chars=300_000)  # the same split every time
+    train, ev = tta.stdlib_docs(max_chars=10**10)  # all of it: about a tenth held out
+    assert not set(train) & set(ev)  # a module is on one side only
+    assert 0.05 < len(ev) / (len(ev) + len(train)) < 0.2
+
+
+def test_reach():
+    pts = [(0, 0.0, 0.5), (10, 1.0, 0.6), (20, 2.0, 0.8)]
+    assert tta.reach(pts, 0.6, higher=True) == (10, 1.0)
+    assert tta.reach(pts, 0.9, higher=True) == (None, None)
+    assert tta.reach([(0, 0.0, 3.0), (5, 0.5, 2.0)], 2.5, higher=False) == (5, 0.5)
+
+
+@pytest.mark.slow
+def test_a_run_on_a_tiny_model(tmp_path):
+    from _tiny import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "model")
+    out, png = tmp_path / "tta.jsonl", tmp_path / "tta.png"
+    r = subprocess.run([sys.executable, SCRIPT, "--model", model, "--task", "sentiment",
+                        "--budget", "12", "--eval-every", "6", "--seeds", "0,1",
+                        "--batch-size", "4", "--method", "mezo:q=1:lr=1e-3",
+                        "--method", "fzoo:q=2:lr=1e-4", "--out", str(out), "--plot", str(png)],
+                       capture_output=True, text=True, timeout=900,
+                       env={**os.environ, "PYTHONPATH": ROOT})
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in open(out)]
+    points = [x for x in rows if x.get("kind") != "summary"]
+    # mezo: 2 passes a step, 6 steps, evals after 3 and 6; fzoo: 3 passes, 4 steps, evals 2, 4
+    for method, passes in (("mezo(q=1,lr=0.001)", [0, 6, 12]), ("fzoo(q=2,lr=0.0001)", [0, 6, 12])):
+        for seed in (0, 1):
+            got = [x["forward_passes"] for x in points if x["method"] == method
+                   and x["seed"] == seed]
+            assert got == passes, (method, seed, got)
+    summary = {x["method"]: x for x in rows if x.get("kind") == "summary"}
+    assert set(summary) == {"mezo(q=1,lr=0.001)", "fzoo(q=2,lr=0.0001)"}
+    base = summary["mezo(q=1,lr=0.001)"]
+    assert base["passes_to_target_mean"] is not None  # the baseline reaches its own mean final
+    assert all(0 <= x["accuracy"] <= 1 for x in points)
+    assert png.stat().st_size > 1000
+    assert "passes to target" in r.stdout
