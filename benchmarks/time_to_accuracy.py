@@ -96,6 +96,8 @@ def stdlib_docs(max_chars: int = 4_000_000) -> tuple[list, list]:
                     text = fh.read()
             except (UnicodeDecodeError, OSError):
                 continue
+            if not text.strip():  # an empty __init__.py
+                continue
             (ev if held else train).append(text)
             sizes[side] += len(text)
     if not train or not ev:
