@@ -76,10 +76,10 @@ def passes_per_step(m: dict) -> int:
 
 def stdlib_docs(max_chars: int = 4_000_000) -> tuple[list, list]:
     """(train, eval) source texts of the standard library's .py modules (tests, site-packages
-    and idlelib left out), split by a hash of the module's path: about a tenth held out. Each
-    side stops at `max_chars`."""
+    and idlelib left out; each text once), split by a hash of the module's path: about a tenth
+    held out. Each side stops at `max_chars`."""
     root = sysconfig.get_paths()["stdlib"]
-    train, ev, sizes = [], [], [0, 0]
+    train, ev, sizes, seen = [], [], [0, 0], set()
     for dirpath, dirnames, files in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in (
             "test", "tests", "site-packages", "idlelib", "__pycache__", "dist-packages"))
@@ -96,8 +96,10 @@ def stdlib_docs(max_chars: int = 4_000_000) -> tuple[list, list]:
                     text = fh.read()
             except (UnicodeDecodeError, OSError):
                 continue
-            if not text.strip():  # an empty __init__.py
+            digest = hashlib.sha256(text.encode()).digest()
+            if not text.strip() or digest in seen:  # an empty __init__.py, a copied file
                 continue
+            seen.add(digest)
             (ev if held else train).append(text)
             sizes[side] += len(text)
     if not train or not ev:
