@@ -65,7 +65,12 @@ ROW_KEYS = {  # key -> parser of its value
     "max_inflight": int, "blocks_per_call": int, "resident_blocks": int,
     "packed": lambda v: _yes_no[_choice(v, ("yes", "no"))],
     "branches": lambda v: _choice(v, ("fused", "sequential")),
+    # the estimate (both engines): directions per step, the estimator, the distribution of z
+    "q": int,
+    "estimator": lambda v: _choice(v, ("mezo", "fzoo", "sparse")),
+    "directions": lambda v: _choice(v, ("gaussian", "rademacher")),
 }
+ESTIMATE_DEFAULTS = {"q": 1, "estimator": "mezo", "directions": "gaussian"}
 
 
 def _choice(v: str, allowed: tuple) -> str:
@@ -94,6 +99,10 @@ def parse_row(text: str, defaults: dict) -> dict:
         except (ValueError, KeyError) as e:
             raise SystemExit(f"--row {text!r}: {key}={value!r}: {e}")
         (row["engine_asked"] if key in ENGINE_KEYS else row)[key] = parsed
+    for key, value in ESTIMATE_DEFAULTS.items():
+        row.setdefault(key, value)
+    if row["q"] < 1 or (row["estimator"] == "fzoo" and row["q"] < 2):
+        raise SystemExit(f"--row {text!r}: q must be >= 1 (>= 2 with estimator=fzoo)")
     return row
 
 
@@ -323,7 +332,9 @@ def measure(row: dict, save, say) -> dict:
     init_dtype = jnp.float32 if row["storage"] == "float32" else jnp.bfloat16
     batch = make_batch(cfg, row["batch"], row["seq"])
     common = dict(eps=1e-3, compute_dtype=compute,
-                  storage=Storage(row["storage"], rounding=row["rounding"]))
+                  storage=Storage(row["storage"], rounding=row["rounding"]),
+                  num_directions=row.get("q", 1), estimator=row.get("estimator", "mezo"),
+                  directions=row.get("directions", "gaussian"))
     stats = lambda: dev.memory_stats() or {}  # noqa: E731  (None on some backends)
     for name in ("zo2", "mezo"):
         if name == "mezo":

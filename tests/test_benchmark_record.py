@@ -145,6 +145,8 @@ def matrix(*args, timeout=900):
     (["--row", "opt_1_3b"], "expected MODEL:BATCHxSEQ"),
     (["--row", "tiny:1x16,foo=1"], "unknown key 'foo'"),
     (["--row", "tiny:1x16,packed=maybe"], "packed='maybe'"),
+    (["--row", "tiny:1x16,estimator=fzoo"], "q must be >= 1 (>= 2 with estimator=fzoo)"),
+    (["--row", "tiny:1x16,estimator=adam"], "estimator='adam'"),
     (["--row", "tiny:1x16", "--code", "new=/nonexistent"], "checkout with zo2_jax/"),
 ])
 def test_matrix_refuses_bad_rows_and_trees(args, message):
@@ -171,7 +173,8 @@ def test_matrix_names_the_commit_of_a_tree_without_git(tmp_path):
 def test_matrix_writes_a_row_per_row_and_code_failures_included(tmp_path):
     out = tmp_path / "record.jsonl"
     common = ["--code", "new=.", "--out", str(out), "--bandwidth-mib", "4"]
-    proc = matrix(*common, "--row", "tiny:1x16,vocab=256", "--row", "nope:1x16",
+    proc = matrix(*common, "--row", "tiny:1x16,vocab=256,q=2,estimator=fzoo,directions=rademacher",
+                  "--row", "nope:1x16",
                   "--steps", "2", "--warmup", "1", "--call", "t1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     # a row that cannot finish in its time limit (OPT-1.3B on a CPU), and one past the call's
@@ -192,6 +195,7 @@ def test_matrix_writes_a_row_per_row_and_code_failures_included(tmp_path):
     assert ok["card"] == "cpu" and ok["jax"] and ok["repeat"] == 0
     assert ok["date"] == datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     assert "matrix.py" in ok["command"] and "--row tiny:1x16,vocab=256" in ok["command"]
+    assert (ok["q"], ok["estimator"], ok["directions"]) == (2, "fzoo", "rademacher")
     assert (ok["layers"], ok["vocab"], ok["batch"], ok["seq"]) == (2, 256, 1, 16)
     assert (ok["storage"], ok["compute"], ok["step_stat"]) == ("bfloat16", "bfloat16", "median")
     for name in ("zo2", "mezo"):  # MeZO fits: it ran in the same process

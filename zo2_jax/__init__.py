@@ -31,9 +31,8 @@ _EXPORTS = {
                        "generate", "load", "load_tokenizer", "logits", "per_example_loss",
                        "preset", "save_pretrained"],
     "zo2_jax.core.storage": ["Int8Leaf", "Storage"],
-    "zo2_jax.core.estimators": ["Estimator"],
-    "zo2_jax.zo": ["MeZOEngine", "MeZOSGD", "MeZOSGDState", "ZOGrad", "apply_zo_grad",
-                   "ZOOptions", "mezo_sgd", "zo_value_and_grad"],
+    "zo2_jax.zo": ["Estimator", "MeZOEngine", "MeZOSGD", "MeZOSGDState", "ZOGrad",
+                   "apply_zo_grad", "ZOOptions", "mezo_sgd", "zo_value_and_grad"],
     "zo2_jax.offload": ["HostMemoryError", "Plan", "StreamOptions", "ZO2Engine", "make_plan"],
     # not `train` itself: `zo2_jax.train` is the subpackage (`zo2_jax.train.train(config)`)
     "zo2_jax.train": ["Checkpointer", "Result", "TrainConfig", "evaluate"],
@@ -60,7 +59,6 @@ def __dir__():
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
-    from zo2_jax.core.estimators import Estimator  # noqa: F401
     from zo2_jax.core.storage import Int8Leaf, Storage  # noqa: F401
     from zo2_jax.models import (CheckpointError, DecoderConfig, Model,  # noqa: F401
                                 UnsupportedModelError, generate, load, load_tokenizer, logits,
@@ -68,5 +66,5 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from zo2_jax.offload import (HostMemoryError, Plan, StreamOptions, ZO2Engine,  # noqa: F401
                                  make_plan)
     from zo2_jax.train import Checkpointer, Result, TrainConfig, evaluate  # noqa: F401
-    from zo2_jax.zo import (MeZOEngine, MeZOSGD, MeZOSGDState, ZOGrad,  # noqa: F401
+    from zo2_jax.zo import (Estimator, MeZOEngine, MeZOSGD, MeZOSGDState, ZOGrad,  # noqa: F401
                             ZOOptions, apply_zo_grad, mezo_sgd, zo_value_and_grad)
