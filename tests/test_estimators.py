@@ -72,6 +72,15 @@ def _directional_derivative(params, d, batch):
     return float(jax.jvp(lambda p: MODEL.loss(p, batch), (params,), (d,))[1])
 
 
+@pytest.fixture
+def exact_matmuls():
+    """float32 matrix products in full precision (a GPU's default, TF32, moves a loss by about
+    1e-4 of itself, which (L^+ - L_0) / eps magnifies a thousandfold)."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
+@pytest.mark.usefixtures("exact_matmuls")
 def test_fzoo_step_is_the_papers_update():
     """FZOO: L_0 at theta, L_j^+ at theta + eps u_j; g_j = (L_j^+ - L_0) / eps (the directional
     derivative to first order); sigma the sample std of the L_j^+; theta' = theta - lr (1/q)
@@ -116,6 +125,7 @@ def test_fzoo_applies_nothing_when_the_perturbed_losses_are_equal():
     assert_trees_identical(engine.params(), PARAMS, "a zero step")
 
 
+@pytest.mark.usefixtures("exact_matmuls")
 def test_sparse_step_perturbs_and_updates_only_the_smallest_entries():
     """Sparse-MeZO: each matrix perturbed and updated only on its `fraction` smallest
     magnitudes (mask from the values the step perturbed); vectors dense; MeZO's two-sided g."""
