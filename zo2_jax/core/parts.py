@@ -14,6 +14,9 @@ Step t with key k_t, pending (k_{t-1}, c_{t-1}, valid_{t-1}) from step t-1, for 
 then at the head  L_j^+- = mean_b loss_b(W_j^+-),  g_j = (L_j^+ - L_j^-) / (2 eps)  and
 c_{t,j} = g_j / q (times min(1, clip / ||sum_j c_j z_j||) with clip_norm), so the update is
 theta <- theta - lr * (1/q) sum_j g_j z_j for MeZO's rule, or any optax transform of that estimate.
+That is MeZO's estimator; the others (`Spec.estimator`, `zo2_jax.core.estimators`) change which
+branches run (FZOO: theta and the theta + eps d_j), the directions (Sparse-MeZO: d_j = z_j masked
+to each matrix's smallest magnitudes) and the coefficients c_j; the stages below are the same.
 
 Bit-identical across engines: MeZO compiles the stages into one function (a loop over stacked
 blocks), ZO2 into one function per stage and unit. XLA optimises across whatever it sees: it CSEs
@@ -233,8 +236,8 @@ def _branch_weights(spec: Spec, theta, z, sign: int):
 # ---- the three stages of a training step -------------------------------------------------------
 
 def outer_embed(spec: Spec, stored, opt, pend: Pending, count, key, batch, dirs=None):
-    """Updates `outer`, embeds the branches of `dirs` (default all 2q): (stored, opt, hs, ctx,
-    gram or None)."""
+    """Updates `outer`, embeds the branches (`branches_of`) of `dirs` (default all q directions):
+    (stored, opt, hs, ctx, gram or None)."""
     stored, opt = update_part(spec, "outer", stored, opt, pend, count, OUTER_PART)
     key, batch = _pin((key, batch))
     ctx = spec.model.context(batch)
@@ -274,7 +277,7 @@ def _sequential_branches(spec: Spec, stored, part_id, key, hs, ctx, gram_acc, di
 
 def block_step(spec: Spec, stored, opt, pend: Pending, count, part_id, key, hs, ctx, gram_acc,
                branches: str = "fused"):
-    """Updates block `part_id` and runs the 2q branches through it: (stored, opt, hs, gram).
+    """Updates block `part_id` and runs the step's branches through it: (stored, opt, hs, gram).
 
     `branches` schedules the branches: "fused" makes the +eps and -eps weights of each matrix
     in one pass (z generated once, both copies alive together); "sequential" runs one branch
@@ -286,7 +289,7 @@ def block_step(spec: Spec, stored, opt, pend: Pending, count, part_id, key, hs, 
 
 def block_forward(spec: Spec, stored, part_id, key, hs, ctx, gram_acc, branches: str = "fused",
                   dirs=None):
-    """The branches of `dirs` (default all 2q) through block `part_id` as stored (already
+    """The branches of `dirs` (default all q) through block `part_id` as stored (already
     updated): (hs, gram). `block_step` without the update (a mesh runs the update on its
     shards, and this on the gathered block)."""
     if branches not in BRANCHES:
@@ -303,7 +306,7 @@ def block_forward(spec: Spec, stored, part_id, key, hs, ctx, gram_acc, branches:
 
 
 def head_finish(spec: Spec, stored, key, hs, batch, gram_acc, pend: Pending, count, skipped_total):
-    """Losses of the 2q branches, the projected gradients, the new pending update and metrics.
+    """Losses of the branches, the projected gradients, the new pending update and metrics.
 
     Returns (pending, count, skipped_total, metrics); count counts applied updates, so it grows
     by one if the update applied during this step (the previous pending one) was valid.

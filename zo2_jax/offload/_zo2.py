@@ -5,7 +5,8 @@ in a unit of consecutive blocks, and while it is on the device one jitted call (
 each block of the unit:
 
 1. applies the deferred update of step t-1 (z regenerated from k_{t-1}, scaled by g_{t-1});
-2. runs the 2q perturbed branches (theta' +- eps z_j(k_t)) on the hidden states it carries;
+2. runs the perturbed branches (theta' +- eps z_j(k_t); see `estimator`) on the hidden states it
+   carries;
 3. returns the updated block, which is written back to pinned host memory.
 
 The projected gradient stays a device scalar: no host synchronisation between steps. `flush()`
@@ -55,7 +56,7 @@ class ZO2Engine:
 
     Same update as `zo2_jax.zo.MeZOEngine` (see there for the math and the common arguments:
     model, params, tx, eps, num_directions, compute_dtype, storage, outer_storage, clip_norm,
-    directions). Results are bit-identical to MeZOEngine's for any placement below.
+    directions, estimator). Results are bit-identical to MeZOEngine's for any placement below.
 
     Placement (decided by `zo2_jax.offload.make_plan`, which holds every "auto" rule; the
     engine's choice is `engine.plan`, printable):
@@ -104,7 +105,8 @@ class ZO2Engine:
                  compute_dtype: Any = jnp.float32, storage: Optional[Storage] = None,
                  outer_storage: Optional[Storage] = None, clip_norm: Optional[float] = None,
                  directions: str = ZOOptions.directions,
-                 estimator: Union[str, Estimator] = ZOOptions.estimator, plan: Optional[Plan] = None,
+                 estimator: Union[str, Estimator] = ZOOptions.estimator,
+                 plan: Optional[Plan] = None,
                  resident_blocks: Union[int, Iterable[int]] = StreamOptions.resident_blocks,
                  max_inflight: Union[int, str] = StreamOptions.max_inflight,
                  device_budget_bytes: Optional[int] = None, batch_shape: Optional[tuple] = None,

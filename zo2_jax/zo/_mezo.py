@@ -123,7 +123,7 @@ class MeZOEngine:
         custom transform hiding it would clip each part by its own norm): use `clip_norm`.
         `mezo_sgd(...)` (the default, lr 1e-6) is fused into one elementwise update.
       eps: perturbation scale (> 0).
-      num_directions: q, SPSA directions per step (2q forward passes).
+      num_directions: q, SPSA directions per step (2q forward passes; FZOO's q + 1).
       compute_dtype: dtype of the perturbed weights fed to the model (float32 or bfloat16).
       storage: how parameters are kept between steps (`Storage`); updates are computed in float32.
       outer_storage: storage of `outer` (defaults to `storage`).
@@ -134,6 +134,9 @@ class MeZOEngine:
       directions: 'gaussian' (MeZO's z ~ N(0, I)) or 'rademacher' (z in {-1, +1}^d, Spall's
         SPSA: also E[z z^T] = I, a lower-variance estimate, and ~30x cheaper to generate, which
         matters where the noise, not the forward pass, bounds the step, e.g. small models on CPU).
+      estimator: "mezo" (two-sided SPSA, the default), "fzoo" or "sparse", or a
+        `zo2_jax.Estimator` (e.g. `Estimator("sparse", fraction=0.25)`); see
+        `zo2_jax.core.estimators`. Bit-identical between the engines for each.
       mesh: run on several devices (`zo2_jax.core.spmd`): a device count (the first n of
         `jax.devices()`), a list of devices or a 1-D `jax.sharding.Mesh`; the stacked blocks are
         sharded leaf by leaf over it, `outer` replicated. None (default) or one device: one
