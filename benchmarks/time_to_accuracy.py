@@ -13,7 +13,9 @@ Tasks (the model: the shipped SmolLM2-135M-Instruct GGUF unless `--model`):
 
 A method is `NAME:key=value:...` with NAME an estimator (mezo, fzoo, sparse) and keys q
 (directions), lr, fraction (sparse), eps, directions (gaussian / rademacher, default
-rademacher). Every method gets the same number of forward passes (`--budget`): its steps are
+rademacher). Several comma-separated lrs (`lr=1e-7,3e-7,1e-6`) are swept first: each runs the
+first seed on `--sweep-budget` forward passes, and the best final value picks the lr the seeds
+run with (sweep rows have kind "sweep"; the choice is a row of kind "sweep_choice"). Every method gets the same number of forward passes (`--budget`): its steps are
 the budget over its passes per step (MeZO-SGD and sparse 2q, FZOO q + 1), evaluated every
 `--eval-every` passes. Seconds are training time only: the step time summed, evaluations and
 compilation left out (each method compiles on a warm-up engine first).
@@ -38,7 +40,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-METHOD_KEYS = {"q": int, "lr": float, "fraction": float, "eps": float, "directions": str}
+def _lrs(text: str) -> list:
+    lrs = [float(x) for x in text.split(",")]
+    if not lrs or any(not (x > 0 and x < float("inf")) for x in lrs):
+        raise ValueError(text)
+    return lrs
+
+
+METHOD_KEYS = {"q": int, "lr": _lrs, "fraction": float, "eps": float, "directions": str}
 
 
 def parse_method(text: str) -> dict:
@@ -62,6 +71,7 @@ def parse_method(text: str) -> dict:
             raise argparse.ArgumentTypeError(f"method {text!r}: bad value for {key}: {value!r}")
     if m["lr"] is None:
         raise argparse.ArgumentTypeError(f"method {text!r}: give its lr=...")
+    m["lrs"], m["lr"] = m["lr"], m["lr"][0]
     return m
 
 
@@ -228,6 +238,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--budget", type=int, default=4000, help="forward passes per run")
     p.add_argument("--eval-every", type=int, default=400, help="forward passes between evals")
+    p.add_argument("--sweep-budget", type=int, default=None,
+                   help="forward passes of each swept lr's run (default: a quarter of --budget)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128, help="stdlib: tokens per window")
     p.add_argument("--eval-windows", type=int, default=64, help="stdlib: held-out windows")
@@ -272,14 +284,37 @@ def main(argv=None) -> int:
             with open(a.out, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
 
-    curves, finals = {}, {}
-    for m in a.method:
-        name = label(m)
-        tx = mezo_sgd(m["lr"])  # one transform per method: its seeds share compiled code
-        # warm-up: compile the step and evaluation on a throwaway engine
+    def compiled(m):
+        """The method's transform, its step and evaluation compiled on a throwaway engine (one
+        transform per lr: a method's seeds share compiled code)."""
+        tx = mezo_sgd(m["lr"])
         warm = dict(a.__dict__, budget=passes_per_step(m), eval_every=passes_per_step(m))
         run_method(argparse.Namespace(**warm), model, load_params, m, tx, loader_of,
                    eval_batches[:1], task, 0, metric, lambda row: None)
+        return tx
+
+    sweep_budget = a.sweep_budget or max(1, a.budget // 4)
+    curves, finals = {}, {}
+    for m in a.method:
+        if len(m["lrs"]) > 1:
+            results = {}
+            for lr in m["lrs"]:
+                trial = dict(m, lr=lr)
+                emit = lambda row, trial=trial: write({  # noqa: E731
+                    **ident, "kind": "sweep", "method": label(trial), "estimator": m["name"],
+                    "q": m["q"], "lr": trial["lr"], "seed": seeds[0], **row})
+                pts = run_method(argparse.Namespace(**dict(a.__dict__, budget=sweep_budget)),
+                                 model, load_params, trial, compiled(trial), loader_of,
+                                 eval_batches, task, seeds[0], metric, emit)
+                results[lr] = pts[-1][2]
+            ranked = [lr for lr in m["lrs"] if results[lr] == results[lr]]  # not NaN
+            best = (max if higher else min)(ranked, key=results.get) if ranked else m["lrs"][0]
+            write({**ident, "kind": "sweep_choice", "estimator": m["name"], "q": m["q"],
+                   "lrs": m["lrs"], "finals": [results[lr] for lr in m["lrs"]],
+                   "sweep_budget": sweep_budget, "seed": seeds[0], "chosen": best})
+            m = dict(m, lr=best)
+        name = label(m)
+        tx = compiled(m)
         curves[name] = []
         for seed in seeds:
             emit = lambda row, seed=seed: write({**ident, "method": name, "estimator": m[  # noqa
@@ -287,14 +322,15 @@ def main(argv=None) -> int:
             curves[name].append(run_method(a, model, load_params, m, tx, loader_of,
                                            eval_batches, task, seed, metric, emit))
         finals[name] = sum(r[-1][2] for r in curves[name]) / len(seeds)
-    baseline = label(a.method[0])
+    baseline = list(curves)[0]
     target = finals[baseline]
     table = []
     for name, runs in curves.items():
         hits = [reach(r, target, higher) for r in runs]
         ok = [h for h in hits if h[0] is not None]
         mean = (lambda i: sum(h[i] for h in ok) / len(ok)) if len(ok) == len(hits) else None
-        base_passes = passes_per_step(a.method[0]) * (a.budget // passes_per_step(a.method[0]))
+        per = passes_per_step(a.method[0])
+        base_passes = per * (a.budget // per)
         row = {**ident, "kind": "summary", "method": name, "baseline": baseline,
                "target": target, "final_mean": finals[name], "seeds": seeds,
                "passes_to_target": [h[0] for h in hits], "seconds_to_target": [h[1] for h in hits],

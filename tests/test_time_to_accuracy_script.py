@@ -20,10 +20,12 @@ def test_method_syntax():
     m = tta.parse_method("sparse:q=2:lr=1e-5:fraction=0.1")
     assert (m["name"], m["q"], m["lr"], m["fraction"], m["directions"]) == (
         "sparse", 2, 1e-5, 0.1, "rademacher")
-    assert tta.passes_per_step(m) == 4
+    assert tta.passes_per_step(m) == 4 and m["lrs"] == [1e-5]
+    assert tta.parse_method("fzoo:q=2:lr=1e-7,3e-7")["lrs"] == [1e-7, 3e-7]  # a sweep
     assert tta.passes_per_step(tta.parse_method("fzoo:q=4:lr=1")) == 5
     for bad, why in (("adam:lr=1", "must be one of"), ("mezo", "give its lr"),
                      ("mezo:lr=1:q", "not key=value"), ("mezo:lr=x", "bad value for lr"),
+                     ("mezo:lr=1,-1", "bad value for lr"),
                      ("mezo:lr=1:beta=2", "not key=value")):
         with pytest.raises(argparse.ArgumentTypeError, match=why):
             tta.parse_method(bad)
@@ -55,20 +57,27 @@ def test_a_run_on_a_tiny_model(tmp_path):
     r = subprocess.run([sys.executable, SCRIPT, "--model", model, "--task", "sentiment",
                         "--budget", "12", "--eval-every", "6", "--seeds", "0,1",
                         "--batch-size", "4", "--method", "mezo:q=1:lr=1e-3",
-                        "--method", "fzoo:q=2:lr=1e-4", "--out", str(out), "--plot", str(png)],
+                        "--method", "fzoo:q=2:lr=1e-4,1e-5", "--sweep-budget", "6",
+                        "--out", str(out), "--plot", str(png)],
                        capture_output=True, text=True, timeout=900,
                        env={**os.environ, "PYTHONPATH": ROOT})
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(line) for line in open(out)]
-    points = [x for x in rows if x.get("kind") != "summary"]
+    points = [x for x in rows if "kind" not in x]
+    sweep = [x for x in rows if x.get("kind") == "sweep"]
+    assert sorted({x["lr"] for x in sweep}) == [1e-5, 1e-4] and {x["seed"] for x in sweep} == {0}
+    assert [x["forward_passes"] for x in sweep if x["lr"] == 1e-4] == [0, 6]
+    choice = [x for x in rows if x.get("kind") == "sweep_choice"]
+    assert len(choice) == 1 and choice[0]["chosen"] in (1e-4, 1e-5)
+    chosen = f"fzoo(q=2,lr={choice[0]['chosen']:g})"
     # mezo: 2 passes a step, 6 steps, evals after 3 and 6; fzoo: 3 passes, 4 steps, evals 2, 4
-    for method, passes in (("mezo(q=1,lr=0.001)", [0, 6, 12]), ("fzoo(q=2,lr=0.0001)", [0, 6, 12])):
+    for method, passes in (("mezo(q=1,lr=0.001)", [0, 6, 12]), (chosen, [0, 6, 12])):
         for seed in (0, 1):
             got = [x["forward_passes"] for x in points if x["method"] == method
                    and x["seed"] == seed]
             assert got == passes, (method, seed, got)
     summary = {x["method"]: x for x in rows if x.get("kind") == "summary"}
-    assert set(summary) == {"mezo(q=1,lr=0.001)", "fzoo(q=2,lr=0.0001)"}
+    assert set(summary) == {"mezo(q=1,lr=0.001)", chosen}
     base = summary["mezo(q=1,lr=0.001)"]
     assert base["passes_to_target_mean"] is not None  # the baseline reaches its own mean final
     assert all(0 <= x["accuracy"] <= 1 for x in points)
