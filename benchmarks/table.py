@@ -118,10 +118,15 @@ def median_of(rows, field):
 
 # ---- which rows answer a question -------------------------------------------------------------
 
+def estimate(r) -> tuple:
+    """(q, estimator, directions) of a matrix row (rows before these keys: MeZO's, q = 1)."""
+    return r.get("q", 1), r.get("estimator", "mezo"), r.get("directions", "gaussian")
+
+
 def key(r) -> tuple:
     return (r["impl"], r["model"], r.get("layers"), r["batch"], r["seq"], r["storage"],
             r.get("rounding"), r["compute"], json.dumps(r.get("engine_asked") or {},
-                                                        sort_keys=True))
+                                                        sort_keys=True)) + estimate(r)
 
 
 def latest(rows: list) -> list:
@@ -243,9 +248,12 @@ def call_lines(calls: dict, order: dict) -> list:
 
 # ---- the questions ----------------------------------------------------------------------------
 
-def ours(rows, speed=True):
+def ours(rows, speed=True, plain=True):
+    """Our matrix rows (the OPT-175B shape's or the others'); `plain`: MeZO's estimate with one
+    Gaussian direction only (the other estimates have their own table)."""
     return [r for r in rows if r.get("impl") == "zo2_jax" and r.get("kind", "speed") == "speed"
-            and (r["model"] != BIG) == speed]
+            and (r["model"] != BIG) == speed and (not plain or estimate(r) == (1, "mezo",
+                                                                             "gaussian"))]
 
 
 def bus_table(rows) -> Table:
@@ -425,13 +433,62 @@ def mesh_table(rows) -> Table:
 ORDER = {}  # call -> its place in the record (oldest first)
 
 
+def directions_table(rows) -> Table:
+    """Matrix calls that ran q > 1 (or another estimator): directions per second against q = 1
+    of the same call, model and shape."""
+    mine = [r for r in rows if r.get("impl") == "zo2_jax" and r.get("kind", "speed") == "speed"
+            and r.get("zo2_step_s")]
+    calls = {r["call"] for r in mine if estimate(r) != (1, "mezo", "gaussian")}
+    t = Table("Directions per second: the idle compute of a bus-bound step",
+              "ZO2 steps with q directions (two forward passes each; FZOO: q + 1 passes in all) "
+              "in one call; directions/s = q / step time, against the q = 1 MeZO row of the "
+              "same call, model and shape.",
+              ["model", "B x T", "storage / compute", "estimator", "q", "ZO2 ms",
+               "directions/s", "vs q = 1", "step / T_limit", "call"])
+    for call in [c for c in ORDER if c in calls][-1:]:  # the latest such call
+        group = sorted((r for r in mine if r["call"] == call),
+                       key=lambda r: (sort_key(r, ORDER), estimate(r)))
+        for r in group:
+            base = [b for b in group if (b["model"], b["batch"], b["seq"]) == (
+                r["model"], r["batch"], r["seq"]) and estimate(b) == (1, "mezo", "gaussian")]
+            q, est, dirs = estimate(r)
+            rate = q / r["zo2_step_s"]
+            vs = rate / (1 / base[0]["zo2_step_s"]) if base else None
+            t.add([shape(r), f"{r['batch']}x{r['seq']}", f"{storage(r)} / {short(r['compute'])}",
+                   f"{est} ({dirs})", str(q), ms(r["zo2_step_s"]), num(rate, 1),
+                   f"**{num(vs)}**" if vs else "-", num(r.get("x_T_limit")), r["call"]], [r])
+    return t
+
+
+def time_to_accuracy_table(rows) -> Table:
+    """The latest time_to_accuracy call of each task: one row per method."""
+    mine = [r for r in rows if r.get("probe") == "time_to_accuracy" and r.get("kind") == "summary"]
+    t = Table("Time to accuracy: estimators against MeZO-SGD",
+              "benchmarks/time_to_accuracy.py: every method the same budget of forward passes, "
+              "mean over seeds; the target is MeZO-SGD's mean final value; passes and seconds "
+              "(training steps only) to reach it, mean over the seeds that all reached it.",
+              ["task", "model", "method", "seeds", "final", "target", "passes to target",
+               "of MeZO's budget", "s to target", "call"])
+    for task in dict.fromkeys(r["task"] for r in mine):
+        last = [r for r in mine if r["task"] == task]
+        call = max((r["call"] for r in last), key=lambda c: ORDER.get(c, 0))
+        for r in (x for x in last if x["call"] == call):
+            p = r.get("passes_to_target_mean")
+            t.add([task, r["model"], r["method"], str(len(r["seeds"])), num(r["final_mean"], 3),
+                   num(r["target"], 3), "-" if p is None else f"{p:.0f}",
+                   f"**{num(r.get('passes_fraction_of_baseline'))}**",
+                   num(r.get("seconds_to_target_mean"), 1), r["call"]], [r])
+    return t
+
+
 def render(rows: list) -> str:
     ORDER.clear()
     for r in rows:
         ORDER.setdefault(r["call"], len(ORDER))
     out = [HEADER]
     for make in (bus_table, mezo_table, memory_table, big_table, reference_table,
-                 precision_table, soak_table, mesh_table):
+                 precision_table, soak_table, mesh_table, directions_table,
+                 time_to_accuracy_table):
         out += make(rows).render()
     return "\n".join(out).rstrip() + "\n"
 

@@ -15,10 +15,12 @@ A method is `NAME:key=value:...` with NAME an estimator (mezo, fzoo, sparse) and
 (directions), lr, fraction (sparse), eps, directions (gaussian / rademacher, default
 rademacher). Several comma-separated lrs (`lr=1e-7,3e-7,1e-6`) are swept first: each runs the
 first seed on `--sweep-budget` forward passes, and the best final value picks the lr the seeds
-run with (sweep rows have kind "sweep"; the choice is a row of kind "sweep_choice"). Every method gets the same number of forward passes (`--budget`): its steps are
-the budget over its passes per step (MeZO-SGD and sparse 2q, FZOO q + 1), evaluated every
-`--eval-every` passes. Seconds are training time only: the step time summed, evaluations and
-compilation left out (each method compiles on a warm-up engine first).
+run with (sweep rows have kind "sweep"; the choice is a row of kind "sweep_choice").
+
+Every method gets the same number of forward passes (`--budget`): its steps are the budget over
+its passes per step (MeZO-SGD and sparse 2q, FZOO q + 1), evaluated every `--eval-every`
+passes. Seconds are training time only: the step time summed, evaluations and compilation left
+out (each method compiles on a warm-up engine first).
 
 Rows (JSON lines, `--out`): one per evaluation point, then one summary per method: its mean
 final value over seeds, and the forward passes and seconds at which each seed first reached

@@ -72,13 +72,15 @@ CASES = {
                                      directions="rademacher"), dict(max_inflight=2), 4),
     # Sparse-MeZO: the mask's selection counts run on the shards (the update) and on the
     # gathered block (the branches)
-    "sparse-bf16sr-q2-on-2-sequential": (dict(tx=shared_sgd(), num_directions=2, estimator=Estimator(
-        "sparse", fraction=0.3), storage=SR_BF16), dict(branches="sequential"), 2),
+    "sparse-bf16sr-q2-on-2-sequential": (
+        dict(tx=shared_sgd(), num_directions=2, estimator=Estimator("sparse", fraction=0.3),
+             storage=SR_BF16), dict(branches="sequential"), 2),
 }
 DEFAULT_CASES = ("sgd-fp32-q4", "fzoo-rademacher-q4-on-4")
 
 
-@pytest.mark.parametrize("name", [n if n in DEFAULT_CASES else pytest.param(n, marks=pytest.mark.slow)
+@pytest.mark.parametrize("name", [n if n in DEFAULT_CASES
+                                  else pytest.param(n, marks=pytest.mark.slow)
                                   for n in sorted(CASES)])
 def test_directions_bit_identical_to_one_device(name):
     kw, zo2_kw, n = CASES[name]

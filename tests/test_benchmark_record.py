@@ -110,6 +110,44 @@ def test_one_table_per_question_with_the_latest_call(tmp_path):
     assert "| bf16-sr | 0.705 | **0.945** | 1.00 | 0.74 | 3b |" in prec
 
 
+def test_directions_and_time_to_accuracy_tables(tmp_path):
+    call = dict(call="12a", date="2026-12-04", model="opt_6_7b", layers=32)
+    rows = fixture_rows() + [
+        speed(zo2=0.262, mezo=0.204, t_bus=0.26, **call),                # q = 1: MeZO's
+        speed(zo2=0.265, mezo=0.41, t_bus=0.26, q=2, **call),
+        speed(zo2=0.43, mezo=0.82, t_bus=0.26, q=4, **call),
+        speed(zo2=0.30, mezo=0.5, t_bus=0.26, q=4, estimator="fzoo", directions="rademacher",
+              **call)]
+    tta = dict(probe="time_to_accuracy", kind="summary", task="sentiment", model="m.gguf",
+               call="12b", card="NVIDIA H200", date="2026-12-04", commit="c" * 40,
+               command="python benchmarks/time_to_accuracy.py ...", seeds=[0, 1, 2],
+               target=0.83)
+    rows += [dict(tta, method="mezo(q=1,lr=3e-05)", final_mean=0.83,
+                  passes_to_target_mean=3600.0, passes_fraction_of_baseline=0.9,
+                  seconds_to_target_mean=12.0),
+             dict(tta, method="fzoo(q=4,lr=1e-06)", final_mean=0.86,
+                  passes_to_target_mean=1000.0, passes_fraction_of_baseline=0.25,
+                  seconds_to_target_mean=3.1),
+             dict(tta, method="sparse(q=1,lr=3e-05,f=0.25)", final_mean=0.80,
+                  passes_to_target_mean=None, passes_fraction_of_baseline=None,
+                  seconds_to_target_mean=None)]
+    out = table(write(tmp_path / "r.jsonl", rows)).stdout
+    # the q > 1 and FZOO rows stay out of the q = 1 tables; the q = 1 row is there
+    bus = section(out, "Speed against the bus limit")
+    assert "| 262.0 |" in bus
+    assert not any(x in bus for x in ("| 265.0 |", "| 430.0 |", "| 300.0 |"))
+    d = section(out, "Directions per second: the idle compute of a bus-bound step")
+    row = "| opt_6_7b | 1x2048 | bf16 SR / bf16 | mezo (gaussian) |"
+    assert f"{row} 1 | 262.0 | 3.8 | **1.00** |" in d
+    assert f"{row} 2 | 265.0 | 7.5 | **1.98** |" in d
+    assert "| fzoo (rademacher) | 4 | 300.0 | 13.3 | **3.49** |" in d
+    t = section(out, "Time to accuracy: estimators against MeZO-SGD")
+    assert ("| sentiment | m.gguf | fzoo(q=4,lr=1e-06) | 3 | 0.860 | 0.830 | 1000 | **0.25** | "
+            "3.1 | 12b |") in t
+    assert ("| sentiment | m.gguf | sparse(q=1,lr=3e-05,f=0.25) | 3 | 0.800 | 0.830 | - | "
+            "**-** | - | 12b |") in t
+
+
 def test_write_gives_what_it_prints(tmp_path):
     rec = write(tmp_path / "r.jsonl", fixture_rows())
     assert table(rec, "--write", str(tmp_path / "B.md")).stdout == ""
