@@ -187,7 +187,17 @@ PAIRS = {
         dict(tx=optax.adam(1e-3), estimator=Estimator("sparse", fraction=0.1), clip_norm=0.5,
              storage=SR_BF16, compute_dtype=jnp.bfloat16), dict(resident_blocks=0)),
 }
-SLOW_PAIRS = {"fzoo-q2-clip-int8sr-sequential", "sparse-q1-adam-bf16-compute-clip"}
+PAIRS.update({
+    "hizoo-q2-fused-sgd-streamed": (
+        dict(tx=mezo_sgd(1e-3), num_directions=2, estimator=Estimator("hizoo", smooth=0.05)),
+        dict(resident_blocks=0, max_inflight=2)),
+    "hizoo-q1-momentum-bf16sr-sequential-G2": (
+        dict(tx=optax.sgd(1e-3, momentum=0.9), estimator=Estimator("hizoo", smooth=0.05),
+             storage=SR_BF16), dict(resident_blocks=1, branches="sequential",
+                                    blocks_per_call=2)),
+})
+SLOW_PAIRS = {"fzoo-q2-clip-int8sr-sequential", "sparse-q1-adam-bf16-compute-clip",
+              "hizoo-q1-momentum-bf16sr-sequential-G2"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_PAIRS
@@ -224,3 +234,83 @@ def test_a_state_does_not_switch_estimator():
     with pytest.raises(ValueError, match="estimator"):
         c.restore(MeZOEngine(MODEL, PARAMS, num_directions=2,
                              estimator=Estimator("sparse", 0.25)).state())
+
+
+# ---- HiZOO ----------------------------------------------------------------------------------------
+
+def _whole(key, j, params, kind="gaussian"):
+    return {"outer": part_noise(key, j, OUTER_PART, params["outer"], kind),
+            "blocks": [part_noise(key, j, i, b, kind) for i, b in enumerate(params["blocks"])]}
+
+
+def _hessian(engine):
+    s = engine.state()
+    blocks = [jax.tree.map(lambda x: x[i], s["opt_blocks"]["hessian"])
+              for i in range(engine.num_blocks)]
+    return {"outer": s["opt_outer"]["hessian"], "blocks": blocks}
+
+
+@pytest.mark.usefixtures("exact_matmuls")
+def test_hizoo_steps_are_the_reference_implementation():
+    """HiZOO (the authors' trainer.py, q directions averaged): L_0 at theta, L_j^+- at
+    theta +- eps z_j / sqrt(H); c_j = |L_j^+ + L_j^- - 2 L_0| / (2 eps^2);
+    H' = (1 - a) H + (a / q) sum_j c_j H z_j^2; theta' = theta - lr (1/q) sum_j g_j z_j / sqrt(H').
+    Two steps: the second perturbs along z / sqrt(H') with the H the first one made."""
+    q, lr, a, eps = 2, 1e-2, 0.05, 1e-2  # a large eps: second differences well above rounding
+    engine = MeZOEngine(MODEL, PARAMS, mezo_sgd(lr), eps=eps, num_directions=q,
+                        estimator=Estimator("hizoo", smooth=a))
+    theta, hess = PARAMS, jax.tree.map(jnp.ones_like, PARAMS)
+    for t in range(2):
+        batch, key = counting_batch(jax.random.key(t)), jax.random.key(20 + t)
+        m = engine.step(batch, key)
+        zs = [_whole(key, j, theta) for j in range(q)]
+        ds = [jax.tree.map(lambda z, h: z / np.sqrt(h), z, hess) for z in zs]
+        shift = lambda d, s: jax.tree.map(lambda p, d_: p + s * eps * d_, theta, d)  # noqa
+        l0 = float(_loss(theta, batch))
+        lp = np.array([float(_loss(shift(d, 1.0), batch)) for d in ds])
+        lm = np.array([float(_loss(shift(d, -1.0), batch)) for d in ds])
+        np.testing.assert_allclose(float(m["loss"]), l0, rtol=1e-6)
+        np.testing.assert_allclose(float(m["loss_plus"]), lp.mean(), rtol=1e-6)
+        np.testing.assert_allclose(float(m["loss_minus"]), lm.mean(), rtol=1e-6)
+        pend = engine.state()["pending"]
+        # a second difference of float32 losses near 3.4: known to about 1e-6 / (2 eps^2)
+        curv = np.abs(lp + lm - 2 * l0) / (2 * eps * eps)
+        np.testing.assert_allclose(np.asarray(pend["curv"]), curv, rtol=1e-3, atol=0.03)
+        np.testing.assert_allclose(float(m["curvature"]), curv.mean(), rtol=1e-3, atol=0.03)
+        g = np.asarray(m["projected_grad"], np.float64)
+        np.testing.assert_allclose(g, (lp - lm) / (2 * eps), rtol=1e-4, atol=1e-4)
+        coef, c = np.asarray(pend["coef"]), np.asarray(pend["curv"])
+        engine.flush()
+        hess = jax.tree.map(lambda h, *z: (1 - a) * h + (a / q) * sum(
+            cj * h * zj * zj for cj, zj in zip(c, z)), hess, *zs)
+        theta = jax.tree.map(lambda p, h, *z: p - lr * sum(
+            cf * zj / np.sqrt(h) for cf, zj in zip(coef, z)), theta, hess, *zs)
+        for x, y in zip(jax.tree.leaves(_hessian(engine)), jax.tree.leaves(hess)):
+            np.testing.assert_allclose(x, y, rtol=1e-6)
+        assert any(np.max(np.abs(np.asarray(h) - 1)) > 1e-3 for h in jax.tree.leaves(hess))
+        for x, y in zip(jax.tree.leaves(engine.params()), jax.tree.leaves(theta)):
+            np.testing.assert_allclose(x, y, rtol=1e-4, atol=3e-5)
+
+
+def test_hizoo_with_no_smoothing_keeps_h_at_one():
+    """smooth 0 (the reference's default schedule, constant0): H stays 1, so the step is
+    MeZO's (plus the unperturbed pass; another program, so equal up to float rounding)."""
+    kw = dict(tx=mezo_sgd(1e-2), num_directions=2)
+    h = MeZOEngine(MODEL, PARAMS, estimator=Estimator("hizoo", smooth=0.0), **kw)
+    m = MeZOEngine(MODEL, PARAMS, **kw)
+    batch, key = counting_batch(jax.random.key(0)), jax.random.key(1)
+    for t in range(2):
+        a, b = h.step(batch, jax.random.fold_in(key, t)), m.step(batch, jax.random.fold_in(key, t))
+        np.testing.assert_allclose(np.asarray(a["projected_grad"]),
+                                   np.asarray(b["projected_grad"]), rtol=1e-3, atol=1e-3)
+    assert all(np.all(np.asarray(x) == 1.0) for x in jax.tree.leaves(_hessian(h)))
+    for x, y in zip(jax.tree.leaves(h.params()), jax.tree.leaves(m.params())):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=3e-5)
+
+
+def test_hizoo_refuses_clip_norm_and_bad_smooth():
+    with pytest.raises(ValueError, match="clip_norm is not available with the hizoo"):
+        MeZOEngine(MODEL, PARAMS, estimator="hizoo", clip_norm=1.0)
+    for bad in (1.0, -0.1, float("inf")):
+        with pytest.raises(ValueError, match=r"smooth \(alpha\) must be a number in \[0, 1\)"):
+            Estimator("hizoo", smooth=bad)

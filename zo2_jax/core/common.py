@@ -127,7 +127,12 @@ def check_options(model, *, eps, num_directions, compute_dtype, storage, outer_s
         if st is not None and not isinstance(st, Storage):
             raise TypeError(f"{name} must be a zo2_jax.Storage, got {type(st).__name__}")
     options.check("directions", directions, ZOOptions)
-    as_estimator(estimator).check_directions(num_directions)
+    est = as_estimator(estimator)
+    est.check_directions(num_directions)
+    if est.stateful and clip_norm is not None:
+        raise ValueError(f"clip_norm is not available with the {est.name} estimator: its update "
+                         f"direction z / sqrt(H) uses the curvature H updates only when the "
+                         f"deferred update runs, after the norm would be needed")
     return eps
 
 
@@ -230,12 +235,17 @@ def meta(spec: Spec, engine: str, num_blocks: int, key_impl: str) -> dict:
 
 
 def pending_to_tree(p: Pending) -> dict:
-    return {"key": jax.random.key_data(p.key), "coef": p.coef, "valid": p.valid}
+    tree = {"key": jax.random.key_data(p.key), "coef": p.coef, "valid": p.valid}
+    if p.curv is not None:
+        tree["curv"] = p.curv
+    return tree
 
 
 def pending_from_tree(d: Mapping, key_impl: str) -> Pending:
     key = jax.random.wrap_key_data(jnp.asarray(d["key"]), impl=key_impl)
-    return Pending(key, jnp.asarray(d["coef"], jnp.float32), jnp.asarray(d["valid"], bool))
+    curv = d.get("curv")
+    return Pending(key, jnp.asarray(d["coef"], jnp.float32), jnp.asarray(d["valid"], bool),
+                   None if curv is None else jnp.asarray(curv, jnp.float32))
 
 
 def check_meta(spec: Spec, num_blocks: int, m: Mapping) -> None:

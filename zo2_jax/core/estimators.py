@@ -20,6 +20,14 @@ and a few scalars, so it streams like MeZO-SGD (`parts` runs it for both engines
   made (`smallest_mask`: an exact selection, so both engines, every mesh and the deferred
   update see the same mask); nothing is stored. Vectors (biases, norm scales) stay dense.
   2q forward passes a step, and about 32 extra passes over each matrix to select its mask.
+- "hizoo" (HiZOO, Zhao et al. 2024, arXiv 2402.15173): a diagonal Hessian estimate H per
+  parameter (ones at the start), kept in each part's optimiser state so it streams with its
+  block. The branches are theta and theta +- eps z_j / sqrt(H); with the curvature
+  c_j = |L_j^+ + L_j^- - 2 L_0| / (2 eps^2) the deferred update first moves
+  H <- (1 - alpha) H + (alpha / q) sum_j c_j H z_j^2, then steps along d_j = z_j / sqrt(H) with
+  c_j = g_j / q, g_j = (L_j^+ - L_j^-) / (2 eps) (the reference implementation's order). 2q + 1
+  forward passes a step; the state is one float32 per parameter (4 more bytes per parameter
+  each way on ZO2's bus). `alpha` (`smooth`): the paper sweeps 1e-6 to 1e-12; 0 keeps H = 1.
 
 The coefficients c_j multiply the directions d_j in the estimate sum_j c_j d_j that `tx`
 receives, so every estimator composes with any optax transform.
@@ -35,7 +43,7 @@ import jax
 import jax.numpy as jnp
 
 PyTree = Any
-ESTIMATORS = ("mezo", "fzoo", "sparse")
+ESTIMATORS = ("mezo", "fzoo", "sparse", "hizoo")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,13 +51,15 @@ class Estimator:
     """A zeroth-order estimator (see the module docstring). Hashable: part of the engines' Spec.
 
     Attributes:
-      name: "mezo", "fzoo" or "sparse".
+      name: "mezo", "fzoo", "sparse" or "hizoo".
       fraction: "sparse": the fraction of each matrix perturbed (its smallest magnitudes), in
         (0, 1]; 1 perturbs everything (MeZO's directions).
+      smooth: "hizoo": alpha, the weight of each step's curvature in H, in [0, 1).
     """
 
     name: str = "mezo"
     fraction: float = 0.25
+    smooth: float = 1e-8
 
     def __post_init__(self):
         if self.name not in ESTIMATORS:
@@ -60,14 +70,36 @@ class Estimator:
             raise ValueError(f"the sparse estimator's fraction must be a number in (0, 1], got "
                              f"{f!r}")
         object.__setattr__(self, "fraction", float(f))
+        a = self.smooth
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not (
+                math.isfinite(a) and 0 <= a < 1):
+            raise ValueError(f"the hizoo estimator's smooth (alpha) must be a number in [0, 1), "
+                             f"got {a!r}")
+        object.__setattr__(self, "smooth", float(a))
 
     def __str__(self) -> str:
-        return f"sparse(fraction={self.fraction:g})" if self.name == "sparse" else self.name
+        if self.name == "sparse":
+            return f"sparse(fraction={self.fraction:g})"
+        return f"hizoo(smooth={self.smooth:g})" if self.name == "hizoo" else self.name
 
     @property
     def one_sided(self) -> bool:
         """Whether the branches are L_0 and the L_j^+ (FZOO), not the L_j^+ and L_j^-."""
         return self.name == "fzoo"
+
+    @property
+    def unperturbed(self) -> bool:
+        """Whether a step also runs the unperturbed branch (L_0)."""
+        return self.name in ("fzoo", "hizoo")
+
+    @property
+    def stateful(self) -> bool:
+        """Whether each part keeps estimator state (HiZOO's H) beside its optimiser state."""
+        return self.name == "hizoo"
+
+    def init_state(self, theta: PyTree) -> PyTree:
+        """A part's estimator state: HiZOO's H, ones (float32) like `theta`."""
+        return jax.tree.map(lambda t: jnp.ones(jnp.shape(t), jnp.float32), theta)
 
     def check_directions(self, num_directions: int) -> None:
         if self.one_sided and num_directions < 2:
@@ -76,19 +108,21 @@ class Estimator:
 
     def forward_passes(self, num_directions: int) -> int:
         """Forward passes of a step with q directions (one device)."""
-        return num_directions + 1 if self.one_sided else 2 * num_directions
+        return (num_directions if self.one_sided else 2 * num_directions) + int(self.unperturbed)
 
     def branches(self, k: int) -> list:
         """The forward branches of a step over k directions, in the order their hidden states
         are carried: (i, sign) for the i-th direction with sign +1 / -1, or (None, 0) for the
         unperturbed one."""
-        if self.one_sided:
-            return [(None, 0)] + [(i, 1) for i in range(k)]
-        return [(i, s) for i in range(k) for s in (1, -1)]
+        both = [(i, s) for i in range(k) for s in ((1,) if self.one_sided else (1, -1))]
+        return ([(None, 0)] if self.unperturbed else []) + both
 
-    def shaper(self, theta: PyTree) -> Optional[Callable[[PyTree], PyTree]]:
+    def shaper(self, theta: PyTree, state: PyTree = None
+               ) -> Optional[Callable[[PyTree], PyTree]]:
         """The map from raw directions z to the estimator's d (a function of the part's values
-        `theta`, float32), or None where d = z."""
+        `theta`, float32, and its estimator `state`), or None where d = z."""
+        if self.name == "hizoo":
+            return lambda z: jax.tree.map(lambda z_, h: z_ / jnp.sqrt(h), z, state)
         if self.name != "sparse" or self.fraction >= 1.0:
             return None
         masks = jax.tree.map(lambda t: smallest_mask(t, self.fraction) if t.ndim >= 2 else None,

@@ -54,11 +54,13 @@ class Pending(NamedTuple):
       key: the step key whose directions z_j the update uses.
       coef: [q] float32, c_j = g_j / q (clipped with clip_norm); zeros when not valid.
       valid: bool scalar; False before the first step, after a flush and after a skipped step.
+      curv: HiZOO's [q] curvatures |L_j^+ + L_j^- - 2 L_0| / (2 eps^2) (None otherwise).
     """
 
     key: jax.Array
     coef: jax.Array
     valid: jax.Array
+    curv: Optional[jax.Array] = None  # [q] HiZOO's curvatures c_j (None for the others)
 
 
 def _pin(tree):
@@ -90,9 +92,17 @@ def fixed_mean(x) -> jax.Array:
     return fixed_sum(x) / _pin(jnp.asarray(jnp.size(x), x.dtype))
 
 
-def empty_pending(num_directions: int, key: Optional[jax.Array] = None) -> Pending:
+def empty_pending(num_directions: int, key: Optional[jax.Array] = None,
+                  curv: bool = False) -> Pending:
     key = jax.random.key(0) if key is None else key
-    return Pending(key, jnp.zeros([num_directions], jnp.float32), jnp.zeros([], bool))
+    zeros = lambda: jnp.zeros([num_directions], jnp.float32)  # noqa: E731  (distinct buffers)
+    return Pending(key, zeros(), jnp.zeros([], bool), zeros() if curv else None)
+
+
+def no_pending(spec: "Spec", key: Optional[jax.Array] = None) -> Pending:
+    """The empty pending update of a run (with HiZOO's curvatures where its estimator has
+    them)."""
+    return empty_pending(spec.num_directions, key, curv=spec.estimator.stateful)
 
 
 def freeze_mask(mask: PyTree) -> tuple:
@@ -138,8 +148,27 @@ class Spec:
 # ---- parameters and optimiser state of one part ----------------------------------------------
 
 def init_opt(spec: Spec, part: str, stored):
-    """Optimiser state of a part (none for the fused MeZO-SGD: the engine keeps its count)."""
-    return () if spec.fused else spec.tx.init(spec.storage_of(part).decode(stored))
+    """Optimiser state of a part (none for the fused MeZO-SGD: the engine keeps its count), and
+    with a stateful estimator {"tx": that, "hessian": its state} (`estimator_state`)."""
+    theta = spec.storage_of(part).decode(stored)
+    tx_state = () if spec.fused else spec.tx.init(theta)
+    if spec.estimator.stateful:
+        return {"tx": tx_state, "hessian": spec.estimator.init_state(theta)}
+    return tx_state
+
+
+def has_opt(spec: Spec) -> bool:
+    """Whether a part keeps any optimiser (or estimator) state."""
+    return not spec.fused or spec.estimator.stateful
+
+
+def estimator_state(spec: Spec, opt):
+    """A part's estimator state (HiZOO's H) in its optimiser state, or None."""
+    return opt["hessian"] if spec.estimator.stateful and opt is not None else None
+
+
+def _split_opt(spec: Spec, opt):
+    return (opt["tx"], opt["hessian"]) if spec.estimator.stateful else (opt, None)
 
 
 def init_part(spec: Spec, part: str, params: PyTree):
@@ -156,9 +185,24 @@ def update_part(spec: Spec, part: str, stored, opt, pend: Pending, count, part_i
     pend, count, part_id = _pin((pend, count, part_id))
     st = spec.storage_of(part)
     theta = st.decode(stored)  # the values the step that made `pend` perturbed
+    q = range(spec.num_directions)
+    opt, hess = _split_opt(spec, opt)
+    if hess is None:
+        ds = directions(spec, pend.key, q, part_id, theta)
+    else:
+        # HiZOO: H from this step's curvatures first, then the step along z_j / sqrt(new H)
+        zs = [part_noise(pend.key, j, part_id, theta, spec.directions) for j in q]
+        a = spec.estimator.smooth
+        acc = None
+        for j, z in zip(q, zs):
+            term = jax.tree.map(lambda z_: pend.curv[j] * (z_ * z_), z)
+            acc = term if acc is None else jax.tree.map(jnp.add, acc, term)
+        new_hess = jax.tree.map(
+            lambda h, c: (1.0 - a) * h + (a / spec.num_directions) * h * c, hess, acc)
+        shape = spec.estimator.shaper(theta, new_hess)
+        ds = [shape(z) for z in zs]
     gz = None
-    for j, z in zip(range(spec.num_directions),
-                    directions(spec, pend.key, range(spec.num_directions), part_id, theta)):
+    for j, z in zip(q, ds):
         term = jax.tree.map(lambda z_: pend.coef[j] * z_, z)
         gz = term if gz is None else jax.tree.map(jnp.add, gz, term)
     if spec.fused:
@@ -175,6 +219,9 @@ def update_part(spec: Spec, part: str, stored, opt, pend: Pending, count, part_i
     # the old stored bits (not a re-encoding of them, which could re-round) survive a skip.
     stored = st.select(pend.valid, encoded, stored)
     opt = jax.tree.map(lambda a, b: jnp.where(pend.valid, a, b), new_opt, opt)
+    if hess is not None:
+        opt = {"tx": opt, "hessian": jax.tree.map(lambda a, b: jnp.where(pend.valid, a, b),
+                                                  new_hess, hess)}
     return _pin((stored, opt))
 
 
@@ -184,11 +231,11 @@ def directions_of(spec: Spec, dirs=None):
     return range(spec.num_directions) if dirs is None else dirs
 
 
-def directions(spec: Spec, key, js, part_id, theta) -> list:
+def directions(spec: Spec, key, js, part_id, theta, state=None) -> list:
     """The estimator's directions d_j of one part for j in `js`: z_j(key) (`part_noise`), shaped
-    by the estimator from the part's values `theta` (Sparse-MeZO's mask; see
-    `estimators.Estimator.shaper`)."""
-    shape = spec.estimator.shaper(theta)
+    by the estimator from the part's values `theta` and its estimator `state` (Sparse-MeZO's
+    mask, HiZOO's 1 / sqrt(H); see `estimators.Estimator.shaper`)."""
+    shape = spec.estimator.shaper(theta, state)
     zs = [part_noise(key, j, part_id, theta, spec.directions) for j in js]
     return zs if shape is None else [shape(z) for z in zs]
 
@@ -200,14 +247,15 @@ def branches_of(spec: Spec, dirs=None) -> list:
     return spec.estimator.branches(len(list(directions_of(spec, dirs))))
 
 
-def perturbed(spec: Spec, part: str, stored, key, part_id, dirs=None):
+def perturbed(spec: Spec, part: str, stored, key, part_id, dirs=None, state=None):
     """The weights of each branch of `dirs` (default all j < q) in the compute dtype, in the
     order of `branches_of`, and the directions [d_j].
 
     The perturbation is added in float32 to the decoded weights and only then cast, so the d of
-    the branches is exactly the d of the update (also with bfloat16 compute)."""
+    the branches is exactly the d of the update (also with bfloat16 compute). `state`: the
+    part's estimator state (`estimator_state`: HiZOO's H), or None."""
     theta = spec.storage_of(part).decode(stored)
-    zs = directions(spec, key, directions_of(spec, dirs), part_id, theta)
+    zs = directions(spec, key, directions_of(spec, dirs), part_id, theta, state)
     ws = [_branch_weights(spec, theta, None if i is None else zs[i], sign)
           for i, sign in branches_of(spec, dirs)]
     return ws, zs
@@ -241,7 +289,8 @@ def outer_embed(spec: Spec, stored, opt, pend: Pending, count, key, batch, dirs=
     stored, opt = update_part(spec, "outer", stored, opt, pend, count, OUTER_PART)
     key, batch = _pin((key, batch))
     ctx = spec.model.context(batch)
-    ws, zs = perturbed(spec, "outer", stored, key, OUTER_PART, dirs)
+    ws, zs = perturbed(spec, "outer", stored, key, OUTER_PART, dirs,
+                       estimator_state(spec, opt))
     hs = tuple(spec.model.embed(w, batch) for w in ws)
     g = None if spec.clip_norm is None else _gram(spec, "outer", stored, key, OUTER_PART, zs,
                                                   dirs)
@@ -251,7 +300,8 @@ def outer_embed(spec: Spec, stored, opt, pend: Pending, count, key, batch, dirs=
 BRANCHES = ("fused", "sequential")
 
 
-def _sequential_branches(spec: Spec, stored, part_id, key, hs, ctx, gram_acc, dirs=None):
+def _sequential_branches(spec: Spec, stored, part_id, key, hs, ctx, gram_acc, dirs=None,
+                         state=None):
     """The branches through one block, each branch's weights made only once the previous
     branch's output exists (an optimization barrier orders them): one perturbed copy of the
     block at a time instead of the +eps and -eps copies together, at the cost of generating
@@ -262,7 +312,7 @@ def _sequential_branches(spec: Spec, stored, part_id, key, hs, ctx, gram_acc, di
     js = list(directions_of(spec, dirs))
     for b, (i, sign) in enumerate(branches_of(spec, dirs)):
         theta = st.decode(src)
-        z = None if i is None else directions(spec, k, [js[i]], part_id, theta)[0]
+        z = None if i is None else directions(spec, k, [js[i]], part_id, theta, state)[0]
         h = spec.model.block(_branch_weights(spec, theta, z, sign), hs[b], ctx)
         # the next branch's z must not be shared with (CSE'd into) this one's: its key and
         # weights come through the barrier, after this branch's output
@@ -284,11 +334,12 @@ def block_step(spec: Spec, stored, opt, pend: Pending, count, part_id, key, hs, 
     after the other (about half the scratch memory, z generated twice). Both give bit-identical
     values. (An argument, not a Spec field: the other stages do not depend on it.)"""
     stored, opt = update_part(spec, "block", stored, opt, pend, count, part_id)
-    return (stored, opt, *block_forward(spec, stored, part_id, key, hs, ctx, gram_acc, branches))
+    return (stored, opt, *block_forward(spec, stored, part_id, key, hs, ctx, gram_acc, branches,
+                                        state=estimator_state(spec, opt)))
 
 
 def block_forward(spec: Spec, stored, part_id, key, hs, ctx, gram_acc, branches: str = "fused",
-                  dirs=None):
+                  dirs=None, state=None):
     """The branches of `dirs` (default all q) through block `part_id` as stored (already
     updated): (hs, gram). `block_step` without the update (a mesh runs the update on its
     shards, and this on the gathered block)."""
@@ -296,23 +347,25 @@ def block_forward(spec: Spec, stored, part_id, key, hs, ctx, gram_acc, branches:
         raise ValueError(f"branches must be one of {BRANCHES}, got {branches!r}")
     key, hs, ctx, gram_acc, part_id = _pin((key, hs, ctx, gram_acc, part_id))
     if branches == "sequential":
-        hs, gram_acc = _sequential_branches(spec, stored, part_id, key, hs, ctx, gram_acc, dirs)
+        hs, gram_acc = _sequential_branches(spec, stored, part_id, key, hs, ctx, gram_acc, dirs,
+                                            state)
         return _pin((stored, hs, gram_acc))[1:]
-    ws, zs = perturbed(spec, "block", stored, key, part_id, dirs)
+    ws, zs = perturbed(spec, "block", stored, key, part_id, dirs, state)
     hs = tuple(spec.model.block(w, h, ctx) for w, h in zip(ws, hs))
     if gram_acc is not None:
         gram_acc = gram_acc + _gram(spec, "block", stored, key, part_id, zs, dirs)
     return _pin((stored, hs, gram_acc))[1:]
 
 
-def head_finish(spec: Spec, stored, key, hs, batch, gram_acc, pend: Pending, count, skipped_total):
+def head_finish(spec: Spec, stored, key, hs, batch, gram_acc, pend: Pending, count, skipped_total,
+                state=None):
     """Losses of the branches, the projected gradients, the new pending update and metrics.
 
     Returns (pending, count, skipped_total, metrics); count counts applied updates, so it grows
     by one if the update applied during this step (the previous pending one) was valid.
     """
     losses, (key, gram_acc, pend, count, skipped_total) = head_losses(
-        spec, stored, key, hs, batch, (key, gram_acc, pend, count, skipped_total))
+        spec, stored, key, hs, batch, (key, gram_acc, pend, count, skipped_total), state=state)
     return finish(spec, losses, key, gram_acc, pend, count, skipped_total)
 
 
@@ -326,22 +379,22 @@ class Losses(NamedTuple):
     zero: Optional[jax.Array]
 
 
-def head_losses(spec: Spec, stored, key, hs, batch, rest=(), dirs=None, mean=None):
+def head_losses(spec: Spec, stored, key, hs, batch, rest=(), dirs=None, mean=None, state=None):
     """The `Losses` of the branches of `dirs` (default all q directions), and `rest` passed
     through the same barrier. `mean` reduces the per-example losses (a data-parallel mesh sums
     over its devices' rows)."""
-    stored, key, hs, batch, rest = _pin((stored, key, hs, batch, rest))
+    stored, key, hs, batch, rest, state = _pin((stored, key, hs, batch, rest, state))
     mean = fixed_mean if mean is None else mean
     # the per-example losses pinned before the mean: XLA may otherwise merge the model's
     # reduction over tokens with the mean over rows into one, in an order that depends on what
     # else the program holds (one device's q directions, or a mesh device's share)
     loss = lambda w, h: mean(_pin(spec.model.head(w, h, batch)[0].astype(jnp.float32)))  # noqa
-    ws, _ = perturbed(spec, "outer", stored, key, OUTER_PART, dirs)
+    ws, _ = perturbed(spec, "outer", stored, key, OUTER_PART, dirs, state)
     signs = [s for _, s in branches_of(spec, dirs)]
     losses = [loss(w, h) for w, h in zip(ws, hs)]
     pick = lambda sign: jnp.stack([x for x, s in zip(losses, signs) if s == sign])  # noqa: E731
     out = Losses(pick(1), None if spec.estimator.one_sided else pick(-1),
-                 pick(0)[0] if spec.estimator.one_sided else None)
+                 pick(0)[0] if spec.estimator.unperturbed else None)
     # Pinned: the logged losses, the logged g and the applied coefficients all come from these
     # values, computed once (XLA may otherwise compute a loss twice, in two fusions that round
     # differently, and the logged g would not be the one the update applies).
@@ -366,15 +419,25 @@ def finish(spec: Spec, losses: Losses, key, gram_acc, pend: Pending, count, skip
         g = _pin((loss_p - loss_m) / _pin(jnp.float32(2.0 * spec.eps)))
         valid = jnp.all(jnp.isfinite(loss_p) & jnp.isfinite(loss_m) & jnp.isfinite(g))
         coef = g / q
+        if spec.estimator.stateful:
+            valid = valid & jnp.isfinite(loss_0)
+    curv = None
+    if spec.estimator.stateful:
+        # HiZOO's curvature of each direction, |L^+ + L^- - 2 L_0| / (2 eps^2)
+        curv = _pin(jnp.abs(loss_p + loss_m - 2.0 * loss_0)
+                    / _pin(jnp.float32(2.0 * spec.eps * spec.eps)))
+        valid = valid & jnp.all(jnp.isfinite(curv))
     if spec.clip_norm is not None:
         # ||sum_j c_j z_j||^2 = c^T G c with G the Gram matrix accumulated over all parts.
         norm = jnp.sqrt(jnp.maximum(fixed_sum(coef[:, None] * gram_acc * coef[None, :]), 0.0))
         coef = coef * jnp.where(norm > spec.clip_norm, spec.clip_norm / norm, 1.0)
     coef = jnp.where(valid, coef, 0.0)
+    if curv is not None:
+        curv = jnp.where(valid, curv, 0.0)
     skipped = jnp.logical_not(valid).astype(jnp.int32)
     skipped_total = skipped_total + skipped
     metrics = {
-        "loss": loss_0 if spec.estimator.one_sided else fixed_mean((loss_p + loss_m) / 2.0),
+        "loss": loss_0 if spec.estimator.unperturbed else fixed_mean((loss_p + loss_m) / 2.0),
         "loss_plus": fixed_mean(loss_p),
         "projected_grad": g[0] if spec.num_directions == 1 else g,
         "skipped": skipped,
@@ -384,9 +447,12 @@ def finish(spec: Spec, losses: Losses, key, gram_acc, pend: Pending, count, skip
         metrics["loss_spread"] = sigma
     else:
         metrics["loss_minus"] = fixed_mean(loss_m)
+    if curv is not None:
+        metrics["curvature"] = fixed_mean(curv)
     if spec.clip_norm is not None:
         metrics["grad_norm"] = norm
-    return Pending(key, coef, valid), count + pend.valid.astype(jnp.int32), skipped_total, metrics
+    return (Pending(key, coef, valid, curv), count + pend.valid.astype(jnp.int32), skipped_total,
+            metrics)
 
 
 # ---- evaluation (no perturbation) ---------------------------------------------------------------

@@ -272,27 +272,30 @@ def block_step(spec, par: Optional[Parallel], stored, opt, pend, count, part_id,
                                 branches)
     stored, opt = update_part(spec, par, "block", stored, opt, pend, count, part_id)
 
-    def f(full, part_id, key, hs, ctx, g):
+    def f(full, state, part_id, key, hs, ctx, g):
         hs, g = parts.block_forward(spec, full, part_id, key, _undev(hs), _undev(ctx), g,
-                                    branches, par.dirs())
+                                    branches, par.dirs(), state)
         return _dev(hs), g
-    # in_specs P() for the block: the shards are all-gathered, in their stored form
-    hs, gram_acc = _smap(par, f, (_R, _R, _R, _D, _D, _R), (_D, _R))(
-        stored, part_id, key, hs, ctx, gram_acc)
+    # in_specs P() for the block (and HiZOO's H): the shards are all-gathered, in their stored
+    # form
+    hs, gram_acc = _smap(par, f, (_R, _R, _R, _R, _D, _D, _R), (_D, _R))(
+        stored, parts.estimator_state(spec, opt), part_id, key, hs, ctx, gram_acc)
     return stored, opt, hs, gram_acc
 
 
 def head_finish(spec, par: Optional[Parallel], stored, key, hs, batch, gram_acc, pend, count,
-                skipped_total):
+                skipped_total, state=None):
+    """`state`: outer's estimator state (`parts.estimator_state`), or None."""
     if par is None:
         return parts.head_finish(spec, stored, key, hs, batch, gram_acc, pend, count,
-                                 skipped_total)
+                                 skipped_total, state)
     size = _batch_size(batch)
 
-    def f(stored, key, hs, batch, gram_acc, pend, count, skipped_total):
+    def f(stored, key, hs, batch, gram_acc, pend, count, skipped_total, state):
         losses, rest = parts.head_losses(
             spec, stored, key, _undev(hs), par.rows(batch),
-            (key, gram_acc, pend, count, skipped_total), dirs=par.dirs(), mean=par.mean(size))
+            (key, gram_acc, pend, count, skipped_total), dirs=par.dirs(), mean=par.mean(size),
+            state=state)
         if par.mode == "directions":
             # every device's L^+ and L^- in direction order; L_0 (the whole batch at theta)
             # is the same on every device
@@ -300,8 +303,8 @@ def head_finish(spec, par: Optional[Parallel], stored, key, hs, batch, gram_acc,
                 k: jax.lax.all_gather(getattr(losses, k), AXIS, tiled=True)
                 for k in ("plus", "minus") if getattr(losses, k) is not None})
         return parts.finish(spec, losses, *rest)
-    return _smap(par, f, (_R, _R, _D) + (_R,) * 5, _R)(
-        stored, key, hs, batch, gram_acc, pend, count, skipped_total)
+    return _smap(par, f, (_R, _R, _D) + (_R,) * 6, _R)(
+        stored, key, hs, batch, gram_acc, pend, count, skipped_total, state)
 
 
 # ---- evaluation: the batch split over the devices where it divides ------------------------------

@@ -28,9 +28,10 @@ def _outer(spec, stored, opt, pend, count, key, batch, par=None):
     return spmd.outer_embed(spec, par, stored, opt, pend, count, key, batch)
 
 
-def _head(spec, stored, key, hs, batch, gram_acc, pend, count, skipped_total, par=None):
+def _head(spec, stored, key, hs, batch, gram_acc, pend, count, skipped_total, state=None,
+          par=None):
     return spmd.head_finish(spec, par, stored, key, hs, batch, gram_acc, pend, count,
-                            skipped_total)
+                            skipped_total, state)
 
 
 def _update(spec, part, stored, opt, pend, count, part_id, par=None):

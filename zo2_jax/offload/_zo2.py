@@ -193,7 +193,7 @@ class ZO2Engine:
                 # writes into a stored array (it replaces it), so keep it without a round trip.
                 s = b
                 o = jax.device_put(calls.init_opt_fn(spec, "block", jax.device_put(b, self._dev)),
-                                   self._host) if not spec.fused else ()
+                                   self._host) if parts.has_opt(spec) else ()
             else:
                 s, o = calls.init_fn(spec, "block", jax.device_put(b, self._dev))
                 if i not in resident:
@@ -211,7 +211,7 @@ class ZO2Engine:
             self._host if par is None else (lambda t: self._block_shardings(t, "pinned_host")),
             plan.max_inflight, plan.units, hold=plan.hold)
         self._ids = [self._put(np.uint32(i), self._dev) for i in range(n)]
-        self._pending = self._put(parts.empty_pending(spec.num_directions), self._dev)
+        self._pending = self._put(parts.no_pending(spec), self._dev)
         self._count = self._put(np.zeros([], np.int32), self._dev)
         self._skipped_total = self._put(np.zeros([], np.int32), self._dev)
         self._dirty = False
@@ -306,7 +306,7 @@ class ZO2Engine:
         self._stream.update_pass(compute, ahead=True)
         self._pending, self._count, self._skipped_total, metrics = calls.head_fn(
             self.spec, self._outer, key, carry[0], batch, carry[1], pend, count,
-            self._skipped_total, par=self._par)
+            self._skipped_total, parts.estimator_state(self.spec, self._opt_outer), par=self._par)
         self._stream.prefetch(with_opt=True)
         self._dirty = True
         return metrics
@@ -329,7 +329,7 @@ class ZO2Engine:
             # cleared: the engine must refuse to run, as for a failure in a block.
             self._count, self._pending = self._put(
                 (count + pend.valid.astype(jnp.int32),
-                 parts.empty_pending(self.spec.num_directions, pend.key)), self._dev)
+                 parts.no_pending(self.spec, pend.key)), self._dev)
         self._dirty = False
 
     # ---- evaluation -----------------------------------------------------------------------------

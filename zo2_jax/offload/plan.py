@@ -459,7 +459,7 @@ def footprint(spec: parts.Spec, params: PyTree, batch_shape, fns: dict, group: i
     batch = {k: jax.ShapeDtypeStruct((B, T), jnp.int32)
              for k in ("input_ids", "attention_mask", "loss_mask")}
     key = jax.eval_shape(lambda: jax.random.key(0))
-    pend = jax.eval_shape(lambda: parts.empty_pending(spec.num_directions))
+    pend = jax.eval_shape(lambda: parts.no_pending(spec))
     count, pid = jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.uint32)
     _, _, hs, ctx, g = jax.eval_shape(lambda *a: parts.outer_embed(spec, *a),
                                       o_s, o_o, pend, count, key, batch)

@@ -54,7 +54,8 @@ def _step(spec: parts.Spec, par, state, batch, key):
     blocks, opts, hs, g = jax.lax.fori_loop(
         0, _depth(state), body, (state["blocks"], state["opt_blocks"], hs, g))
     pend, count, skipped_total, metrics = spmd.head_finish(
-        spec, par, outer, key, hs, batch, g, pend, count, state["skipped_total"])
+        spec, par, outer, key, hs, batch, g, pend, count, state["skipped_total"],
+        parts.estimator_state(spec, opt_outer))
     new = {"outer": outer, "opt_outer": opt_outer, "blocks": blocks, "opt_blocks": opts,
            "pending": pend, "count": count, "skipped_total": skipped_total}
     return new, metrics
@@ -76,7 +77,7 @@ def _flush(spec: parts.Spec, par, state):
                                      (state["blocks"], state["opt_blocks"]))
     return {**state, "outer": outer, "opt_outer": opt_outer, "blocks": blocks,
             "opt_blocks": opts, "count": count + pend.valid.astype(jnp.int32),
-            "pending": parts.empty_pending(spec.num_directions, pend.key)}
+            "pending": parts.no_pending(spec, pend.key)}
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -189,7 +190,7 @@ class MeZOEngine:
         # Committed to the device, like every later state, so step 2 reuses step 1's executable.
         self._state = self._place({
             "outer": outer, "opt_outer": opt_outer, "blocks": blocks, "opt_blocks": opts,
-            "pending": parts.empty_pending(spec.num_directions),
+            "pending": parts.no_pending(spec),
             "count": jnp.zeros([], jnp.int32), "skipped_total": jnp.zeros([], jnp.int32)})
         self._dirty = False  # a valid update may be pending (host-side hint, avoids idle flushes)
 
