@@ -289,7 +289,7 @@ def test_hizoo_steps_are_the_reference_implementation():
             np.testing.assert_allclose(x, y, rtol=1e-6)
         assert any(np.max(np.abs(np.asarray(h) - 1)) > 1e-3 for h in jax.tree.leaves(hess))
         for x, y in zip(jax.tree.leaves(engine.params()), jax.tree.leaves(theta)):
-            np.testing.assert_allclose(x, y, rtol=1e-4, atol=3e-5)
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
 
 def test_hizoo_with_no_smoothing_keeps_h_at_one():
