@@ -67,7 +67,7 @@ ROW_KEYS = {  # key -> parser of its value
     "branches": lambda v: _choice(v, ("fused", "sequential")),
     # the estimate (both engines): directions per step, the estimator, the distribution of z
     "q": int,
-    "estimator": lambda v: _choice(v, ("mezo", "fzoo", "sparse")),
+    "estimator": lambda v: _choice(v, ("mezo", "fzoo", "sparse", "hizoo")),
     "directions": lambda v: _choice(v, ("gaussian", "rademacher")),
 }
 ESTIMATE_DEFAULTS = {"q": 1, "estimator": "mezo", "directions": "gaussian"}

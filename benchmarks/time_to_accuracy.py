@@ -11,16 +11,16 @@ Tasks (the model: the shipped SmolLM2-135M-Instruct GGUF unless `--model`):
   it): the modules whose path hashes into the last tenth are held out for evaluation, the rest
   are trained on (`stdlib_docs`).
 
-A method is `NAME:key=value:...` with NAME an estimator (mezo, fzoo, sparse) and keys q
-(directions), lr, fraction (sparse), eps, directions (gaussian / rademacher, default
-rademacher). Several comma-separated lrs (`lr=1e-7,3e-7,1e-6`) are swept first: each runs the
-first seed on `--sweep-budget` forward passes, and the best final value picks the lr the seeds
-run with (sweep rows have kind "sweep"; the choice is a row of kind "sweep_choice").
+A method is `NAME:key=value:...` with NAME an estimator (mezo, fzoo, sparse, hizoo) and keys
+q (directions), lr, fraction (sparse), smooth (hizoo), eps, directions (gaussian / rademacher,
+default rademacher). Several comma-separated lrs (`lr=1e-7,3e-7,1e-6`) are swept first: each
+runs the first seed on `--sweep-budget` forward passes, and the best final value picks the lr
+the seeds run with (sweep rows have kind "sweep"; the choice is a row of kind "sweep_choice").
 
 Every method gets the same number of forward passes (`--budget`): its steps are the budget over
-its passes per step (MeZO-SGD and sparse 2q, FZOO q + 1), evaluated every `--eval-every`
-passes. Seconds are training time only: the step time summed, evaluations and compilation left
-out (each method compiles on a warm-up engine first).
+its passes per step (MeZO-SGD and sparse 2q, FZOO q + 1, HiZOO 2q + 1), evaluated every
+`--eval-every` passes. Seconds are training time only: the step time summed, evaluations and
+compilation left out (each method compiles on a warm-up engine first).
 
 Rows (JSON lines, `--out`): one per evaluation point, then one summary per method: its mean
 final value over seeds, and the forward passes and seconds at which each seed first reached
@@ -49,7 +49,8 @@ def _lrs(text: str) -> list:
     return lrs
 
 
-METHOD_KEYS = {"q": int, "lr": _lrs, "fraction": float, "eps": float, "directions": str}
+METHOD_KEYS = {"q": int, "lr": _lrs, "fraction": float, "smooth": float, "eps": float,
+               "directions": str}
 
 
 def parse_method(text: str) -> dict:
@@ -60,7 +61,7 @@ def parse_method(text: str) -> dict:
     if name not in ESTIMATORS:
         raise argparse.ArgumentTypeError(f"method {text!r}: the estimator must be one of "
                                          f"{ESTIMATORS}")
-    m = {"name": name, "q": 1, "lr": None, "fraction": 0.25, "eps": 1e-3,
+    m = {"name": name, "q": 1, "lr": None, "fraction": 0.25, "smooth": 1e-8, "eps": 1e-3,
          "directions": "rademacher"}
     for item in rest:
         key, sep, value = item.partition("=")
@@ -78,12 +79,15 @@ def parse_method(text: str) -> dict:
 
 
 def label(m: dict) -> str:
-    extra = f",f={m['fraction']:g}" if m["name"] == "sparse" else ""
+    extra = (f",f={m['fraction']:g}" if m["name"] == "sparse" else
+             f",a={m['smooth']:g}" if m["name"] == "hizoo" else "")
     return f"{m['name']}(q={m['q']},lr={m['lr']:g}{extra})"
 
 
 def passes_per_step(m: dict) -> int:
-    return m["q"] + 1 if m["name"] == "fzoo" else 2 * m["q"]
+    from zo2_jax.core.estimators import Estimator
+
+    return Estimator(m["name"]).forward_passes(m["q"])
 
 
 def stdlib_docs(max_chars: int = 4_000_000) -> tuple[list, list]:
@@ -171,7 +175,8 @@ def run_method(a, model, load_params, m, tx, loader_of, eval_batches, task, seed
     from zo2_jax import Estimator
 
     kw = dict(eps=m["eps"], num_directions=m["q"], directions=m["directions"],
-              estimator=Estimator(m["name"], m["fraction"]), compute_dtype=a.compute_dtype)
+              estimator=Estimator(m["name"], m["fraction"], m["smooth"]),
+              compute_dtype=a.compute_dtype)
     cls = MeZOEngine if a.engine == "mezo" else ZO2Engine
     engine = cls(model, load_params(), tx, **kw)
     per = passes_per_step(m)

@@ -75,6 +75,10 @@ CASES = {
     "sparse-bf16sr-q2-on-2-sequential": (
         dict(tx=shared_sgd(), num_directions=2, estimator=Estimator("sparse", fraction=0.3),
              storage=SR_BF16), dict(branches="sequential"), 2),
+    # HiZOO: H is sharded with its block (the update) and gathered with it (the branches)
+    "hizoo-momentum-q2-on-2": (dict(tx=optax.sgd(1e-3, momentum=0.9), num_directions=2,
+                                    estimator=Estimator("hizoo", smooth=0.05)),
+                               dict(max_inflight=2), 2),
 }
 DEFAULT_CASES = ("sgd-fp32-q4", "fzoo-rademacher-q4-on-4")
 

@@ -223,6 +223,10 @@ def test_bad_estimator_options():
         ZOOptions(sparse_fraction=-1)
     assert ZOOptions(estimator="sparse", sparse_fraction=0.5).engine_kwargs()["estimator"] == \
         Estimator("sparse", 0.5)
+    assert ZOOptions(estimator="hizoo", hessian_smooth=1e-6).engine_kwargs()["estimator"] == \
+        Estimator("hizoo", smooth=1e-6)
+    with pytest.raises(ValueError, match="smooth"):
+        ZOOptions(estimator="hizoo", hessian_smooth=1.0)
 
 
 def test_a_state_does_not_switch_estimator():

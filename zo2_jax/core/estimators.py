@@ -122,7 +122,11 @@ class Estimator:
         """The map from raw directions z to the estimator's d (a function of the part's values
         `theta`, float32, and its estimator `state`), or None where d = z."""
         if self.name == "hizoo":
-            return lambda z: jax.tree.map(lambda z_, h: z_ / jnp.sqrt(h), z, state)
+            # 1 / sqrt(H) made once and pinned: the same values whatever program (or
+            # sharding) then uses them
+            scale = jax.lax.optimization_barrier(
+                jax.tree.map(lambda h: 1.0 / jnp.sqrt(h), state))
+            return lambda z: jax.tree.map(jnp.multiply, z, scale)
         if self.name != "sparse" or self.fraction >= 1.0:
             return None
         masks = jax.tree.map(lambda t: smallest_mask(t, self.fraction) if t.ndim >= 2 else None,

@@ -129,10 +129,15 @@ class ZOOptions:
                             "passes), fzoo (one-sided from a shared unperturbed pass, step "
                             "normalised by the loss spread; q + 1 passes, q >= 2) or sparse "
                             "(Sparse-MeZO: only each matrix's smallest-magnitude entries "
-                            "perturbed)", "choice", TRAINING, choices=ESTIMATORS)
+                            "perturbed) or hizoo (HiZOO: a diagonal Hessian estimate per "
+                            "parameter shapes the directions; 2q + 1 passes)", "choice",
+                            TRAINING, choices=ESTIMATORS)
     sparse_fraction: float = option(Estimator.fraction, "the sparse estimator: fraction of each "
                                     "matrix perturbed (its smallest magnitudes), in (0, 1]",
                                     "positive", TRAINING)
+    hessian_smooth: float = option(Estimator.smooth, "the hizoo estimator: alpha, the weight of "
+                                   "each step's curvature in the Hessian estimate, in [0, 1)",
+                                   "nonnegative", TRAINING)
     storage_dtype: StorageDType = option(Storage.dtype, "how parameters are stored (on the "
                                          "host with zo2); low-bit storage halves or quarters "
                                          "the bytes moved per step", "choice",
@@ -156,7 +161,7 @@ class ZOOptions:
         self.make_estimator().check_directions(self.num_directions)
 
     def make_estimator(self) -> Estimator:
-        return Estimator(self.estimator, self.sparse_fraction)
+        return Estimator(self.estimator, self.sparse_fraction, self.hessian_smooth)
 
     def storage(self) -> Storage:
         return Storage(self.storage_dtype, rounding=self.rounding)

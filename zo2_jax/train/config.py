@@ -280,7 +280,8 @@ _LITERALS = {f.name: f.metadata["choices"] for f in dataclasses.fields(TrainConf
 # What a checkpoint's model is: these cannot differ from the saved run's.
 MODEL_FIELDS = ("model", "engine", "storage_dtype", "rounding", "compute_dtype", "optimizer",
                 "lr", "schedule", "warmup_steps", "weight_decay", "momentum", "eps",
-                "num_directions", "directions", "estimator", "sparse_fraction")
+                "num_directions", "directions", "estimator", "sparse_fraction",
+                "hessian_smooth")
 # What a resumed run's data and schedule are: these cannot differ on resume either.
 RESUME_FIELDS = ("task", "train_file", "template", "label_words", "k_shot", "batch_size",
                  "max_len", "seq_len", "seed")
