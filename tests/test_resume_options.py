@@ -18,6 +18,7 @@ import pytest
 
 from _toy import MODEL, PARAMS, counting_batch
 from test_offload_exactness import assert_trees_identical
+from zo2_jax import Estimator
 from zo2_jax.offload import Storage, ZO2Engine
 from zo2_jax.train.checkpoint import Checkpointer
 from zo2_jax.zo import MeZOEngine
@@ -33,12 +34,16 @@ OPTIONS = {
     "int8-resident1": (dict(storage=Storage("int8", rounding="stochastic")),
                        dict(resident_blocks=1), ("mezo", "zo2")),
     "blocks_per_call2": ({}, dict(blocks_per_call=2), ("zo2",)),
+    # the estimators: FZOO's q >= 2; HiZOO's H in the optimiser state, its curvatures pending
+    "fzoo": (dict(num_directions=2, estimator="fzoo"), {}, ("mezo", "zo2")),
+    "hizoo": (dict(num_directions=2, estimator=Estimator("hizoo", smooth=0.05)), {},
+              ("mezo", "zo2")),
     "all": (dict(num_directions=2, directions="rademacher", clip_norm=CLIP,
                  storage=Storage("int8", rounding="stochastic")),
             dict(resident_blocks=1, blocks_per_call=2), ("mezo", "zo2")),
 }
 # The default suite runs every option at once in ZO2 (one compilation); each alone is slow.
-DEFAULT = {("zo2", "all")}
+DEFAULT = {("zo2", "all"), ("zo2", "hizoo")}
 N, K = 4, 2  # steps in all; the checkpoint is written after step K
 BATCHES = [counting_batch(jax.random.key(t)) for t in range(N)]
 

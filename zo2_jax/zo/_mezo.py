@@ -135,7 +135,7 @@ class MeZOEngine:
       directions: 'gaussian' (MeZO's z ~ N(0, I)) or 'rademacher' (z in {-1, +1}^d, Spall's
         SPSA: also E[z z^T] = I, a lower-variance estimate, and ~30x cheaper to generate, which
         matters where the noise, not the forward pass, bounds the step, e.g. small models on CPU).
-      estimator: "mezo" (two-sided SPSA, the default), "fzoo" or "sparse", or a
+      estimator: "mezo" (two-sided SPSA, the default), "fzoo", "sparse" or "hizoo", or a
         `zo2_jax.Estimator` (e.g. `Estimator("sparse", fraction=0.25)`); see
         `zo2_jax.core.estimators`. Bit-identical between the engines for each.
       mesh: run on several devices (`zo2_jax.core.spmd`): a device count (the first n of
