@@ -296,6 +296,7 @@ def test_hizoo_steps_are_the_reference_implementation():
             np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_hizoo_with_no_smoothing_keeps_h_at_one():
     """smooth 0 (the reference's default schedule, constant0): H stays 1, so the step is
     MeZO's (plus the unperturbed pass; another program, so equal up to float rounding)."""

@@ -43,7 +43,7 @@ OPTIONS = {
             dict(resident_blocks=1, blocks_per_call=2), ("mezo", "zo2")),
 }
 # The default suite runs every option at once in ZO2 (one compilation); each alone is slow.
-DEFAULT = {("zo2", "all"), ("zo2", "hizoo")}
+DEFAULT = {("zo2", "all")}
 N, K = 4, 2  # steps in all; the checkpoint is written after step K
 BATCHES = [counting_batch(jax.random.key(t)) for t in range(N)]
 
