@@ -106,6 +106,16 @@ class Estimator:
             raise ValueError(f"the fzoo estimator normalises by the spread of its perturbed "
                              f"losses: it needs num_directions >= 2, got {num_directions}")
 
+    def next_state(self, state: PyTree, zs: list, curv: jax.Array) -> PyTree:
+        """HiZOO's H after a step with raw directions `zs` and curvatures `curv` [q]:
+        (1 - alpha) H + (alpha / q) sum_j c_j H z_j^2."""
+        acc = None
+        for j, z in enumerate(zs):
+            term = jax.tree.map(lambda z_: curv[j] * (z_ * z_), z)
+            acc = term if acc is None else jax.tree.map(jnp.add, acc, term)
+        a, q = self.smooth, len(zs)
+        return jax.tree.map(lambda h, c: (1.0 - a) * h + (a / q) * h * c, state, acc)
+
     def forward_passes(self, num_directions: int) -> int:
         """Forward passes of a step with q directions (one device)."""
         return (num_directions if self.one_sided else 2 * num_directions) + int(self.unperturbed)

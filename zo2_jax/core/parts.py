@@ -192,13 +192,7 @@ def update_part(spec: Spec, part: str, stored, opt, pend: Pending, count, part_i
     else:
         # HiZOO: H from this step's curvatures first, then the step along z_j / sqrt(new H)
         zs = [part_noise(pend.key, j, part_id, theta, spec.directions) for j in q]
-        a = spec.estimator.smooth
-        acc = None
-        for j, z in zip(q, zs):
-            term = jax.tree.map(lambda z_: pend.curv[j] * (z_ * z_), z)
-            acc = term if acc is None else jax.tree.map(jnp.add, acc, term)
-        new_hess = _pin(jax.tree.map(
-            lambda h, c: (1.0 - a) * h + (a / spec.num_directions) * h * c, hess, acc))
+        new_hess = _pin(spec.estimator.next_state(hess, zs, pend.curv))
         shape = spec.estimator.shaper(theta, new_hess)
         ds = [shape(z) for z in zs]
     gz = None
