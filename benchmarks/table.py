@@ -236,13 +236,13 @@ def call_lines(calls: dict, order: dict) -> list:
         sw = f", jax {r['jax']}" if r.get("jax") else ""
         sw += f", torch {x['torch']}" if any(x.get("torch") for x in rows) else ""
         what = f"{r['card']}{host}, {r['date']}, commit {', '.join(commits)}{sw}"
-        groups.setdefault(what, []).append((call, r))
+        groups.setdefault(what, []).append((call, r, dict.fromkeys(x["command"] for x in rows)))
     out = []
-    for what, cs in groups.items():
-        cmds = ", ".join(f"`{r['command']}`" for _, r in cs)
-        hist = sorted({r["history"] for _, r in cs if r.get("history")})
+    for what, cs in groups.items():  # every command of a call (one call can run several)
+        cmds = ", ".join(f"`{c}`" for _, _, commands in cs for c in commands)
+        hist = sorted({r["history"] for _, r, _ in cs if r.get("history")})
         where = f" (in git at {', '.join(hist)})" if hist else ""
-        out.append(f"- **{', '.join(c for c, _ in cs)}**: {what}: {cmds}{where}")
+        out.append(f"- **{', '.join(c for c, _, _ in cs)}**: {what}: {cmds}{where}")
     return out
 
 
@@ -435,28 +435,32 @@ ORDER = {}  # call -> its place in the record (oldest first)
 
 def directions_table(rows) -> Table:
     """Matrix calls that ran q > 1 (or another estimator): directions per second against q = 1
-    of the same call, model and shape."""
+    (MeZO-SGD, the same distribution of z) of the same call, model and shape."""
     mine = [r for r in rows if r.get("impl") == "zo2_jax" and r.get("kind", "speed") == "speed"
             and r.get("zo2_step_s")]
-    calls = {r["call"] for r in mine if estimate(r) != (1, "mezo", "gaussian")}
+    calls = {r["call"] for r in mine if estimate(r)[:2] != (1, "mezo")}
     t = Table("Directions per second: the idle compute of a bus-bound step",
               "ZO2 steps with q directions (two forward passes each; FZOO: q + 1 passes in all) "
-              "in one call; directions/s = q / step time, against the q = 1 MeZO row of the "
-              "same call, model and shape.",
-              ["model", "B x T", "storage / compute", "estimator", "q", "ZO2 ms",
+              "in one call; directions/s = q / step time, against the q = 1 MeZO-SGD row of the "
+              "same call, model, shape and distribution of z. MeZO ms: the all-resident step, "
+              "the compute alone (timeout: it did not finish in the row's time).",
+              ["model", "B x T", "storage / compute", "estimator", "q", "ZO2 ms", "MeZO ms",
                "directions/s", "vs q = 1", "step / T_limit", "call"])
     for call in [c for c in ORDER if c in calls][-1:]:  # the latest such call
         group = sorted((r for r in mine if r["call"] == call),
                        key=lambda r: (sort_key(r, ORDER), estimate(r)))
         for r in group:
-            base = [b for b in group if (b["model"], b["batch"], b["seq"]) == (
-                r["model"], r["batch"], r["seq"]) and estimate(b) == (1, "mezo", "gaussian")]
             q, est, dirs = estimate(r)
+            base = [b for b in group if (b["model"], b["batch"], b["seq"]) == (
+                r["model"], r["batch"], r["seq"]) and estimate(b) == (1, "mezo", dirs)]
             rate = q / r["zo2_step_s"]
             vs = rate / (1 / base[0]["zo2_step_s"]) if base else None
+            mezo = (ms(r["mezo_step_s"]) if r.get("mezo_step_s") else
+                    r["status"] if r.get("status", "ok") != "ok" else "-")
             t.add([shape(r), f"{r['batch']}x{r['seq']}", f"{storage(r)} / {short(r['compute'])}",
-                   f"{est} ({dirs})", str(q), ms(r["zo2_step_s"]), num(rate, 1),
-                   f"**{num(vs)}**" if vs else "-", num(r.get("x_T_limit")), r["call"]], [r])
+                   f"{est} ({dirs})", str(q), ms(r["zo2_step_s"]), mezo, num(rate, 1),
+                   f"**{num(vs)}**" if vs else "-", num(r.get("x_T_limit")), r["call"]],
+                  [dict(r, status="ok")])  # ZO2 was timed: a later phase's failure is its cell
     return t
 
 
@@ -464,20 +468,33 @@ def time_to_accuracy_table(rows) -> Table:
     """The latest time_to_accuracy call of each task: one row per method."""
     mine = [r for r in rows if r.get("probe") == "time_to_accuracy" and r.get("kind") == "summary"]
     t = Table("Time to accuracy: estimators against MeZO-SGD",
-              "benchmarks/time_to_accuracy.py: every method the same budget of forward passes, "
-              "mean over seeds; the target is MeZO-SGD's mean final value; passes and seconds "
-              "(training steps only) to reach it, mean over the seeds that all reached it.",
-              ["task", "model", "method", "seeds", "final", "target", "passes to target",
-               "of MeZO's budget", "s to target", "call"])
+              "benchmarks/time_to_accuracy.py: every method the same budget of forward passes; the "
+              "target is MeZO-SGD's mean final value over the seeds. Forward passes to the target: "
+              "the mean over seeds where every seed got there, and where the seeds' mean curve "
+              "got there (its fraction of MeZO-SGD's budget in bold). Best: the mean curve's best "
+              "value @ forward passes. Seconds: training steps only, mean over seeds.",
+              ["task", "model", "method", "seeds", "final", "target", "passes (each seed)",
+               "passes (mean curve)", "of MeZO's budget", "best @ passes", "s to target",
+               "call"])
     for task in dict.fromkeys(r["task"] for r in mine):
         last = [r for r in mine if r["task"] == task]
         call = max((r["call"] for r in last), key=lambda c: ORDER.get(c, 0))
         for r in (x for x in last if x["call"] == call):
-            p = r.get("passes_to_target_mean")
-            t.add([task, r["model"], r["method"], str(len(r["seeds"])), num(r["final_mean"], 3),
-                   num(r["target"], 3), "-" if p is None else f"{p:.0f}",
-                   f"**{num(r.get('passes_fraction_of_baseline'))}**",
-                   num(r.get("seconds_to_target_mean"), 1), r["call"]], [r])
+            p, c = r.get("passes_to_target_mean"), r.get("mean_curve_passes_to_target")
+            digits = 3 if task == "sentiment" else 4
+            best = (f"{r['best_of_mean_curve']:.{digits}f} @ {r['best_at_passes']:.0f}"
+                    if r.get("best_of_mean_curve") is not None else "-")
+            seeds = str(len(r["seeds"])) + (f" (+{len(r['incomplete_seeds'])} cut short)"
+                                            if r.get("incomplete_seeds") else "")
+            t.add([task, r["model"], r["method"], seeds, num(r.get("final_mean"), digits),
+                   num(r["target"], digits), "-" if p is None else f"{p:.0f}",
+                   "-" if c is None else f"{c:.0f}",
+                   f"**{num(r.get('mean_curve_fraction_of_baseline'))}**",
+                   best, num(r.get("seconds_to_target_mean"), 1), r["call"]],
+                  [dict(r, status="ok")])  # no seed reached the budget: the seeds cell says so
+        plots = sorted({x["plot"] for x in last if x["call"] == call and x.get("plot")})
+        t.after += [f"Curves ({task}, each seed and their mean, against forward passes and "
+                    f"seconds): {p}" for p in plots]
     return t
 
 

@@ -13,7 +13,8 @@ Tasks (the model: the shipped SmolLM2-135M-Instruct GGUF unless `--model`):
 
 A method is `NAME:key=value:...` with NAME an estimator (mezo, fzoo, sparse, hizoo) and keys
 q (directions), lr, fraction (sparse), smooth (hizoo), eps, directions (gaussian / rademacher,
-default rademacher). Several comma-separated lrs (`lr=1e-7,3e-7,1e-6`) are swept first: each
+default rademacher), decay (none / cosine: the lr decays to 0 over the run's steps). Several
+comma-separated lrs (`lr=1e-7,3e-7,1e-6`) are swept first: each
 runs the first seed on `--sweep-budget` forward passes, and the best final value picks the lr
 the seeds run with (sweep rows have kind "sweep"; the choice is a row of kind "sweep_choice").
 
@@ -49,8 +50,14 @@ def _lrs(text: str) -> list:
     return lrs
 
 
+def _decay(text: str) -> str:
+    if text not in ("none", "cosine"):
+        raise ValueError(text)
+    return text
+
+
 METHOD_KEYS = {"q": int, "lr": _lrs, "fraction": float, "smooth": float, "eps": float,
-               "directions": str}
+               "directions": str, "decay": _decay}
 
 
 def parse_method(text: str) -> dict:
@@ -62,7 +69,7 @@ def parse_method(text: str) -> dict:
         raise argparse.ArgumentTypeError(f"method {text!r}: the estimator must be one of "
                                          f"{ESTIMATORS}")
     m = {"name": name, "q": 1, "lr": None, "fraction": 0.25, "smooth": 1e-8, "eps": 1e-3,
-         "directions": "rademacher"}
+         "directions": "rademacher", "decay": "none"}
     for item in rest:
         key, sep, value = item.partition("=")
         if not sep or key not in METHOD_KEYS:
@@ -81,6 +88,7 @@ def parse_method(text: str) -> dict:
 def label(m: dict) -> str:
     extra = (f",f={m['fraction']:g}" if m["name"] == "sparse" else
              f",a={m['smooth']:g}" if m["name"] == "hizoo" else "")
+    extra += ",cosine" if m.get("decay") == "cosine" else ""
     return f"{m['name']}(q={m['q']},lr={m['lr']:g}{extra})"
 
 
@@ -211,28 +219,179 @@ def reach(points, target, higher: bool):
     return None, None
 
 
+def mean_curve(runs) -> list:
+    """The seeds' mean curve: (passes, seconds, value) averaged point by point (the runs of one
+    method share their eval points)."""
+    n = min(len(r) for r in runs)
+    return [tuple(sum(r[i][j] for r in runs) / len(runs) for j in range(3)) for i in range(n)]
+
+
+def metric_of(row) -> str:
+    """The metric of an eval or curve row: "accuracy" (higher is better) or "eval_loss"."""
+    return row.get("metric") or ("accuracy" if "accuracy" in row else "eval_loss")
+
+
+def curves_of(rows) -> tuple[dict, dict]:
+    """From per-eval rows or "curve" rows (sweeps left out): ({method: {seed: [(passes, seconds, value)]}},
+    {method: its first row}), methods in the order they first appear."""
+    curves, first = {}, {}
+    for r in rows:
+        if r.get("kind") == "curve":
+            first.setdefault(r["method"], r)
+            curves.setdefault(r["method"], {})[r["seed"]] = [tuple(p) for p in r["points"]]
+            continue
+        if r.get("kind") is not None:
+            continue
+        value = r[metric_of(r)]
+        first.setdefault(r["method"], r)
+        curves.setdefault(r["method"], {}).setdefault(r["seed"], []).append(
+            (r["forward_passes"], r["seconds"], value))
+    return curves, first
+
+
+def summarize(rows, budget: int, ident: dict) -> list:
+    """Summary rows (kind "summary"), one per method, from the per-eval rows of one call and task.
+
+    A seed counts when its run reached the whole budget (a call cut short leaves runs that did
+    not: `incomplete_seeds`; status "ok" where at least one seed counts). The target is the first method's (the baseline's) mean
+    final value. Per method: its mean final value; per seed, the forward passes and seconds at
+    its first eval at or beyond the target (means where every seed got there); and the passes at
+    which the seeds' mean curve first got there, and that curve's best value and where. Fractions
+    are of the baseline's budget.
+    """
+    curves, first = curves_of(rows)
+    if not curves:
+        raise ValueError("no eval rows to summarize")
+    metric = metric_of(next(iter(first.values())))
+    higher = metric == "accuracy"
+    done = {}
+    for name, seeds in curves.items():
+        per = passes_per_step({"name": first[name]["estimator"], "q": first[name]["q"]})
+        full = per * (budget // per)
+        done[name] = {s: pts for s, pts in seeds.items() if pts[-1][0] == full}
+    baseline = next(iter(curves))
+    if not done[baseline]:
+        raise ValueError(f"the baseline {baseline} has no run that reached the budget")
+    base_runs = list(done[baseline].values())
+    target = sum(r[-1][2] for r in base_runs) / len(base_runs)
+    base_passes = base_runs[0][-1][0]
+    out = []
+    for name, runs in done.items():
+        incomplete = sorted(set(curves[name]) - set(runs))
+        row = {**ident, "kind": "summary", "method": name, "estimator": first[name]["estimator"],
+               "q": first[name]["q"], "lr": first[name]["lr"], "baseline": baseline,
+               "metric": metric, "target": target, "seeds": sorted(runs),
+               "incomplete_seeds": incomplete,
+               "status": "ok" if runs else
+               f"cut short: none of its {len(incomplete)} seeds reached the budget"}
+        if runs:
+            hits = [reach(runs[s], target, higher) for s in sorted(runs)]
+            every = all(h[0] is not None for h in hits)
+            mean = (lambda i: sum(h[i] for h in hits) / len(hits)) if every else None
+            mean_pts = mean_curve(list(runs.values()))
+            curve = reach(mean_pts, target, higher)[0]
+            best = (max if higher else min)(mean_pts, key=lambda p: p[2])
+            row.update({
+                "final_mean": sum(r[-1][2] for r in runs.values()) / len(runs),
+                "passes_to_target": [h[0] for h in hits],
+                "seconds_to_target": [h[1] for h in hits],
+                "passes_to_target_mean": mean(0) if mean else None,
+                "seconds_to_target_mean": mean(1) if mean else None,
+                "passes_fraction_of_baseline": mean(0) / base_passes if mean else None,
+                "mean_curve_passes_to_target": curve,
+                "mean_curve_fraction_of_baseline": curve / base_passes if curve is not None
+                else None,
+                "best_of_mean_curve": best[2], "best_at_passes": best[0]})
+        out.append(row)
+    return out
+
+
 def plot(path, curves, metric, title):
+    """Value against forward passes and against seconds: each seed thin, the seeds' mean bold.
+    `curves`: {label: [run, ...]}, a run a list of (passes, seconds, value)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name, runs in curves.items():
-        n = min(len(r) for r in runs)
-        arr = np.array([[pt for pt in r[:n]] for r in runs], dtype=float)  # seeds x n x 3
-        mean = arr.mean(0)
-        axes[0].plot(mean[:, 0], mean[:, 2], marker=".", label=name)
-        axes[1].plot(mean[:, 1], mean[:, 2], marker=".", label=name)
+    for i, (name, runs) in enumerate(curves.items()):
+        color = f"C{i % 10}"
+        for run in runs:
+            for ax, x in zip(axes, (0, 1)):
+                ax.plot([p[x] for p in run], [p[2] for p in run], color=color, lw=0.6,
+                        alpha=0.35)
+        mean = mean_curve(runs)
+        for ax, x in zip(axes, (0, 1)):
+            ax.plot([p[x] for p in mean], [p[2] for p in mean], color=color, marker=".", lw=1.8,
+                    label=f"{name}, {len(runs)} seed{'s' * (len(runs) > 1)}")
     axes[0].set_xlabel("forward passes")
     axes[1].set_xlabel("seconds (training steps only)")
     for ax in axes:
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(title)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+IDENT_KEYS = ("probe", "task", "model", "engine", "budget", "batch_size", "device", "date",
+              "commit", "dirty", "call", "command")
+
+
+def summarize_file(a) -> int:
+    """--summarize: the summary (and, with --out, the record: one "curve" row per method and
+    seed, the sweep choices, the summaries) of one call and task from a run's JSONL rows, also
+    of a call cut short."""
+    with open(a.summarize) as fh:
+        rows = [json.loads(line) for line in fh if line.strip()]
+    rows = [r for r in rows if r.get("probe") == "time_to_accuracy" and r.get("task") == a.task]
+    calls = list(dict.fromkeys(r.get("call") for r in rows))
+    if a.call is not None:
+        calls = [c for c in calls if c == a.call]
+    if len(calls) != 1:
+        raise SystemExit(f"{a.summarize}: rows of task {a.task!r} from calls {calls}: give "
+                         f"--call to choose one")
+    rows = [r for r in rows if r.get("call") == calls[0]]
+    evals = [r for r in rows if "kind" not in r or r["kind"] == "curve"]
+    if not evals:
+        raise SystemExit(f"{a.summarize}: no eval rows of task {a.task!r}, call {calls[0]!r}")
+    ident = {k: evals[0][k] for k in IDENT_KEYS if k in evals[0]}
+    table = summarize(evals, ident["budget"], ident)
+    curves, first = curves_of(evals)
+    record = []
+    for name, seeds in curves.items():
+        keep = {k: first[name][k] for k in ("estimator", "q", "lr")}
+        record += [{**ident, "kind": "curve", "method": name, **keep,
+                    "metric": metric_of(first[name]), "seed": seed, "points": pts}
+                   for seed, pts in seeds.items()]
+    record += [r for r in rows if r.get("kind") == "sweep_choice"] + table
+    if a.out:
+        with open(a.out, "a") as fh:
+            for r in record:
+                fh.write(json.dumps(r) + "\n")
+    if a.plot:
+        done = {r["method"]: r["seeds"] for r in table}
+        shown = {(name if done[name] else f"{name} (cut short)"):
+                 [curves[name][s] for s in (done[name] or curves[name])] for name in curves}
+        plot(a.plot, shown, metric_of(evals[0]), f"{a.task}: {ident['model']}, budget {ident['budget']} "
+             f"forward passes, {ident['device']}, call {ident['call']}")
+    print_table(table)
+    return 0
+
+
+def print_table(table) -> None:
+    def f(v, width, digits=0):
+        return format("-" if v is None else f"{v:.{digits}f}", f">{width}")
+
+    print(f"\n{'method':40s} {'final':>8s} {'passes to target':>18s} {'mean curve':>11s} "
+          f"{'s to target':>12s}")
+    for r in table:
+        print(f"{r['method']:40s} {f(r.get('final_mean'), 8, 4)} "
+              f"{f(r.get('passes_to_target_mean'), 18)} "
+              f"{f(r.get('mean_curve_passes_to_target'), 11)} "
+              f"{f(r.get('seconds_to_target_mean'), 12, 2)}  {r['status']}"
+              + (f", seeds {r['incomplete_seeds']} cut short" if r["incomplete_seeds"] else ""))
 
 
 def main(argv=None) -> int:
@@ -240,7 +399,7 @@ def main(argv=None) -> int:
     p.add_argument("--task", choices=["sentiment", "stdlib"], default="sentiment")
     p.add_argument("--model", default=None, help="model folder or GGUF (default: the shipped "
                    "SmolLM2-135M-Instruct)")
-    p.add_argument("--method", action="append", type=parse_method, required=True,
+    p.add_argument("--method", action="append", type=parse_method,
                    help="NAME:key=value:... (repeatable; the first is the baseline)")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--budget", type=int, default=4000, help="forward passes per run")
@@ -255,13 +414,22 @@ def main(argv=None) -> int:
     p.add_argument("--call", default=None, help="the call's name, recorded in every row")
     p.add_argument("--out", help="append JSON rows here")
     p.add_argument("--plot", help="write the PNG here")
+    p.add_argument("--summarize", metavar="ROWS",
+                   help="run nothing: summarize (and plot) --task's rows of one call (--call) "
+                   "from this JSONL file; with --out, append the call's record (a curve row per "
+                   "method and seed, the sweep choices, the summaries)")
     a = p.parse_args(argv)
+    if a.summarize:
+        return summarize_file(a)
+    if not a.method:
+        p.error("give at least one --method (the first is the baseline)")
     seeds = [int(s) for s in a.seeds.split(",")]
     if a.budget < 1 or a.eval_every < 1:
         p.error("--budget and --eval-every must be >= 1")
 
     import jax
     import jax.numpy as jnp
+    import optax
 
     import zo2_jax.models as zm
     from zo2_jax.train.config import TrainConfig
@@ -285,23 +453,34 @@ def main(argv=None) -> int:
              "commit": commit, "dirty": dirty, "call": a.call,
              "command": command_line(sys.argv[1:] if argv is None else argv)}
 
+    evals = []  # the per-eval rows of the seeds' runs (not the sweeps')
+
     def write(row):
         print(json.dumps(row), flush=True)
+        if "kind" not in row:
+            evals.append(row)
         if a.out:
             with open(a.out, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
 
-    def compiled(m):
-        """The method's transform, its step and evaluation compiled on a throwaway engine (one
-        transform per lr: a method's seeds share compiled code)."""
-        tx = mezo_sgd(m["lr"])
+    txs = {}
+
+    def compiled(m, budget):
+        """The method's transform for a run of `budget` forward passes (with decay=cosine, the
+        lr decays to 0 over the run's steps), its step and evaluation compiled on a throwaway
+        engine (one transform per lr and budget: a method's seeds share compiled code)."""
+        steps = max(1, budget // passes_per_step(m)) if m["decay"] == "cosine" else None
+        if (m["name"], m["q"], m["lr"], steps) in txs:  # compiled already (a swept lr)
+            return txs[m["name"], m["q"], m["lr"], steps]
+        tx = txs[m["name"], m["q"], m["lr"], steps] = mezo_sgd(
+            optax.cosine_decay_schedule(m["lr"], steps) if steps else m["lr"])
         warm = dict(a.__dict__, budget=passes_per_step(m), eval_every=passes_per_step(m))
         run_method(argparse.Namespace(**warm), model, load_params, m, tx, loader_of,
                    eval_batches[:1], task, 0, metric, lambda row: None)
         return tx
 
     sweep_budget = a.sweep_budget or max(1, a.budget // 4)
-    curves, finals = {}, {}
+    curves = {}
     for m in a.method:
         if len(m["lrs"]) > 1:
             results = {}
@@ -311,7 +490,7 @@ def main(argv=None) -> int:
                     **ident, "kind": "sweep", "method": label(trial), "estimator": m["name"],
                     "q": m["q"], "lr": trial["lr"], "seed": seeds[0], **row})
                 pts = run_method(argparse.Namespace(**dict(a.__dict__, budget=sweep_budget)),
-                                 model, load_params, trial, compiled(trial), loader_of,
+                                 model, load_params, trial, compiled(trial, sweep_budget), loader_of,
                                  eval_batches, task, seeds[0], metric, emit)
                 results[lr] = pts[-1][2]
             ranked = [lr for lr in m["lrs"] if results[lr] == results[lr]]  # not NaN
@@ -321,39 +500,20 @@ def main(argv=None) -> int:
                    "sweep_budget": sweep_budget, "seed": seeds[0], "chosen": best})
             m = dict(m, lr=best)
         name = label(m)
-        tx = compiled(m)
+        tx = compiled(m, a.budget)
         curves[name] = []
         for seed in seeds:
             emit = lambda row, seed=seed: write({**ident, "method": name, "estimator": m[  # noqa
                 "name"], "q": m["q"], "lr": m["lr"], "seed": seed, **row})
             curves[name].append(run_method(a, model, load_params, m, tx, loader_of,
                                            eval_batches, task, seed, metric, emit))
-        finals[name] = sum(r[-1][2] for r in curves[name]) / len(seeds)
-    baseline = list(curves)[0]
-    target = finals[baseline]
-    table = []
-    for name, runs in curves.items():
-        hits = [reach(r, target, higher) for r in runs]
-        ok = [h for h in hits if h[0] is not None]
-        mean = (lambda i: sum(h[i] for h in ok) / len(ok)) if len(ok) == len(hits) else None
-        per = passes_per_step(a.method[0])
-        base_passes = per * (a.budget // per)
-        row = {**ident, "kind": "summary", "method": name, "baseline": baseline,
-               "target": target, "final_mean": finals[name], "seeds": seeds,
-               "passes_to_target": [h[0] for h in hits], "seconds_to_target": [h[1] for h in hits],
-               "passes_to_target_mean": mean(0) if mean else None,
-               "seconds_to_target_mean": mean(1) if mean else None,
-               "passes_fraction_of_baseline": (mean(0) / base_passes) if mean else None}
+    table = summarize(evals, a.budget, ident)
+    for row in table:
         write(row)
-        table.append(row)
     if a.plot:
         plot(a.plot, curves, metric, f"{a.task}: {os.path.basename(path)}, budget {a.budget} "
              f"forward passes, seeds {a.seeds}")
-    print(f"\n{'method':40s} {'final':>8s} {'passes to target':>18s} {'s to target':>12s}")
-    for r in table:
-        f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
-        print(f"{r['method']:40s} {r['final_mean']:8.4f} "
-              f"{f(r['passes_to_target_mean'], '18.0f')} {f(r['seconds_to_target_mean'], '12.2f')}")
+    print_table(table)
     return 0
 
 
