@@ -12,7 +12,7 @@ import pytest
 from _toy import MODEL, PARAMS, counting_batch
 from test_offload_exactness import assert_trees_identical, comparable_state
 from zo2_jax import Estimator, ZOOptions
-from zo2_jax.core.estimators import smallest_mask
+from zo2_jax.core.estimators import smallest_mask, smallest_threshold
 from zo2_jax.core.noise import OUTER_PART, part_noise
 from zo2_jax.offload import Storage, ZO2Engine
 from zo2_jax.zo import MeZOEngine, mezo_sgd
@@ -155,6 +155,44 @@ def test_sparse_step_perturbs_and_updates_only_the_smallest_entries():
             assert np.sum(np.asarray(a) != np.asarray(p)) <= math.ceil(fraction * p.size)
         else:
             assert np.all(np.asarray(a) != np.asarray(p))  # dense
+
+
+def _state_tree(engine, key):
+    s = engine.state()
+    blocks = [jax.tree.map(lambda x: np.asarray(x[i]), s["opt_blocks"][key])
+              for i in range(engine.num_blocks)]
+    return {"outer": jax.tree.map(np.asarray, s["opt_outer"][key]), "blocks": blocks}
+
+
+def test_sparse_thresholds_are_chosen_once_and_masks_follow_the_values():
+    """Sparse-MeZO's threshold h of each matrix: the exact fraction-th smallest magnitude of the
+    values at the start, kept in the optimiser state and unchanged by steps; each step perturbs
+    and updates exactly the entries with |theta| <= h of the values it starts from."""
+    fraction = 0.3
+    engine = MeZOEngine(MODEL, PARAMS, optax.sgd(1e-2), eps=EPS,
+                        estimator=Estimator("sparse", fraction=fraction))
+    h0 = _state_tree(engine, "threshold")
+    for p, h in zip(jax.tree.leaves(PARAMS), jax.tree.leaves(h0)):
+        if p.ndim >= 2:
+            assert h.shape == () and h == smallest_threshold(p, fraction)
+            assert np.sum(np.abs(np.asarray(p)) <= np.asarray(h)) == math.ceil(fraction * p.size)
+        else:
+            assert h == np.inf
+    before = PARAMS
+    for t in range(3):  # a large lr: the values move, and the masks with them
+        engine.step(counting_batch(jax.random.key(t)), jax.random.key(10 + t))
+        engine.flush()
+        after = jax.tree.map(np.asarray, engine.params())
+        for p, a, h in zip(jax.tree.leaves(before), jax.tree.leaves(after), jax.tree.leaves(h0)):
+            moved = np.asarray(a) != np.asarray(p)
+            if p.ndim >= 2:
+                assert moved.any() and not (moved & (np.abs(np.asarray(p)) > h)).any()
+        before = after
+    assert_trees_identical(_state_tree(engine, "threshold"), h0, "thresholds")
+    sel = [np.sum(np.abs(np.asarray(p)) <= h) for p, h in
+           zip(jax.tree.leaves(before), jax.tree.leaves(h0)) if p.ndim >= 2]
+    exact = [math.ceil(fraction * p.size) for p in jax.tree.leaves(before) if p.ndim >= 2]
+    assert sel != exact  # the selected share drifted from `fraction` as the values moved
 
 
 def _run_pair(kw, zo2_kw, steps=3):

@@ -34,8 +34,11 @@ OPTIONS = {
     "int8-resident1": (dict(storage=Storage("int8", rounding="stochastic")),
                        dict(resident_blocks=1), ("mezo", "zo2")),
     "blocks_per_call2": ({}, dict(blocks_per_call=2), ("zo2",)),
-    # the estimators: FZOO's q >= 2; HiZOO's H in the optimiser state, its curvatures pending
+    # the estimators: FZOO's q >= 2; HiZOO's H in the optimiser state, its curvatures pending;
+    # Sparse-MeZO's thresholds in the optimiser state (with clip_norm: its Gram is masked too)
     "fzoo": (dict(num_directions=2, estimator="fzoo"), {}, ("mezo", "zo2")),
+    "sparse": (dict(num_directions=2, estimator=Estimator("sparse", fraction=0.3),
+                    clip_norm=CLIP), {}, ("mezo", "zo2")),
     "hizoo": (dict(num_directions=2, estimator=Estimator("hizoo", smooth=0.05)), {},
               ("mezo", "zo2")),
     "all": (dict(num_directions=2, directions="rademacher", clip_norm=CLIP,

@@ -129,7 +129,7 @@ def check_options(model, *, eps, num_directions, compute_dtype, storage, outer_s
     options.check("directions", directions, ZOOptions)
     est = as_estimator(estimator)
     est.check_directions(num_directions)
-    if est.stateful and clip_norm is not None:
+    if est.curvature and clip_norm is not None:
         raise ValueError(f"clip_norm is not available with the {est.name} estimator: its update "
                          f"direction z / sqrt(H) uses the curvature H updates only when the "
                          f"deferred update runs, after the norm would be needed")

@@ -15,11 +15,14 @@ and a few scalars, so it streams like MeZO-SGD (`parts` runs it for both engines
   is then lr * normalised gradient: FZOO's learning rates are not MeZO's (sigma is about
   eps * |grad|).
 - "sparse" (Sparse-MeZO, Liu et al. 2024, arXiv 2402.15751): MeZO's two-sided estimate with
-  each matrix perturbed (and updated) only in its `fraction` of smallest-magnitude entries.
-  The mask is computed on the device from the part's stored values each time a direction is
-  made (`smallest_mask`: an exact selection, so both engines, every mesh and the deferred
-  update see the same mask); nothing is stored. Vectors (biases, norm scales) stay dense.
-  2q forward passes a step, and about 32 extra passes over each matrix to select its mask.
+  each matrix perturbed (and updated) only where |theta| <= h, h a threshold per matrix. Each
+  h is chosen once, when the part's state is made (`init_state`), as the exact `fraction`-th
+  smallest magnitude of the values then (`smallest_threshold`), and kept in the part's
+  optimiser state (a float32 scalar per matrix: it streams with its block and checkpoints hold
+  it). The mask itself is one elementwise comparison with the values of each step, computed
+  on the device where a direction is made and never stored; as the values move, the masked
+  share drifts from `fraction` (by little: a zeroth-order step moves a weight by about 1e-7 of
+  itself). Vectors (biases, norm scales) stay dense. 2q forward passes a step.
 - "hizoo" (HiZOO, Zhao et al. 2024, arXiv 2402.15173): a diagonal Hessian estimate H per
   parameter (ones at the start), kept in each part's optimiser state so it streams with its
   block. The branches are theta and theta +- eps z_j / sqrt(H); with the curvature
@@ -94,11 +97,30 @@ class Estimator:
 
     @property
     def stateful(self) -> bool:
-        """Whether each part keeps estimator state (HiZOO's H) beside its optimiser state."""
+        """Whether each part keeps estimator state (HiZOO's H, Sparse-MeZO's thresholds) beside
+        its optimiser state."""
+        return self.name == "hizoo" or (self.name == "sparse" and self.fraction < 1.0)
+
+    @property
+    def curvature(self) -> bool:
+        """Whether a step measures curvatures that the deferred update needs (HiZOO's c_j, in
+        the pending update) and moves the state with them."""
         return self.name == "hizoo"
 
+    @property
+    def state_key(self) -> Optional[str]:
+        """The key of the estimator state in a part's optimiser state, or None."""
+        if not self.stateful:
+            return None
+        return "hessian" if self.name == "hizoo" else "threshold"
+
     def init_state(self, theta: PyTree) -> PyTree:
-        """A part's estimator state: HiZOO's H, ones (float32) like `theta`."""
+        """A part's estimator state: HiZOO's H, ones (float32) like `theta`; Sparse-MeZO's
+        threshold of each matrix (a float32 scalar: `smallest_threshold` of its values now;
+        +inf for a vector, which stays dense)."""
+        if self.name == "sparse":
+            return jax.tree.map(lambda t: smallest_threshold(t, self.fraction) if jnp.ndim(t) >= 2
+                                else jnp.float32(jnp.inf), theta)
         return jax.tree.map(lambda t: jnp.ones(jnp.shape(t), jnp.float32), theta)
 
     def check_directions(self, num_directions: int) -> None:
@@ -108,7 +130,7 @@ class Estimator:
 
     def next_state(self, state: PyTree, zs: list, curv: jax.Array) -> PyTree:
         """HiZOO's H after a step with raw directions `zs` and curvatures `curv` [q]:
-        (1 - alpha) H + (alpha / q) sum_j c_j H z_j^2."""
+        (1 - alpha) H + (alpha / q) sum_j c_j H z_j^2. (Only HiZOO's state moves.)"""
         acc = None
         for j, z in enumerate(zs):
             term = jax.tree.map(lambda z_: curv[j] * (z_ * z_), z)
@@ -137,10 +159,9 @@ class Estimator:
             scale = jax.lax.optimization_barrier(
                 jax.tree.map(lambda h: 1.0 / jnp.sqrt(h), state))
             return lambda z: jax.tree.map(jnp.multiply, z, scale)
-        if self.name != "sparse" or self.fraction >= 1.0:
+        if not self.stateful:  # mezo, fzoo, sparse with fraction 1
             return None
-        masks = jax.tree.map(lambda t: smallest_mask(t, self.fraction) if t.ndim >= 2 else None,
-                             theta)
+        masks = jax.tree.map(lambda t, h: jnp.abs(t) <= h if t.ndim >= 2 else None, theta, state)
         return lambda z: jax.tree.map(
             lambda z_, m: z_ if m is None else jnp.where(m, z_, jnp.zeros_like(z_)), z, masks,
             is_leaf=lambda x: x is None)
@@ -156,14 +177,14 @@ def as_estimator(value) -> Estimator:
                     f"zo2_jax.Estimator, got {type(value).__name__}")
 
 
-def smallest_mask(x: jax.Array, fraction: float) -> jax.Array:
-    """True on the ceil(fraction * size) entries of `x` of smallest magnitude (and on entries
-    tied with the largest of them), False elsewhere and on NaNs.
+def smallest_threshold(x: jax.Array, fraction: float) -> jax.Array:
+    """The smallest float32 t with at least ceil(fraction * size) entries of |x| <= t (NaNs never
+    count): `|x| <= t` selects the fraction of smallest magnitudes, and entries tied with the
+    largest of them.
 
-    The threshold is found exactly, with no sort: the bit patterns of non-negative float32
-    values order like the values, so a binary search over the 2^31 patterns (31 counting passes
-    over `x`) finds the smallest t with at least k entries <= t. Counts are integers, so the
-    mask is the same whatever program (or sharding) computes it."""
+    Found exactly, with no sort: the bit patterns of non-negative float32 values order like the
+    values, so a binary search over the 2^31 patterns (31 counting passes over `x`) finds it.
+    Counts are integers, so t is the same whatever program (or sharding) computes it."""
     a = jax.lax.bitcast_convert_type(jnp.abs(x.astype(jnp.float32)), jnp.uint32)
     k = min(x.size, max(1, math.ceil(fraction * x.size)))
 
@@ -175,7 +196,13 @@ def smallest_mask(x: jax.Array, fraction: float) -> jax.Array:
 
     # +inf is 0x7F800000; NaNs (above it) are never selected
     lo, hi = jax.lax.fori_loop(0, 31, step, (jnp.uint32(0), jnp.uint32(0x7F800000)))
-    return a <= hi
+    return jax.lax.bitcast_convert_type(hi, jnp.float32)
 
 
-__all__ = ["ESTIMATORS", "Estimator", "as_estimator", "smallest_mask"]
+def smallest_mask(x: jax.Array, fraction: float) -> jax.Array:
+    """True on the ceil(fraction * size) entries of `x` of smallest magnitude (and on entries
+    tied with the largest of them), False elsewhere and on NaNs (`smallest_threshold`)."""
+    return jnp.abs(x.astype(jnp.float32)) <= smallest_threshold(x, fraction)
+
+
+__all__ = ["ESTIMATORS", "Estimator", "as_estimator", "smallest_mask", "smallest_threshold"]

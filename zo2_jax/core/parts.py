@@ -102,7 +102,7 @@ def empty_pending(num_directions: int, key: Optional[jax.Array] = None,
 def no_pending(spec: "Spec", key: Optional[jax.Array] = None) -> Pending:
     """The empty pending update of a run (with HiZOO's curvatures where its estimator has
     them)."""
-    return empty_pending(spec.num_directions, key, curv=spec.estimator.stateful)
+    return empty_pending(spec.num_directions, key, curv=spec.estimator.curvature)
 
 
 def freeze_mask(mask: PyTree) -> tuple:
@@ -149,11 +149,12 @@ class Spec:
 
 def init_opt(spec: Spec, part: str, stored):
     """Optimiser state of a part (none for the fused MeZO-SGD: the engine keeps its count), and
-    with a stateful estimator {"tx": that, "hessian": its state} (`estimator_state`)."""
+    with a stateful estimator {"tx": that, key: its state} (`estimator_state`; the key is
+    `Estimator.state_key`: "hessian" for HiZOO's H, "threshold" for Sparse-MeZO's)."""
     theta = spec.storage_of(part).decode(stored)
     tx_state = () if spec.fused else spec.tx.init(theta)
     if spec.estimator.stateful:
-        return {"tx": tx_state, "hessian": spec.estimator.init_state(theta)}
+        return {"tx": tx_state, spec.estimator.state_key: spec.estimator.init_state(theta)}
     return tx_state
 
 
@@ -163,12 +164,13 @@ def has_opt(spec: Spec) -> bool:
 
 
 def estimator_state(spec: Spec, opt):
-    """A part's estimator state (HiZOO's H) in its optimiser state, or None."""
-    return opt["hessian"] if spec.estimator.stateful and opt is not None else None
+    """A part's estimator state (HiZOO's H, Sparse-MeZO's thresholds) in its optimiser state,
+    or None."""
+    return opt[spec.estimator.state_key] if spec.estimator.stateful and opt is not None else None
 
 
 def _split_opt(spec: Spec, opt):
-    return (opt["tx"], opt["hessian"]) if spec.estimator.stateful else (opt, None)
+    return (opt["tx"], opt[spec.estimator.state_key]) if spec.estimator.stateful else (opt, None)
 
 
 def init_part(spec: Spec, part: str, params: PyTree):
@@ -186,9 +188,10 @@ def update_part(spec: Spec, part: str, stored, opt, pend: Pending, count, part_i
     st = spec.storage_of(part)
     theta = st.decode(stored)  # the values the step that made `pend` perturbed
     q = range(spec.num_directions)
-    opt, hess = _split_opt(spec, opt)
+    opt, est = _split_opt(spec, opt)
+    hess = est if spec.estimator.curvature else None
     if hess is None:
-        ds = directions(spec, pend.key, q, part_id, theta)
+        ds = directions(spec, pend.key, q, part_id, theta, est)
     else:
         # HiZOO: H from this step's curvatures first, then the step along z_j / sqrt(new H)
         zs = [part_noise(pend.key, j, part_id, theta, spec.directions) for j in q]
@@ -216,6 +219,8 @@ def update_part(spec: Spec, part: str, stored, opt, pend: Pending, count, part_i
     if hess is not None:
         opt = {"tx": opt, "hessian": jax.tree.map(lambda a, b: jnp.where(pend.valid, a, b),
                                                   new_hess, hess)}
+    elif est is not None:  # Sparse-MeZO's thresholds: unchanged
+        opt = {"tx": opt, spec.estimator.state_key: est}
     return _pin((stored, opt))
 
 
@@ -247,7 +252,7 @@ def perturbed(spec: Spec, part: str, stored, key, part_id, dirs=None, state=None
 
     The perturbation is added in float32 to the decoded weights and only then cast, so the d of
     the branches is exactly the d of the update (also with bfloat16 compute). `state`: the
-    part's estimator state (`estimator_state`: HiZOO's H), or None."""
+    part's estimator state (`estimator_state`: HiZOO's H, Sparse-MeZO's thresholds), or None."""
     theta = spec.storage_of(part).decode(stored)
     zs = directions(spec, key, directions_of(spec, dirs), part_id, theta, state)
     ws = [_branch_weights(spec, theta, None if i is None else zs[i], sign)
@@ -255,13 +260,13 @@ def perturbed(spec: Spec, part: str, stored, key, part_id, dirs=None, state=None
     return ws, zs
 
 
-def _gram(spec: Spec, part: str, stored, key, part_id, zs, dirs):
+def _gram(spec: Spec, part: str, stored, key, part_id, zs, dirs, state=None):
     """The part's Gram matrix of all q directions: from `zs` when they are all of them, else
     regenerated (a device of a direction-parallel mesh holds only its own)."""
     if dirs is None:
         return gram(zs)
     theta = spec.storage_of(part).decode(stored)
-    return gram(directions(spec, key, range(spec.num_directions), part_id, theta))
+    return gram(directions(spec, key, range(spec.num_directions), part_id, theta, state))
 
 
 def _branch_weights(spec: Spec, theta, z, sign: int):
@@ -287,7 +292,7 @@ def outer_embed(spec: Spec, stored, opt, pend: Pending, count, key, batch, dirs=
                        estimator_state(spec, opt))
     hs = tuple(spec.model.embed(w, batch) for w in ws)
     g = None if spec.clip_norm is None else _gram(spec, "outer", stored, key, OUTER_PART, zs,
-                                                  dirs)
+                                                  dirs, estimator_state(spec, opt))
     return _pin((stored, opt, hs, ctx, g))
 
 
@@ -315,7 +320,7 @@ def _sequential_branches(spec: Spec, stored, part_id, key, hs, ctx, gram_acc, di
     if gram_acc is not None:
         theta = st.decode(src)
         gram_acc = gram_acc + gram(directions(spec, k, range(spec.num_directions), part_id,
-                                              theta))
+                                              theta, state))
     return tuple(out), gram_acc
 
 
@@ -347,7 +352,7 @@ def block_forward(spec: Spec, stored, part_id, key, hs, ctx, gram_acc, branches:
     ws, zs = perturbed(spec, "block", stored, key, part_id, dirs, state)
     hs = tuple(spec.model.block(w, h, ctx) for w, h in zip(ws, hs))
     if gram_acc is not None:
-        gram_acc = gram_acc + _gram(spec, "block", stored, key, part_id, zs, dirs)
+        gram_acc = gram_acc + _gram(spec, "block", stored, key, part_id, zs, dirs, state)
     return _pin((stored, hs, gram_acc))[1:]
 
 
@@ -413,10 +418,10 @@ def finish(spec: Spec, losses: Losses, key, gram_acc, pend: Pending, count, skip
         g = _pin((loss_p - loss_m) / _pin(jnp.float32(2.0 * spec.eps)))
         valid = jnp.all(jnp.isfinite(loss_p) & jnp.isfinite(loss_m) & jnp.isfinite(g))
         coef = g / q
-        if spec.estimator.stateful:
+        if spec.estimator.unperturbed:
             valid = valid & jnp.isfinite(loss_0)
     curv = None
-    if spec.estimator.stateful:
+    if spec.estimator.curvature:
         # HiZOO's curvature of each direction, |L^+ + L^- - 2 L_0| / (2 eps^2)
         curv = _pin(jnp.abs(loss_p + loss_m - 2.0 * loss_0)
                     / _pin(jnp.float32(2.0 * spec.eps * spec.eps)))
