@@ -1,0 +1,156 @@
+"""llama.cpp's block quantisations (GGUF), dequantised on the device.
+
+A GGUF tensor of a block-quantised type is a row-major run of fixed-size blocks: each block holds
+`block_size` consecutive values of a row in `type_size` bytes (scales, minimums and packed
+integers). `dequantize(raw, qtype, shape)` turns such bytes, as a uint8 jax array, into float32
+values with jax operations, so the bytes can be uploaded as they are (a quarter to a half of
+bf16's) and expanded on the device just before use. Each kernel follows the dequantisation of
+the `gguf` package (`gguf.quants`), which `tests/test_quant.py` holds it to, bit for bit.
+
+    raw = jnp.asarray(reader_tensor.data)                      # uint8, as stored in the file
+    w = dequantize(raw, "Q4_K", (4096, 4096))                  # float32 on the device
+
+Types: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (blocks of 32) and Q4_K, Q5_K, Q6_K (super-blocks of 256),
+plus F32, F16 and BF16 (a reinterpretation of the bytes).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+# qtype -> (values per block, bytes per block), as llama.cpp defines them
+BLOCKS = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22),
+          "Q5_1": (32, 24), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
+          "F32": (1, 4), "F16": (1, 2), "BF16": (1, 2)}
+QK_K = 256
+
+
+def nbytes(qtype: str, shape) -> int:
+    """Bytes of a tensor of `shape` stored as `qtype` (the last axis a multiple of its block)."""
+    size, tsize = _block(qtype)
+    n = math.prod(shape)
+    if not shape or shape[-1] % size:
+        raise ValueError(f"a {qtype} tensor's last axis must be a multiple of {size}, got shape "
+                         f"{tuple(shape)}")
+    return n // size * tsize
+
+
+def _block(qtype: str) -> tuple:
+    if qtype not in BLOCKS:
+        raise ValueError(f"unsupported quantisation {qtype!r}; supported: {', '.join(BLOCKS)}")
+    return BLOCKS[qtype]
+
+
+def _f16(b: jax.Array) -> jax.Array:
+    """float32 [n, 1] from little-endian float16 bytes [n, 2]."""
+    return jax.lax.bitcast_convert_type(b, jnp.float16).astype(jnp.float32)[:, None]
+
+
+def _nibbles(qs: jax.Array, group: int) -> jax.Array:
+    """The 4-bit values of `qs` [n, m * group / 2 ...] as llama.cpp lays them out: in each run of
+    `group` / 2 bytes, the low nibbles give the first `group` / 2 values, the high ones the
+    next. Returns uint8 [n, -1]."""
+    n = qs.shape[0]
+    qs = qs.reshape(n, -1, 1, group // 2) >> jnp.array([0, 4], jnp.uint8).reshape(1, 1, 2, 1)
+    return (qs & 0x0F).reshape(n, -1)
+
+
+def _high_bits(qh: jax.Array, n: int) -> jax.Array:
+    """Q5_0 / Q5_1: bit i of the little-endian uint32 `qh` [n, 4] as uint8 [n, 32]."""
+    word = jax.lax.bitcast_convert_type(qh.reshape(n, 4), jnp.uint32).reshape(n, 1)
+    return ((word >> jnp.arange(32, dtype=jnp.uint32).reshape(1, 32)) & 1).astype(jnp.uint8)
+
+
+def _scale_min_k4(scales: jax.Array) -> tuple:
+    """Q4_K / Q5_K: the 8 six-bit scales and minimums packed in 12 bytes [n, 12]."""
+    n = scales.shape[0]
+    s = scales.reshape(n, 3, 4)
+    d, m, md = s[:, 0], s[:, 1], s[:, 2]
+    sc = jnp.concatenate([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], axis=-1)
+    mn = jnp.concatenate([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], axis=-1)
+    return sc.astype(jnp.float32), mn.astype(jnp.float32)
+
+
+def _q8_0(b):
+    return b[:, 2:].view(jnp.int8).astype(jnp.float32) * _f16(b[:, :2])
+
+
+def _q4_0(b):
+    q = _nibbles(b[:, 2:], 32).astype(jnp.int8) - jnp.int8(8)
+    return _f16(b[:, :2]) * q.astype(jnp.float32)
+
+
+def _q4_1(b):
+    q = _nibbles(b[:, 4:], 32).astype(jnp.float32)
+    return _f16(b[:, :2]) * q + _f16(b[:, 2:4])
+
+
+def _q5_0(b):
+    q = (_nibbles(b[:, 6:], 32) | (_high_bits(b[:, 2:6], b.shape[0]) << 4)).astype(jnp.int8)
+    return _f16(b[:, :2]) * (q - jnp.int8(16)).astype(jnp.float32)
+
+
+def _q5_1(b):
+    q = (_nibbles(b[:, 8:], 32) | (_high_bits(b[:, 4:8], b.shape[0]) << 4)).astype(jnp.float32)
+    return _f16(b[:, :2]) * q + _f16(b[:, 2:4])
+
+
+def _q4_k(b):
+    n = b.shape[0]
+    sc, mn = _scale_min_k4(b[:, 4:16])
+    d = (_f16(b[:, :2]) * sc).reshape(n, -1, 1)
+    dm = (_f16(b[:, 2:4]) * mn).reshape(n, -1, 1)
+    q = _nibbles(b[:, 16:], 64).reshape(n, -1, 32).astype(jnp.float32)
+    return (d * q - dm).reshape(n, QK_K)
+
+
+def _q5_k(b):
+    n = b.shape[0]
+    sc, mn = _scale_min_k4(b[:, 4:16])
+    d = (_f16(b[:, :2]) * sc).reshape(n, -1, 1)
+    dm = (_f16(b[:, 2:4]) * mn).reshape(n, -1, 1)
+    qh, qs = b[:, 16:16 + QK_K // 8], b[:, 16 + QK_K // 8:]
+    ql = _nibbles(qs, 64).reshape(n, -1, 32)
+    hi = (qh.reshape(n, 1, 32) >> jnp.arange(8, dtype=jnp.uint8).reshape(1, 8, 1)) & 1
+    q = (ql | (hi << 4)).astype(jnp.float32)
+    return (d * q - dm).reshape(n, QK_K)
+
+
+def _q6_k(b):
+    n = b.shape[0]
+    ql, qh = b[:, :QK_K // 2], b[:, QK_K // 2:QK_K // 2 + QK_K // 4]
+    scales = b[:, QK_K // 2 + QK_K // 4:QK_K // 2 + QK_K // 4 + QK_K // 16]
+    d = _f16(b[:, -2:]) * scales.view(jnp.int8).astype(jnp.float32)
+    low = _nibbles(ql, 128).reshape(n, -1, 32)
+    high = ((qh.reshape(n, -1, 1, 32) >> jnp.array([0, 2, 4, 6], jnp.uint8).reshape(1, 1, 4, 1))
+            & 0x03).reshape(n, -1, 32)
+    q = (low | (high << 4)).astype(jnp.int8) - jnp.int8(32)
+    return (d.reshape(n, QK_K // 16, 1) * q.reshape(n, QK_K // 16, -1).astype(jnp.float32)
+            ).reshape(n, QK_K)
+
+
+_KERNELS = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1,
+            "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}
+
+
+def dequantize(raw: jax.Array, qtype: str, shape, dtype=jnp.float32) -> jax.Array:
+    """The values of a tensor of `shape` stored as `qtype` in the bytes `raw` (uint8, any shape
+    holding exactly `nbytes(qtype, shape)` bytes), as `dtype`. Traceable: use it inside jit."""
+    shape = tuple(int(d) for d in shape)
+    size, tsize = _block(qtype)
+    want = nbytes(qtype, shape)
+    if raw.dtype != jnp.uint8 or raw.size != want:
+        raise ValueError(f"a {qtype} tensor of shape {shape} is {want} bytes of uint8, got "
+                         f"{raw.size} of {raw.dtype}")
+    if qtype in ("F32", "F16", "BF16"):
+        kind = {"F32": jnp.float32, "F16": jnp.float16, "BF16": jnp.bfloat16}[qtype]
+        values = jax.lax.bitcast_convert_type(raw.reshape(-1, tsize), kind)
+        return values.reshape(shape).astype(dtype)
+    values = _KERNELS[qtype](raw.reshape(-1, tsize))
+    return values.reshape(shape).astype(dtype)
+
+
+__all__ = ["BLOCKS", "dequantize", "nbytes"]
