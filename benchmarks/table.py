@@ -256,38 +256,37 @@ def ours(rows, speed=True, plain=True):
                                                                              "gaussian"))]
 
 
-def bus_table(rows) -> Table:
-    t = Table("Speed against the bus limit",
+def speed_table(rows) -> Table:
+    t = Table("Speed against the bus limit and against MeZO",
               "ZO2's step time over T_limit (lower is better; 1.00 = at the bound). P_s is per "
               "direction; what T_limit is in brackets: C (MeZO's step) or the bus (\"no C\": "
-              "MeZO did not run in that process).",
+              "MeZO did not run in that process). Against MeZO: ZO2's tokens/s over MeZO's "
+              "(everything resident) in the same process (higher is better; from an earlier "
+              "call, named, where the latest did not run MeZO). \"earlier\": step / T_limit in "
+              "older calls.",
               ["model", "B x T", "storage / compute", "engine", "code", "ZO2 ms", "tok/s",
-               "P_s GB", "T_limit ms", "step / T_limit", "earlier", "call"])
+               "P_s GB", "T_limit ms", "step / T_limit", "MeZO ms", "vs MeZO", "earlier",
+               "call"], notes=True)
     for cur, old in latest([r for r in ours(rows) if r.get("x_T_limit") is not None
-                            or r.get("status", "ok") != "ok"]):
+                            or r.get("x_mezo") is not None or r.get("status", "ok") != "ok"]):
         for r, n in by_code(cur):
+            m, used = r, cur
+            if r.get("x_mezo") is None:  # MeZO from the latest call that ran it
+                with_mezo = [x for x in old if x.get("x_mezo") is not None]
+                m = with_mezo[-1] if with_mezo else r
+                used = cur + with_mezo[-1:]
+            vs = f"**{num(m.get('x_mezo'))}**" if m.get("x_mezo") is not None else "-"
+            mezo_ms = ms(m.get("mezo_step_s")) if m.get("x_mezo") is not None else "-"
+            if m is not r and m.get("x_mezo") is not None:
+                vs += f" ({m['call']})"
+            limit = (f"{ms(r.get('T_limit_s'))} ({bound(r)})" if r.get("T_limit_s") is not None
+                     else "-")
             t.add([shape(r), f"{r['batch']}x{r['seq']}", f"{storage(r)} / {short(r['compute'])}",
                    engine(r), code(r) + (f" (n={n})" if n > 1 else ""),
                    ms(r.get("zo2_step_s")), num(r.get("zo2_tok_s"), 0),
-                   gb(r.get("streamed_bytes")),
-                   f"{ms(r.get('T_limit_s'))} ({bound(r)})",
-                   f"**{num(r.get('x_T_limit'))}**", earlier(old, "x_T_limit"), r["call"]], cur)
-    return t
-
-
-def mezo_table(rows) -> Table:
-    t = Table("Speed against MeZO",
-              "ZO2's tokens/s over MeZO's (everything resident), ZO2 and MeZO in one process "
-              "(higher is better; 1.00 = as fast as MeZO). \"bound\": what T_limit is, C or the "
-              "bus.",
-              ["model", "B x T", "storage / compute", "code", "ZO2 ms", "MeZO ms",
-               "tok/s vs MeZO", "bound", "earlier", "call"], notes=True)
-    for cur, old in latest([r for r in ours(rows) if r.get("x_mezo") is not None]):
-        for r, n in by_code(cur):
-            t.add([shape(r), f"{r['batch']}x{r['seq']}", f"{storage(r)} / {short(r['compute'])}",
-                   code(r) + (f" (n={n})" if n > 1 else ""), ms(r["zo2_step_s"]),
-                   ms(r["mezo_step_s"]), f"**{num(r['x_mezo'])}**", bound(r),
-                   earlier(old, "x_mezo"), r["call"]], cur)
+                   gb(r.get("streamed_bytes")), limit,
+                   f"**{num(r.get('x_T_limit'))}**", mezo_ms, vs,
+                   earlier(old, "x_T_limit"), r["call"]], used)
     return t
 
 
@@ -503,7 +502,7 @@ def render(rows: list) -> str:
     for r in rows:
         ORDER.setdefault(r["call"], len(ORDER))
     out = [HEADER]
-    for make in (bus_table, mezo_table, memory_table, big_table, reference_table,
+    for make in (speed_table, memory_table, big_table, reference_table,
                  precision_table, soak_table, mesh_table, directions_table,
                  time_to_accuracy_table):
         out += make(rows).render()
