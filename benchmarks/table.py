@@ -474,7 +474,7 @@ def time_to_accuracy_table(rows) -> Table:
               "value @ forward passes. Seconds: training steps only, mean over seeds.",
               ["task", "model", "method", "seeds", "final", "target", "passes (each seed)",
                "passes (mean curve)", "of MeZO's budget", "best @ passes", "s to target",
-               "call"])
+               "call"], notes=True)
     for task in dict.fromkeys(r["task"] for r in mine):
         last = [r for r in mine if r["task"] == task]
         call = max((r["call"] for r in last), key=lambda c: ORDER.get(c, 0))
@@ -490,7 +490,8 @@ def time_to_accuracy_table(rows) -> Table:
                    "-" if c is None else f"{c:.0f}",
                    f"**{num(r.get('mean_curve_fraction_of_baseline'))}**",
                    best, num(r.get("seconds_to_target_mean"), 1), r["call"]],
-                  [dict(r, status="ok")])  # no seed reached the budget: the seeds cell says so
+                  # no seed reached the budget: the seeds cell says so; the run's setup a note
+                  [dict(r, status="ok", note=r.get("setup"))])
         plots = sorted({x["plot"] for x in last if x["call"] == call and x.get("plot")})
         t.after += [f"Curves ({task}, each seed and their mean, against forward passes and "
                     f"seconds): {p}" for p in plots]
