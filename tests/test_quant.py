@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from zo2_jax.models.quant import BLOCKS, dequantize, nbytes
+from zo2_jax.models.quant import BLOCKS, dequantize, nbytes, quantize
 
 QUANTS = [t for t in BLOCKS if t not in ("F32", "F16", "BF16")]
 
@@ -80,3 +80,29 @@ def test_the_shipped_smollm2_tensors():
         np.testing.assert_array_equal(got.view(np.uint32), want.reshape(shape).view(np.uint32),
                                       err_msg=t.name)
     assert "Q4_1" in seen
+
+
+@pytest.mark.parametrize("qtype,bits", [("Q8_0", 8), ("Q4_0", 4), ("Q4_1", 4), ("Q5_0", 5),
+                                        ("Q5_1", 5)])
+def test_quantize_then_dequantize_on_the_device(qtype, bits):
+    """Float values made into blocks on the host (per 32 values: a scale, and a minimum for the
+    _1 types) come back within a step of their block's grid, in the bytes nbytes names."""
+    x = np.random.default_rng(1).standard_normal((8, 96)).astype(np.float32)
+    q = quantize(x, qtype)
+    assert q.dtype == np.uint8 and q.size == nbytes(qtype, x.shape)
+    y = np.asarray(dequantize(jnp.asarray(q), qtype, x.shape))
+    blocks = x.reshape(-1, 32)
+    span = (np.abs(blocks).max(1) * 2 if qtype.endswith("_0") else np.ptp(blocks, 1))
+    step = span / (2 ** bits - 1)
+    err = np.abs(y - x).reshape(-1, 32).max(1)
+    assert np.all(err <= step * 1.01 + 1e-6), (err / step).max()
+    np.testing.assert_array_equal(y, gguf.quants.dequantize(q, gguf.GGMLQuantizationType[qtype]))
+
+
+def test_quantize_refuses_what_it_cannot_make():
+    with pytest.raises(ValueError, match="quantize makes Q8_0, Q4_0"):
+        quantize(np.zeros((2, 256), np.float32), "Q4_K")
+    with pytest.raises(ValueError, match="multiple of 32"):
+        quantize(np.zeros((2, 40), np.float32), "Q8_0")
+    with pytest.raises(ValueError, match="non-finite"):
+        quantize(np.full((1, 32), np.nan, np.float32), "Q4_0")

@@ -11,7 +11,10 @@ the `gguf` package (`gguf.quants`), which `tests/test_quant.py` holds it to, bit
     w = dequantize(raw, "Q4_K", (4096, 4096))                  # float32 on the device
 
 Types: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (blocks of 32) and Q4_K, Q5_K, Q6_K (super-blocks of 256),
-plus F32, F16 and BF16 (a reinterpretation of the bytes).
+plus F32, F16 and BF16 (a reinterpretation of the bytes). `quantize` makes Q8_0 (8 bits with a
+float16 scale per 32 values), Q4_0, Q4_1, Q5_0 and Q5_1 bytes from float values on the host
+(with the `gguf` package, as llama.cpp's converter does), so a Hugging Face checkpoint can be
+held in the same formats.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # qtype -> (values per block, bytes per block), as llama.cpp defines them
 BLOCKS = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22),
@@ -153,4 +157,22 @@ def dequantize(raw: jax.Array, qtype: str, shape, dtype=jnp.float32) -> jax.Arra
     return values.reshape(shape).astype(dtype)
 
 
-__all__ = ["BLOCKS", "dequantize", "nbytes"]
+QUANTIZABLE = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
+
+
+def quantize(x, qtype: str) -> np.ndarray:
+    """The bytes (uint8, one row of blocks per row of `x`) of float values `x` (numpy, last axis
+    a multiple of 32) stored as `qtype`, one of QUANTIZABLE, made on the host by the `gguf`
+    package. `dequantize(jnp.asarray(q), qtype, x.shape)` expands them again."""
+    import gguf
+
+    if qtype not in QUANTIZABLE:
+        raise ValueError(f"quantize makes {', '.join(QUANTIZABLE)}; got {qtype!r}")
+    x = np.asarray(x, np.float32)
+    nbytes(qtype, x.shape)  # checks the last axis
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"cannot quantize non-finite values to {qtype}")
+    return np.ascontiguousarray(gguf.quants.quantize(x, gguf.GGMLQuantizationType[qtype]))
+
+
+__all__ = ["BLOCKS", "QUANTIZABLE", "dequantize", "nbytes", "quantize"]
