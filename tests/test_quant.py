@@ -61,6 +61,7 @@ def test_bad_input_names_what_was_expected():
     assert nbytes("Q4_K", (2, 512)) == 4 * 144
 
 
+@pytest.mark.slow
 def test_the_shipped_smollm2_tensors():
     """Every tensor of the shipped SmolLM2 GGUF, as the file stores it, dequantised on the device
     equals the gguf package's dequantisation."""

@@ -89,6 +89,7 @@ def test_summarize_counts_only_runs_that_reached_the_budget():
         tta.summarize([r for r in synthetic_rows() if r["forward_passes"] < 8], 8, {})
 
 
+@pytest.mark.slow
 def test_summarize_a_file_writes_the_record_and_the_plot(tmp_path):
     raw = tmp_path / "raw.jsonl"
     rows = synthetic_rows() + [dict(synthetic_rows()[0], call="c0")]  # another call's row
