@@ -133,7 +133,8 @@ class ZOOptions:
                             "parameter shapes the directions; 2q + 1 passes)", "choice",
                             TRAINING, choices=ESTIMATORS)
     sparse_fraction: float = option(Estimator.fraction, "the sparse estimator: fraction of each "
-                                    "matrix perturbed (its smallest magnitudes), in (0, 1]",
+                                    "matrix perturbed (its smallest magnitudes, by a threshold "
+                                    "chosen at the start), in (0, 1]",
                                     "positive", TRAINING)
     hessian_smooth: float = option(Estimator.smooth, "the hizoo estimator: alpha, the weight of "
                                    "each step's curvature in the Hessian estimate, in [0, 1)",
