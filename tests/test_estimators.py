@@ -234,8 +234,11 @@ PAIRS.update({
              storage=SR_BF16), dict(resident_blocks=1, branches="sequential",
                                     blocks_per_call=2)),
 })
+# The default run keeps FZOO's pair; the rest (each estimator at least once) run with the slow
+# tests, as do the mesh and resume cases of every estimator.
 SLOW_PAIRS = {"fzoo-q2-clip-int8sr-sequential", "sparse-q1-adam-bf16-compute-clip",
-              "hizoo-q1-momentum-bf16sr-sequential-G2"}
+              "hizoo-q1-momentum-bf16sr-sequential-G2", "sparse-q2-momentum-sequential",
+              "hizoo-q2-fused-sgd-streamed"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_PAIRS
