@@ -232,8 +232,8 @@ def metric_of(row) -> str:
 
 
 def curves_of(rows) -> tuple[dict, dict]:
-    """From per-eval rows or "curve" rows (sweeps left out): ({method: {seed: [(passes, seconds, value)]}},
-    {method: its first row}), methods in the order they first appear."""
+    """From per-eval rows or "curve" rows (sweeps left out): ({method: {seed: [(passes,
+    seconds, value)]}}, {method: its first row}), methods in the order they first appear."""
     curves, first = {}, {}
     for r in rows:
         if r.get("kind") == "curve":
@@ -253,11 +253,11 @@ def summarize(rows, budget: int, ident: dict) -> list:
     """Summary rows (kind "summary"), one per method, from the per-eval rows of one call and task.
 
     A seed counts when its run reached the whole budget (a call cut short leaves runs that did
-    not: `incomplete_seeds`; status "ok" where at least one seed counts). The target is the first method's (the baseline's) mean
-    final value. Per method: its mean final value; per seed, the forward passes and seconds at
-    its first eval at or beyond the target (means where every seed got there); and the passes at
-    which the seeds' mean curve first got there, and that curve's best value and where. Fractions
-    are of the baseline's budget.
+    not: `incomplete_seeds`; status "ok" where at least one seed counts). The target is the
+    first method's (the baseline's) mean final value. Per method: its mean final value; per
+    seed, the forward passes and seconds at its first eval at or beyond the target (means where
+    every seed got there); and the passes at which the seeds' mean curve first got there, and
+    that curve's best value and where. Fractions are of the baseline's budget.
     """
     curves, first = curves_of(rows)
     if not curves:
@@ -374,8 +374,8 @@ def summarize_file(a) -> int:
         done = {r["method"]: r["seeds"] for r in table}
         shown = {(name if done[name] else f"{name} (cut short)"):
                  [curves[name][s] for s in (done[name] or curves[name])] for name in curves}
-        plot(a.plot, shown, metric_of(evals[0]), f"{a.task}: {ident['model']}, budget {ident['budget']} "
-             f"forward passes, {ident['device']}, call {ident['call']}")
+        plot(a.plot, shown, metric_of(evals[0]), f"{a.task}: {ident['model']}, budget "
+             f"{ident['budget']} forward passes, {ident['device']}, call {ident['call']}")
     print_table(table)
     return 0
 
@@ -470,9 +470,10 @@ def main(argv=None) -> int:
         lr decays to 0 over the run's steps), its step and evaluation compiled on a throwaway
         engine (one transform per lr and budget: a method's seeds share compiled code)."""
         steps = max(1, budget // passes_per_step(m)) if m["decay"] == "cosine" else None
-        if (m["name"], m["q"], m["lr"], steps) in txs:  # compiled already (a swept lr)
-            return txs[m["name"], m["q"], m["lr"], steps]
-        tx = txs[m["name"], m["q"], m["lr"], steps] = mezo_sgd(
+        key = (tuple(sorted((k, repr(v)) for k, v in m.items() if k != "lrs")), steps)
+        if key in txs:  # compiled already (a swept lr, now run in full)
+            return txs[key]
+        tx = txs[key] = mezo_sgd(
             optax.cosine_decay_schedule(m["lr"], steps) if steps else m["lr"])
         warm = dict(a.__dict__, budget=passes_per_step(m), eval_every=passes_per_step(m))
         run_method(argparse.Namespace(**warm), model, load_params, m, tx, loader_of,
@@ -480,7 +481,6 @@ def main(argv=None) -> int:
         return tx
 
     sweep_budget = a.sweep_budget or max(1, a.budget // 4)
-    curves = {}
     for m in a.method:
         if len(m["lrs"]) > 1:
             results = {}
@@ -490,8 +490,8 @@ def main(argv=None) -> int:
                     **ident, "kind": "sweep", "method": label(trial), "estimator": m["name"],
                     "q": m["q"], "lr": trial["lr"], "seed": seeds[0], **row})
                 pts = run_method(argparse.Namespace(**dict(a.__dict__, budget=sweep_budget)),
-                                 model, load_params, trial, compiled(trial, sweep_budget), loader_of,
-                                 eval_batches, task, seeds[0], metric, emit)
+                                 model, load_params, trial, compiled(trial, sweep_budget),
+                                 loader_of, eval_batches, task, seeds[0], metric, emit)
                 results[lr] = pts[-1][2]
             ranked = [lr for lr in m["lrs"] if results[lr] == results[lr]]  # not NaN
             best = (max if higher else min)(ranked, key=results.get) if ranked else m["lrs"][0]
@@ -501,18 +501,18 @@ def main(argv=None) -> int:
             m = dict(m, lr=best)
         name = label(m)
         tx = compiled(m, a.budget)
-        curves[name] = []
         for seed in seeds:
             emit = lambda row, seed=seed: write({**ident, "method": name, "estimator": m[  # noqa
                 "name"], "q": m["q"], "lr": m["lr"], "seed": seed, **row})
-            curves[name].append(run_method(a, model, load_params, m, tx, loader_of,
-                                           eval_batches, task, seed, metric, emit))
+            run_method(a, model, load_params, m, tx, loader_of, eval_batches, task, seed,
+                       metric, emit)
     table = summarize(evals, a.budget, ident)
     for row in table:
         write(row)
     if a.plot:
-        plot(a.plot, curves, metric, f"{a.task}: {os.path.basename(path)}, budget {a.budget} "
-             f"forward passes, seeds {a.seeds}")
+        plot(a.plot, {name: list(runs.values()) for name, runs in curves_of(evals)[0].items()},
+             metric, f"{a.task}: {os.path.basename(path)}, budget {a.budget} forward passes, "
+             f"seeds {a.seeds}")
     print_table(table)
     return 0
 

@@ -278,14 +278,15 @@ def _cmd_calibrate(args) -> int:
     model, _, tokenizer = T.load_model(cfg)  # the blocks are not read: random weights are timed
     batch = T.model_batch(next(T.make_data(cfg, tokenizer, T.read_data(cfg)).loader))
     kwargs = {k: v for k, v in cfg.zo.engine_kwargs().items() if k != "num_directions"}
-    time_step = zo2_step_timer(model, batch, layers=min(args.layers, model.num_blocks),
+    layers = min(args.layers, model.num_blocks)
+    time_step = zo2_step_timer(model, batch, layers=layers,
                                steps=args.calibrate_steps, tx=cfg.optimizer_transform(),
                                **cfg.stream.engine_kwargs(), **kwargs)
     q, seconds = directions_for_bus(time_step, start=start, max_directions=args.max_directions,
                                     tolerance=args.tolerance)
     print(json.dumps({"num_directions": q, "estimator": str(est),
                       "seconds_per_step": {str(k): round(v, 6) for k, v in seconds.items()},
-                      "layers": min(args.layers, model.num_blocks),
+                      "layers": layers,
                       "batch": {k: list(v.shape) for k, v in batch.items()},
                       "device": jax.devices()[0].device_kind}))
     print(f"\nThe most directions whose step time is within {args.tolerance:.0%} of {start}'s "

@@ -21,8 +21,8 @@ and a few scalars, so it streams like MeZO-SGD (`parts` runs it for both engines
   optimiser state (a float32 scalar per matrix: it streams with its block and checkpoints hold
   it). The mask itself is one elementwise comparison with the values of each step, computed
   on the device where a direction is made and never stored; as the values move, the masked
-  share drifts from `fraction` (by little: a zeroth-order step moves a weight by about 1e-7 of
-  itself). Vectors (biases, norm scales) stay dense. 2q forward passes a step.
+  share drifts from `fraction`. Vectors (biases, norm scales) stay dense. 2q forward passes a
+  step.
 - "hizoo" (HiZOO, Zhao et al. 2024, arXiv 2402.15173): a diagonal Hessian estimate H per
   parameter (ones at the start), kept in each part's optimiser state so it streams with its
   block. The branches are theta and theta +- eps z_j / sqrt(H); with the curvature

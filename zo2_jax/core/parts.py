@@ -189,15 +189,15 @@ def update_part(spec: Spec, part: str, stored, opt, pend: Pending, count, part_i
     theta = st.decode(stored)  # the values the step that made `pend` perturbed
     q = range(spec.num_directions)
     opt, est = _split_opt(spec, opt)
-    hess = est if spec.estimator.curvature else None
-    if hess is None:
-        ds = directions(spec, pend.key, q, part_id, theta, est)
-    else:
+    new_est = est
+    if spec.estimator.curvature:
         # HiZOO: H from this step's curvatures first, then the step along z_j / sqrt(new H)
         zs = [part_noise(pend.key, j, part_id, theta, spec.directions) for j in q]
-        new_hess = _pin(spec.estimator.next_state(hess, zs, pend.curv))
-        shape = spec.estimator.shaper(theta, new_hess)
+        new_est = _pin(spec.estimator.next_state(est, zs, pend.curv))
+        shape = spec.estimator.shaper(theta, new_est)
         ds = [shape(z) for z in zs]
+    else:  # the state (Sparse-MeZO's thresholds), if any, shapes the directions unchanged
+        ds = directions(spec, pend.key, q, part_id, theta, est)
     gz = None
     for j, z in zip(q, ds):
         term = jax.tree.map(lambda z_: pend.coef[j] * z_, z)
@@ -216,11 +216,9 @@ def update_part(spec: Spec, part: str, stored, opt, pend: Pending, count, part_i
     # the old stored bits (not a re-encoding of them, which could re-round) survive a skip.
     stored = st.select(pend.valid, encoded, stored)
     opt = jax.tree.map(lambda a, b: jnp.where(pend.valid, a, b), new_opt, opt)
-    if hess is not None:
-        opt = {"tx": opt, "hessian": jax.tree.map(lambda a, b: jnp.where(pend.valid, a, b),
-                                                  new_hess, hess)}
-    elif est is not None:  # Sparse-MeZO's thresholds: unchanged
-        opt = {"tx": opt, spec.estimator.state_key: est}
+    if est is not None:
+        opt = {"tx": opt, spec.estimator.state_key: jax.tree.map(
+            lambda a, b: jnp.where(pend.valid, a, b), new_est, est)}
     return _pin((stored, opt))
 
 
