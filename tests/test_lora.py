@@ -1,0 +1,214 @@
+"""LoRA adapters over a frozen base (`zo2_jax.models.lora`): the estimate is over the adapters
+alone, the base is never written, ZO2 == MeZO bit for bit, and the merged model is the model the
+adapters describe."""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import zo2_jax.models as zm
+from test_exactness_archs import HF_CONFIGS, batches, make_model, user_chain
+from test_offload_exactness import assert_trees_identical, comparable_state
+from zo2_jax.core.noise import part_noise
+from zo2_jax.models.lora import LoRAModel, lora
+from zo2_jax.offload import Storage, ZO2Engine
+from zo2_jax.zo import MeZOEngine, mezo_sgd
+
+
+def _adapted(name="llama-gqa-rope-scaling", **kw):
+    base, params = make_model(name)
+    model = lora(base, **kw)
+    return base, params, model, model.adapt(params, jax.random.key(3))
+
+
+def test_new_adapters_leave_the_base_model_unchanged():
+    base, params, model, ap = _adapted(rank=4)
+    batch = batches(1)[0]
+    np.testing.assert_array_equal(np.asarray(model.apply(ap, batch)[1]),
+                                  np.asarray(base.apply(params, batch)[1]))
+
+
+def test_merge_is_the_lora_forward():
+    """x (W + s A B) against x W + s (x A) B on every target, and the merged model's logits
+    against the adapted model's."""
+    base, params, model, ap = _adapted(rank=2, alpha=3.0)
+    ap["blocks"] = [dict(b, lora=jax.tree.map(
+        lambda x: jax.random.normal(jax.random.key(x.size), x.shape) * 0.1, b["lora"]))
+        for b in ap["blocks"]]
+    merged = model.merge(ap)
+    x = jax.random.normal(jax.random.key(0), (5, base.config.hidden_size))
+    for t in model.targets:
+        a, b = (ap["blocks"][0]["lora"][t][k] for k in ("A", "B"))
+        w = params["blocks"][0]
+        for k in t.split("."):
+            w = w[k]
+        mw = merged["blocks"][0]
+        for k in t.split("."):
+            mw = mw[k]
+        if w["kernel"].shape[0] != x.shape[1]:
+            continue
+        np.testing.assert_allclose(x @ mw["kernel"], x @ w["kernel"] + 1.5 * (x @ a) @ b,
+                                   rtol=1e-5, atol=1e-5)
+    batch = batches(1)[0]
+    np.testing.assert_array_equal(np.asarray(model.apply(ap, batch)[1]),
+                                  np.asarray(base.apply(merged, batch)[1]))
+
+
+@pytest.mark.parametrize("estimator", ["mezo", pytest.param("fzoo", marks=pytest.mark.slow)])
+def test_zo2_matches_mezo_and_the_base_is_never_written(estimator):
+    base, params, model, ap = _adapted(rank=4)
+    kw = dict(eps=1e-3, num_directions=2, estimator=estimator,
+              storage=Storage("bfloat16", rounding="stochastic"))
+    mezo = MeZOEngine(model, ap, user_chain(model), **kw)
+    zo2 = ZO2Engine(model, ap, user_chain(model), max_inflight=2, **kw)
+    for t, batch in enumerate(batches(3)):
+        key = jax.random.fold_in(jax.random.key(11), t)
+        m1, m2 = mezo.step(batch, key), zo2.step(batch, key)
+        for k in m1:
+            assert np.array_equal(np.asarray(m1[k]), np.asarray(m2[k])), (t, k, m1[k], m2[k])
+    assert_trees_identical(comparable_state(mezo), comparable_state(zo2), "state")
+    got = zo2.params()
+    stored = jax.tree.map(lambda x: x.astype(jnp.bfloat16).astype(jnp.float32),
+                          {"outer": params["outer"], "blocks": params["blocks"]})
+    # the base: the encoded initial weights, bit for bit, after the updates
+    assert_trees_identical(jax.tree.map(np.asarray, {"outer": got["outer"]["base"],
+                                                     "blocks": [b["base"] for b in got["blocks"]]}),
+                           jax.tree.map(np.asarray, stored), "base")
+    # the adapters moved (B from zero)
+    assert all(float(jnp.abs(b["lora"]["attn.q"]["B"]).max()) > 0 for b in got["blocks"])
+
+
+def test_optimizer_state_covers_the_adapters_only():
+    _, _, model, ap = _adapted(rank=4)
+    e = MeZOEngine(model, ap, optax.adam(1e-3), eps=1e-3)
+    s = e.state()
+    n_adapter = sum(np.size(x) for x in jax.tree.leaves(ap["blocks"][0]["lora"]))
+    # adam's mu and nu of the adapters of every block (stacked), and counts; none of the base
+    arrays = [x for x in jax.tree.leaves(s["opt_blocks"]) if np.ndim(x) >= 2]
+    assert sum(np.size(x) for x in arrays) == 2 * n_adapter * model.num_blocks
+    assert all(np.size(x) == 1 for x in jax.tree.leaves(s["opt_outer"]))
+
+
+def test_the_estimate_is_the_directional_derivative_over_the_adapters():
+    """MeZO's g = (L(a + eps z) - L(a - eps z)) / 2 eps against the exact derivative of the loss
+    along z (jax.jvp over the adapters), z regenerated as the engine makes it (block i: part i);
+    the base gets no z."""
+    base, params, model, ap = _adapted("opt-pre-ln-proj", rank=4)
+    ap["blocks"] = [dict(b, lora=jax.tree.map(
+        lambda x: jax.random.normal(jax.random.key(x.size + i), x.shape) * 0.3, b["lora"]))
+        for i, b in enumerate(ap["blocks"])]
+    batch = batches(1, seed=5)[0]
+    key = jax.random.key(9)
+    e = MeZOEngine(model, ap, mezo_sgd(0.0), eps=1e-3, num_directions=1)
+    g = float(e.step(batch, key)["projected_grad"])
+    # the trained subtree of block i is {"lora": ...}: its paths start with "lora"
+    zs = [part_noise(key, 0, i, {"lora": b["lora"]})["lora"] for i, b in enumerate(ap["blocks"])]
+
+    def loss(adapters):
+        p = {"outer": ap["outer"], "blocks": [dict(b, lora=a) for b, a in
+                                              zip(ap["blocks"], adapters)]}
+        return jnp.mean(model.apply(p, batch)[0])
+    _, exact = jax.jvp(loss, ([b["lora"] for b in ap["blocks"]],), (zs,))
+    assert abs(float(exact)) > 1e-3
+    # float32 losses near 4.1, differences of about 1e-4: g is known to about 1e-3
+    np.testing.assert_allclose(g, float(exact), rtol=0.05, atol=2e-3)
+
+
+def test_bad_settings_are_refused():
+    base, params = make_model("gpt2")
+    with pytest.raises(ValueError, match="rank must be"):
+        lora(base, rank=0)
+    with pytest.raises(ValueError, match="alpha must be"):
+        lora(base, alpha=float("nan"))
+    with pytest.raises(ValueError, match="not a matrix of this model's blocks"):
+        lora(base, targets=["attn.nope"])
+    with pytest.raises(ValueError, match="exceeds the smaller side"):
+        lora(base, rank=10_000)
+    model = lora(base)
+    # the base model's params, not adapted ones
+    with pytest.raises(ValueError, match="frozen base under 'base'"):
+        MeZOEngine(model, params, mezo_sgd(1e-3))
+    assert isinstance(model, LoRAModel) and set(HF_CONFIGS)
+    assert zm.Model is type(base)
+
+
+def _random_adapters(model, ap, scale=0.05):
+    ap = dict(ap)
+    ap["blocks"] = [dict(b, lora=jax.tree.map(
+        lambda x: jax.random.normal(jax.random.key(x.size + 7 * i), x.shape) * scale, b["lora"]))
+        for i, b in enumerate(ap["blocks"])]
+    return ap
+
+
+@pytest.mark.parametrize("kind", ["llama", "opt"])
+def test_export_merged_and_peft_load_in_transformers_and_peft(tmp_path, kind):
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    if kind == "llama":
+        from _tiny import make_tiny_model
+        folder = make_tiny_model(tmp_path / "base")
+    else:
+        cfg = transformers.OPTConfig(vocab_size=61, hidden_size=16, num_attention_heads=4,
+                                     num_hidden_layers=2, ffn_dim=24, max_position_embeddings=32,
+                                     word_embed_proj_dim=16)
+        torch.manual_seed(0)
+        folder = str(tmp_path / "base")
+        transformers.OPTForCausalLM(cfg).save_pretrained(folder)
+    base, params = zm.load(folder)
+    model = lora(base, rank=2, alpha=4.0)
+    ap = _random_adapters(model, model.adapt(params, jax.random.key(0)))
+    ids = np.array([[3, 5, 9, 11, 4, 2, 8]], np.int64)
+    ours = np.asarray(model.apply(ap, {"input_ids": jnp.asarray(ids, jnp.int32)})[1])
+
+    from zo2_jax.models.lora import save_merged, save_peft
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the OPT folder has no tokenizer to copy
+        merged_dir = save_merged(model, ap, str(tmp_path / "merged"))
+    merged = transformers.AutoModelForCausalLM.from_pretrained(merged_dir)
+    with torch.no_grad():
+        got = merged(torch.tensor(ids)).logits.float().numpy()
+    np.testing.assert_allclose(got, ours, rtol=2e-4, atol=2e-4)
+
+    save_peft(model, ap, str(tmp_path / "adapter"), base_model_name_or_path=folder)
+    plain = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        before = plain(torch.tensor(ids)).logits.float().numpy()
+    adapted = peft.PeftModel.from_pretrained(plain, str(tmp_path / "adapter"))
+    with torch.no_grad():
+        got = adapted(torch.tensor(ids)).logits.float().numpy()
+    assert np.abs(got - before).max() > 1e-3  # the adapters did load and change the output
+    np.testing.assert_allclose(got, ours, rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.slow
+def test_trainer_trains_exports_and_resumes_lora(tmp_path):
+    """`--adapter lora` through the trainer: only the adapters change, the export holds the
+    merged model and the PEFT adapters, and a resumed run equals an uninterrupted one."""
+    from _tiny import make_tiny_model
+    from zo2_jax.train import trainer as T
+    from zo2_jax.train.config import TrainConfig
+    folder = make_tiny_model(tmp_path / "base")
+    kw = dict(model=folder, adapter="lora", lora_rank=2, engine="zo2", batch_size=4,
+              eval_examples=8, lr=1e-2, progress=False)
+    T.train(TrainConfig(steps=4, out_dir=str(tmp_path / "a"), export_dir=str(tmp_path / "m"),
+                        **kw))
+    T.train(TrainConfig(steps=2, out_dir=str(tmp_path / "b"), checkpoint_dir=str(tmp_path / "ck"),
+                        **kw))
+    T.train(TrainConfig(steps=4, out_dir=str(tmp_path / "b"), checkpoint_dir=str(tmp_path / "ck"),
+                        export_dir=str(tmp_path / "r"), **kw))
+    base, bp = zm.load(folder)
+    whole, wp = zm.load(str(tmp_path / "m"))
+    resumed, rp = zm.load(str(tmp_path / "r"))
+    for a, b in zip(jax.tree.leaves(wp), jax.tree.leaves(rp)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    changed = [not np.array_equal(np.asarray(a), np.asarray(b))
+               for a, b in zip(jax.tree.leaves(bp["blocks"]), jax.tree.leaves(wp["blocks"]))]
+    assert any(changed)  # the merged deltas
+    for a, b in zip(jax.tree.leaves(bp["outer"]), jax.tree.leaves(wp["outer"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # no adapters there
+    assert (tmp_path / "m" / "adapter" / "adapter_model.safetensors").exists()
