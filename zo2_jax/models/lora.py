@@ -105,6 +105,11 @@ class LoRAModel:
     def with_dtype(self, dtype) -> "LoRAModel":
         return dataclasses.replace(self, base=self.base.with_dtype(dtype))
 
+    def with_num_layers(self, n: int) -> "LoRAModel":
+        """The same adapters over the first `n` blocks' shape (for timing a few blocks)."""
+        cfg = dataclasses.replace(self.base.config, num_layers=n)
+        return dataclasses.replace(self, base=dataclasses.replace(self.base, config=cfg))
+
     def adapter_shapes(self) -> dict:
         """{target: {"A": (in, r), "B": (r, out)}} of one block."""
         shapes = self.base.block_shapes()
@@ -123,6 +128,14 @@ class LoRAModel:
             a = jax.random.uniform(jax.random.fold_in(key, i), s["A"], jnp.float32, -bound, bound)
             out[t] = {"A": a.astype(dtype), "B": jnp.zeros(s["B"], dtype)}
         return out
+
+    def init_block(self, key, dtype=jnp.float32) -> PyTree:
+        """A random base block (`Model.init_block`) with new adapters."""
+        return {ADAPTERS: self.init_adapters(jax.random.fold_in(key, 1), dtype),
+                FROZEN: self.base.init_block(key, dtype)}
+
+    def init_outer(self, key, dtype=jnp.float32) -> PyTree:
+        return {FROZEN: self.base.init_outer(key, dtype)}
 
     def adapt(self, base_params: PyTree, key, dtype=jnp.float32) -> PyTree:
         """Trainable parameters for the engines from the base model's {'outer', 'blocks'}: each

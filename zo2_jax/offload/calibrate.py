@@ -84,7 +84,8 @@ def zo2_step_timer(model, batch: dict, *, layers: int = None, steps: int = 5, wa
                             f"{type(model).__name__} has none")
         if layers < 1:
             raise ValueError(f"layers must be >= 1, got {layers}")
-        model = dataclasses.replace(model, config=dataclasses.replace(config, num_layers=layers))
+        model = (model.with_num_layers(layers) if hasattr(model, "with_num_layers") else
+                 dataclasses.replace(model, config=dataclasses.replace(config, num_layers=layers)))
     if steps < 1 or warmup < 1:
         raise ValueError(f"steps and warmup must be >= 1 (the first step compiles), got "
                          f"steps={steps}, warmup={warmup}")
