@@ -32,6 +32,15 @@ ATTENTION = ("attn.q", "attn.k", "attn.v", "attn.o")
 MLP_TARGETS = ("mlp.fc1", "mlp.fc2", "mlp.gate", "mlp.up", "mlp.down")
 
 
+def check_rank_alpha(rank, alpha, prefix: str = "") -> None:
+    """Raises ValueError unless rank is an integer >= 1 and alpha a finite number > 0 (`prefix`
+    names them as the caller's options do, e.g. "lora_")."""
+    if not (isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1):
+        raise ValueError(f"{prefix}rank must be an integer >= 1, got {rank!r}")
+    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"{prefix}alpha must be a finite number > 0, got {alpha!r}")
+
+
 def _get(tree, path: str):
     for k in path.split("."):
         tree = tree[k]
@@ -66,10 +75,7 @@ class LoRAModel:
     frozen = FROZEN
 
     def __post_init__(self):
-        if not (isinstance(self.rank, int) and self.rank >= 1):
-            raise ValueError(f"rank must be an integer >= 1, got {self.rank!r}")
-        if not (math.isfinite(float(self.alpha)) and self.alpha > 0):
-            raise ValueError(f"alpha must be a finite number > 0, got {self.alpha!r}")
+        check_rank_alpha(self.rank, self.alpha)
         shapes = self.base.block_shapes()
         have = [t for t in ATTENTION + MLP_TARGETS if _has(shapes, t)]
         targets = tuple(have) if self.targets is None else tuple(self.targets)
@@ -106,9 +112,8 @@ class LoRAModel:
         return dataclasses.replace(self, base=self.base.with_dtype(dtype))
 
     def with_num_layers(self, n: int) -> "LoRAModel":
-        """The same adapters over the first `n` blocks' shape (for timing a few blocks)."""
-        cfg = dataclasses.replace(self.base.config, num_layers=n)
-        return dataclasses.replace(self, base=dataclasses.replace(self.base, config=cfg))
+        """The same adapters over `n` blocks of the base's shape (for timing a few blocks)."""
+        return dataclasses.replace(self, base=self.base.with_num_layers(n))
 
     def adapter_shapes(self) -> dict:
         """{target: {"A": (in, r), "B": (r, out)}} of one block."""
@@ -210,26 +215,27 @@ def save_merged(model: LoRAModel, params: PyTree, out_dir: str, **kwargs) -> str
     return save_pretrained(model.base, model.merge(params), out_dir, **kwargs)
 
 
-def peft_names(model: LoRAModel) -> dict:
-    """{target: Hugging Face module name format with {i} for the block} of the base model's
-    transformers class, e.g. "model.layers.{i}.self_attn.q_proj"."""
+def peft_modules(model: LoRAModel) -> list:
+    """Per block, {target: its module name in the base model's transformers class}, e.g.
+    {"attn.q": "model.layers.3.self_attn.q_proj", ...} for block 3."""
     from zo2_jax.models import hf
     cfg = model.config
     adapter = hf.ADAPTERS.get(cfg.model_type)
     if adapter is None:
         raise ValueError(f"no Hugging Face names for model_type {cfg.model_type!r}")
     _, block_spec = adapter.tables(cfg, adapter.prefixes[0])
-    spec0, spec1 = block_spec(0), block_spec(1)
-    out = {}
-    for t in model.targets:
-        (name0, how), (name1, _) = _get(spec0, t)["kernel"], _get(spec1, t)["kernel"]
-        if how != "T" or not name0.endswith(".weight"):
-            raise ValueError(f"{t} is stored as part of {name0!r} in {cfg.model_type} "
-                             f"checkpoints, not as a Linear of its own: PEFT's format cannot "
-                             f"hold its adapter; export the merged model (save_merged) instead")
-        module = name0[: -len(".weight")]
-        out[t] = module.replace(".0.", ".{i}.", 1) if name1 == name0.replace(".0.", ".1.", 1) \
-            else module
+    out = []
+    for i in range(model.num_blocks):
+        spec, names = block_spec(i), {}
+        for t in model.targets:
+            name, how = _get(spec, t)["kernel"]
+            if how != "T" or not name.endswith(".weight"):
+                raise ValueError(f"{t} is stored as part of {name!r} in {cfg.model_type} "
+                                 f"checkpoints, not as a Linear of its own: PEFT's format "
+                                 f"cannot hold its adapter; export the merged model "
+                                 f"(save_merged) instead")
+            names[t] = name[: -len(".weight")]
+        out.append(names)
     return out
 
 
@@ -243,11 +249,11 @@ def save_peft(model: LoRAModel, params: PyTree, out_dir: str, *,
     import os
 
     from zo2_jax.models.io import _write_safetensors
-    names = peft_names(model)
+    modules = peft_modules(model)
     tensors = {}
-    for i, b in enumerate(params["blocks"]):
+    for names, b in zip(modules, params["blocks"], strict=True):
         for t, ab in b[ADAPTERS].items():
-            mod = "base_model.model." + names[t].format(i=i)
+            mod = "base_model.model." + names[t]
             tensors[mod + ".lora_A.weight"] = np.ascontiguousarray(
                 np.asarray(jax.device_get(ab["A"]), np.float32).T)
             tensors[mod + ".lora_B.weight"] = np.ascontiguousarray(
@@ -259,7 +265,7 @@ def save_peft(model: LoRAModel, params: PyTree, out_dir: str, *,
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": model.rank,
         "lora_alpha": float(model.alpha), "lora_dropout": 0.0, "bias": "none",
         "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
-        "target_modules": sorted({names[t].rsplit(".", 1)[-1] for t in model.targets}),
+        "target_modules": sorted({modules[0][t].rsplit(".", 1)[-1] for t in model.targets}),
         "base_model_name_or_path": base_model_name_or_path or model.base.source,
         "modules_to_save": None, "use_rslora": False, "use_dora": False,
     }

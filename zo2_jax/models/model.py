@@ -63,6 +63,10 @@ class Model:
     def with_dtype(self, dtype) -> "Model":
         return Model(self.config, dtype, self.attn_impl, self.source)
 
+    def with_num_layers(self, n: int) -> "Model":
+        """The same architecture with `n` blocks (for timing a few blocks of a large model)."""
+        return dataclasses.replace(self, config=self.config.replace(num_layers=n))
+
     # ---- parameter structure -------------------------------------------------------------
 
     def block_shapes(self, dtype=jnp.float32) -> PyTree:

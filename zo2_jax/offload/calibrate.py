@@ -19,7 +19,6 @@ machine, not something an engine does behind a user's back: pass the q it gives 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from typing import Any, Callable
@@ -78,14 +77,12 @@ def zo2_step_timer(model, batch: dict, *, layers: int = None, steps: int = 5, wa
             raise TypeError(f"zo2_step_timer makes random parameters with model.{name}(key, "
                             f"dtype); {type(model).__name__} has none")
     if layers is not None:
-        config = getattr(model, "config", None)
-        if config is None or not hasattr(config, "num_layers"):
-            raise TypeError(f"layers= needs a zo2_jax decoder (a model with a config); "
+        if not callable(getattr(model, "with_num_layers", None)):
+            raise TypeError(f"layers= needs a zo2_jax decoder (a model with with_num_layers); "
                             f"{type(model).__name__} has none")
         if layers < 1:
             raise ValueError(f"layers must be >= 1, got {layers}")
-        model = (model.with_num_layers(layers) if hasattr(model, "with_num_layers") else
-                 dataclasses.replace(model, config=dataclasses.replace(config, num_layers=layers)))
+        model = model.with_num_layers(layers)
     if steps < 1 or warmup < 1:
         raise ValueError(f"steps and warmup must be >= 1 (the first step compiles), got "
                          f"steps={steps}, warmup={warmup}")

@@ -24,6 +24,7 @@ from typing import Any, Literal, Optional, get_args
 import optax
 
 from zo2_jax.core.options import ALL_COMMANDS, ZOOptions, option
+from zo2_jax.models.lora import check_rank_alpha
 from zo2_jax.offload.plan import StreamOptions
 
 Engine = Literal["mezo", "zo2"]
@@ -130,9 +131,7 @@ class TrainConfig:
             if not isinstance(getattr(self, name), cls):
                 raise TypeError(f"TrainConfig.{name} must be a {cls.__name__}, got "
                                 f"{type(getattr(self, name)).__name__}")
-        if self.lora_rank < 1 or not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
-            raise ValueError(f"lora_rank must be >= 1 and lora_alpha a finite number > 0, got "
-                             f"{self.lora_rank} and {self.lora_alpha}")
+        check_rank_alpha(self.lora_rank, self.lora_alpha, "lora_")
         for name, allowed in _LITERALS.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not allowed; expected one "
