@@ -82,6 +82,46 @@ def test_zo2_matches_mezo_and_the_base_is_never_written(estimator):
     assert all(float(jnp.abs(b["lora"]["attn.q"]["B"]).max()) > 0 for b in got["blocks"])
 
 
+@pytest.mark.parametrize("packed", [True, False])
+def test_zo2_writes_back_the_adapters_only(packed):
+    """A streamed block's base stays the host's own arrays across steps (never downloaded or
+    replaced), the plan counts the write-back as adapters and optimiser state alone, and a
+    saved state restores into a new engine (packed: the base and the adapters in buffers of
+    their own)."""
+    base, params, model, ap = _adapted(rank=4)
+    kw = dict(eps=1e-3, storage=Storage("bfloat16"), max_inflight=2, packed=packed)
+    zo2 = ZO2Engine(model, ap, optax.adam(1e-3), **kw)
+    assert zo2.packed is packed and not zo2.resident_blocks
+    before = [jax.tree.leaves(b["base"]) for b in zo2._store.blocks]
+    for t, batch in enumerate(batches(2)):
+        zo2.step(batch, jax.random.fold_in(jax.random.key(5), t))
+    state = zo2.state()
+    for i, b in enumerate(zo2._store.blocks):
+        after = jax.tree.leaves(b["base"])
+        assert len(after) == len(before[i]) and all(x is y for x, y in zip(after, before[i]))
+        assert {x.sharding.memory_kind for x in jax.tree.leaves(b)} == {"pinned_host"}
+    plan = zo2.plan
+    n_adapter = sum(np.size(x) for x in jax.tree.leaves(ap["blocks"][0]["lora"]))
+    # bf16 adapters, adam's float32 mu and nu, its count; packed: alignment padding beside
+    trained = model.num_blocks * (2 * n_adapter + 8 * n_adapter)
+    assert trained <= plan.written_bytes < trained + model.num_blocks * 4096 * 4
+    # what is not written back is the base, bf16 (with padding when packed)
+    base_bytes = sum(2 * np.size(x) for x in jax.tree.leaves(ap["blocks"][0]["base"]))
+    left = (plan.streamed_bytes - plan.written_bytes) / model.num_blocks
+    assert base_bytes <= left < base_bytes + 512 * len(jax.tree.leaves(ap["blocks"][0]["base"]))
+    assert plan.step_time_bound(up=1.0, down=1.0, both=1e30) == plan.streamed_bytes
+    assert "written back" in str(plan)
+    again = ZO2Engine(model, ap, optax.adam(1e-3), **kw)
+    # copies: a restore takes the device arrays it is given as its own
+    again.restore(jax.tree.map(lambda x: jax.device_put(x, x.sharding, may_alias=False)
+                               if isinstance(x, jax.Array) else x, state))
+    assert_trees_identical(comparable_state(zo2), comparable_state(again), "restored")
+    batch = batches(1, seed=7)[0]
+    key = jax.random.key(8)
+    m1, m2 = zo2.step(batch, key), again.step(batch, key)
+    assert np.array_equal(np.asarray(m1["loss"]), np.asarray(m2["loss"]))
+
+
 def test_optimizer_state_covers_the_adapters_only():
     _, _, model, ap = _adapted(rank=4)
     e = MeZOEngine(model, ap, optax.adam(1e-3), eps=1e-3)

@@ -96,10 +96,14 @@ def unit_step(spec, packing, blks, opts, pend, count, ids, key, hs, ctx, gram_ac
               branches: str = "fused", par=None):
     """`parts.block_step` over the unit's blocks in order: (blocks, opts, hs, gram)."""
     def one(blk, opt, pid, carry):
+        given = blk
         blk, opt = _unpacked(packing, blk, opt)
         blk, opt, hs, g = spmd.block_step(spec, par, blk, opt, pend, count, pid, key, carry[0],
                                           ctx, carry[1], branches)
-        return (*_packed(packing, blk, opt), (hs, g))
+        blk, opt = _packed(packing, blk, opt)
+        if spec.frozen is not None:  # the frozen base's buffers as they came, not re-packed
+            blk = {**blk, spec.frozen: given[spec.frozen]}
+        return blk, opt, (hs, g)
 
     new_b, new_o, (hs, gram_acc) = _over_unit(blks, opts, ids, (hs, gram_acc), one)
     return new_b, new_o, hs, gram_acc

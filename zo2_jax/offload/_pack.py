@@ -160,16 +160,59 @@ class Layout(NamedTuple):
         return jax.tree.unflatten(self.treedef, out)
 
 
-class Packing(NamedTuple):
-    """Layouts of a streamed block and of its optimiser state (which may have no arrays: then it
-    is kept as its own empty tree, not packed)."""
+class Split(NamedTuple):
+    """A dict's entries packed one buffer each, {key: uint32[words]}: a block with a frozen base
+    (`Spec.frozen`) keeps its trained and frozen parts apart, so the write-back can leave the
+    frozen buffer out. The interface of `Layout` (hashable; a static argument)."""
 
-    block: Layout
+    keys: tuple
+    layouts: tuple
+
+    @classmethod
+    def of(cls, tree: PyTree) -> "Split":
+        keys = tuple(sorted(tree))
+        return cls(keys, tuple(Layout.of(tree[k]) for k in keys))
+
+    @property
+    def empty(self) -> bool:
+        return all(lay.empty for lay in self.layouts)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(lay.nbytes for lay in self.layouts)
+
+    def nbytes_of(self, keys) -> int:
+        """Bytes of the buffers of `keys` only."""
+        return sum(lay.nbytes for k, lay in zip(self.keys, self.layouts) if k in keys)
+
+    def abstract(self) -> PyTree:
+        return {k: lay.abstract() for k, lay in zip(self.keys, self.layouts)}
+
+    def pack(self, tree: PyTree) -> dict:
+        if not isinstance(tree, dict) or tuple(sorted(tree)) != self.keys:
+            raise ValueError(f"tree does not match the packed layout: expected a dict with "
+                             f"keys {list(self.keys)}, got "
+                             f"{sorted(tree) if isinstance(tree, dict) else type(tree).__name__}")
+        return {k: lay.pack(tree[k]) for k, lay in zip(self.keys, self.layouts)}
+
+    def unpack(self, bufs: dict) -> PyTree:
+        return {k: lay.unpack(bufs[k]) for k, lay in zip(self.keys, self.layouts)}
+
+    def unpack_host(self, bufs: dict) -> PyTree:
+        return {k: lay.unpack_host(bufs[k]) for k, lay in zip(self.keys, self.layouts)}
+
+
+class Packing(NamedTuple):
+    """Layouts of a streamed block (one buffer, or with `split` one per top-level key: `Split`)
+    and of its optimiser state (which may have no arrays: then it is kept as its own empty tree,
+    not packed)."""
+
+    block: Any  # Layout or Split
     opt: Layout
 
     @classmethod
-    def of(cls, stored: PyTree, opt: PyTree) -> "Packing":
-        return cls(Layout.of(stored), Layout.of(opt))
+    def of(cls, stored: PyTree, opt: PyTree, split: bool = False) -> "Packing":
+        return cls(Split.of(stored) if split else Layout.of(stored), Layout.of(opt))
 
     def pack(self, stored, opt):
         """(flat block, flat opt or the empty opt tree), new buffers (traceable)."""

@@ -42,13 +42,16 @@ class BlockStream:
       hold: the host never waits on the slots of the `hold` units dispatched last (>= 1);
         default `plan.stream_hold`.
       wrap: whether passes called with `ahead=True` upload into the next pass (default True).
+      frozen: a top-level key of every block (dict) that the write-back leaves out: the frozen
+        base (`Spec.frozen`), read on the device and never changed, so the host keeps its copy.
     """
 
     def __init__(self, store: BlockStore, device: jax.sharding.Sharding,
                  host: jax.sharding.Sharding, max_inflight: int,
                  units: Optional[Sequence[Unit]] = None, hold: Optional[int] = None,
-                 wrap: bool = True):
+                 wrap: bool = True, frozen: Optional[str] = None):
         self.store, self.device, self.host = store, device, host
+        self.frozen = frozen
         self._dev_of = device if callable(device) else (lambda _: device)
         self._host_of = host if callable(host) else (lambda _: host)
         units = [tuple(u) for u in (units or [(i,) for i in range(store.n)])]
@@ -136,7 +139,7 @@ class BlockStream:
                 elif op.kind == "write_back":
                     # the results and the uploads that follow in one device_put (each costs the
                     # host a fixed time, which bounds the step of a small model)
-                    back = (list(new[0]), list(new[1]))
+                    back = ([self._written(b) for b in new[0]], list(new[1]))
                     ups = [self._payload(up.unit, up.with_opt) for up in op.uploads]
                     (blks, opts), sent = jax.device_put(
                         (back, ups), (self._host_of(back), self._dev_of(ups)))
@@ -144,7 +147,7 @@ class BlockStream:
                     self._tokens[op.ticket] = (blks, opts)
                     self._uploaded.update(zip([up.unit for up in op.uploads], sent))
                     for i, b, o in zip(u, blks, opts):
-                        store.blocks[i], store.opts[i] = b, o
+                        store.blocks[i], store.opts[i] = self._kept(b, store.blocks[i]), o
                     del blks, opts
                 else:
                     raise AssertionError(f"unknown op {op!r}")
@@ -152,6 +155,17 @@ class BlockStream:
             del new
             self.reset()
             raise
+
+    def _written(self, block):
+        """What the write-back of an updated block moves to the host: all of it, or without
+        the frozen base."""
+        if self.frozen is None:
+            return block
+        return {k: v for k, v in block.items() if k != self.frozen}
+
+    def _kept(self, written, old):
+        """The host's new block: the written one, with the frozen base of the `old` one."""
+        return written if self.frozen is None else {**written, self.frozen: old[self.frozen]}
 
     # ---- passes ---------------------------------------------------------------------------------
 

@@ -209,7 +209,7 @@ class ZO2Engine:
             self._store, self._dev if par is None else (
                 lambda t: self._block_shardings(t, "device")),
             self._host if par is None else (lambda t: self._block_shardings(t, "pinned_host")),
-            plan.max_inflight, plan.units, hold=plan.hold)
+            plan.max_inflight, plan.units, hold=plan.hold, frozen=spec.frozen)
         self._ids = [self._put(np.uint32(i), self._dev) for i in range(n)]
         self._pending = self._put(parts.no_pending(spec), self._dev)
         self._count = self._put(np.zeros([], np.int32), self._dev)
@@ -249,8 +249,9 @@ class ZO2Engine:
                    and x.sharding == self._host for x in jax.tree.leaves(block))
 
     def streamed_bytes(self) -> int:
-        """Bytes each step moves in each direction: the streamed blocks (at storage precision)
-        and their optimiser states. The bus-time bound of a step is this over the bandwidth."""
+        """Bytes each step uploads: the streamed blocks (at storage precision) and their
+        optimiser states. The write-back moves as much, or with a frozen base (LoRA) the trained
+        part and optimiser states alone (`plan.written_bytes`)."""
         return sum(tree_nbytes(self._store.blocks[i]) + tree_nbytes(self._store.opts[i])
                    for i in range(self.num_blocks) if i not in self._store.resident)
 
@@ -468,7 +469,7 @@ class ZO2Engine:
         blk, opt = self._store.blocks[i], self._store.opts[i]
         if self._is_packed(i):
             return self._packing.unpack_host(
-                host_copy(blk), opt if self._packing.opt.empty else host_copy(opt))
+                jax.tree.map(host_copy, blk), opt if self._packing.opt.empty else host_copy(opt))
         return jax.tree.map(host_copy, blk), jax.tree.map(host_copy, opt)
 
     def block_like(self, i: int) -> tuple[PyTree, PyTree]:

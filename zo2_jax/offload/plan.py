@@ -113,7 +113,9 @@ class Plan:
       packed: streamed blocks travel as one contiguous buffer each (with their optimiser state).
       branches: "fused" or "sequential" scheduling of the +eps and -eps branches.
       block_bytes: one streamed block and its optimiser state, as stored on the host.
-      streamed_bytes: bytes a step moves in each direction (P_s).
+      streamed_bytes: bytes a step uploads (P_s).
+      written_bytes: bytes a step writes back: P_s, or with a frozen base (LoRA) the trained
+        part and optimiser state alone (the base is never written back).
       host_bytes: pinned host memory the streamed blocks need, with the units being written back.
       device_bytes: the estimated peak device memory, or None where not estimated.
       footprint: the estimate's ingredients in bytes (outer, block, activations), or None.
@@ -131,6 +133,7 @@ class Plan:
     block_bytes: int
     streamed_bytes: int
     host_bytes: int
+    written_bytes: Optional[int] = None  # None: streamed_bytes
     device_bytes: Optional[int] = None
     footprint: Optional[dict] = dataclasses.field(default=None, compare=False)
     reasons: tuple = dataclasses.field(default=(), compare=False)
@@ -150,8 +153,13 @@ class Plan:
                         compute: float = 0.0) -> float:
         """T_limit in seconds: the slowest of the compute time of a step with every block
         resident and the transfers, given pinned bandwidths in bytes/s (up, down, both at once)."""
-        p = self.streamed_bytes
-        return max(compute, p / up, p / down, 2 * p / both)
+        p, w = self.streamed_bytes, self.written
+        return max(compute, p / up, w / down, (p + w) / both)
+
+    @property
+    def written(self) -> int:
+        """Bytes a step writes back (`written_bytes`, or `streamed_bytes` when that is None)."""
+        return self.streamed_bytes if self.written_bytes is None else self.written_bytes
 
     def __str__(self) -> str:
         gb = lambda b: f"{b / 1e9:.2f} GB"  # noqa: E731
@@ -163,8 +171,10 @@ class Plan:
             f"of up to {self.blocks_per_call}",
             f"  window W={self.max_inflight} units, hold={self.hold}, "
             f"{'packed' if self.packed else 'unpacked'}, {self.branches} branches",
-            f"  streamed per step: {gb(self.streamed_bytes)} each way "
-            f"({gb(self.block_bytes)} per block with its optimiser state)",
+            (f"  streamed per step: {gb(self.streamed_bytes)} each way " if self.written ==
+             self.streamed_bytes else f"  streamed per step: {gb(self.streamed_bytes)} up, "
+             f"{gb(self.written)} written back (the frozen base stays on the host) ")
+            + f"({gb(self.block_bytes)} per block with its optimiser state)",
             f"  pinned host memory: {gb(self.host_bytes)}",
             "  device peak: " + (f"~{gb(self.device_bytes)} estimated" if self.device_bytes
                                  is not None else "not estimated (needs batch_shape)"),
@@ -239,6 +249,13 @@ def plan_for(spec: parts.Spec, params: PyTree, *,
     packed = bool(packed)
     per_block = (packing.block.nbytes + packing.opt.nbytes if packed
                  else _stored_bytes(spec, block))
+    if spec.frozen is None:
+        written_per_block = per_block
+    elif packed:
+        written_per_block = packing.opt.nbytes + packing.block.nbytes_of(
+            [k for k in packing.block.keys if k != spec.frozen])
+    else:
+        written_per_block = _written_bytes(spec, block)
 
     if _is_auto(max_inflight):
         windows = [4, 3] if per_block <= INFLIGHT_AUTO_MAX_BYTES else [3]
@@ -304,6 +321,7 @@ def plan_for(spec: parts.Spec, params: PyTree, *,
         num_blocks=n, resident=frozenset(resident), units=units, max_inflight=w, hold=hold,
         packed=packed and n_streamed > 0, branches=branches, block_bytes=per_block,
         streamed_bytes=per_block * n_streamed,
+        written_bytes=None if spec.frozen is None else written_per_block * n_streamed,
         host_bytes=per_block * (n_streamed + w * min(group, n_streamed)),
         device_bytes=device, footprint=fp, reasons=tuple(reasons),
         packing=packing if packed and n_streamed else None)
@@ -380,12 +398,19 @@ def _layout(spec, block, packed) -> Optional[Packing]:
     state)."""
     shapes = jax.eval_shape(lambda p: parts.init_part(spec, "block", p), _abstract(block))
     try:
-        return Packing.of(*shapes)
+        return Packing.of(*shapes, split=spec.frozen is not None)
     except ValueError as e:
         if packed is True:
             raise ValueError(f"packed=True: a block or its optimiser state cannot be packed "
                              f"({e}); use packed=False or 'auto'") from None
         return None
+
+
+def _written_bytes(spec, block) -> int:
+    """Bytes of one unpacked block's write-back with a frozen base: its trained part and
+    optimiser state."""
+    stored, opt = jax.eval_shape(lambda p: parts.init_part(spec, "block", p), _abstract(block))
+    return tree_nbytes(parts.trained(spec, stored)) + tree_nbytes(opt)
 
 
 def _stored_bytes(spec, block) -> int:
