@@ -69,8 +69,11 @@ ROW_KEYS = {  # key -> parser of its value
     "q": int,
     "estimator": lambda v: _choice(v, ("mezo", "fzoo", "sparse", "hizoo")),
     "directions": lambda v: _choice(v, ("gaussian", "rademacher")),
+    # LoRA adapters (rank lora_rank) on every attention and MLP matrix over a frozen base
+    "adapter": lambda v: _choice(v, ("none", "lora")),
+    "lora_rank": int,
 }
-ESTIMATE_DEFAULTS = {"q": 1, "estimator": "mezo", "directions": "gaussian"}
+ESTIMATE_DEFAULTS = {"q": 1, "estimator": "mezo", "directions": "gaussian", "adapter": "none"}
 
 
 def _choice(v: str, allowed: tuple) -> str:
@@ -289,8 +292,9 @@ def derive(row: dict) -> dict:
     """T_bus, T_limit (and what bounds it), x T_limit and x MeZO from a row's measurements."""
     ps, zo2, mezo = row.get("streamed_bytes"), row.get("zo2_step_s"), row.get("mezo_step_s")
     if ps and row.get("B_up"):
-        t_bus = max(ps / (row["B_up"] * 1e9), ps / (row["B_down"] * 1e9),
-                    2 * ps / (row["B_bi"] * 1e9))
+        pw = row.get("written_bytes") or ps  # a frozen base is not written back
+        t_bus = max(ps / (row["B_up"] * 1e9), pw / (row["B_down"] * 1e9),
+                    (ps + pw) / (row["B_bi"] * 1e9))
         row["T_bus_s"] = t_bus
         row["T_limit_s"] = max(t_bus, mezo or 0.0)
         row["bound"] = "compute" if mezo and mezo > t_bus else "bus"
@@ -330,6 +334,14 @@ def measure(row: dict, save, say) -> dict:
     model = zm.Model(cfg, compute, attn)
     row.update(layers=cfg.num_layers, vocab=cfg.vocab_size, params=cfg.num_params, attn=attn)
     init_dtype = jnp.float32 if row["storage"] == "float32" else jnp.bfloat16
+    make_params = lambda: lazy_params(model, init_dtype)  # noqa: E731
+    if row.get("adapter", "none") == "lora":
+        from zo2_jax.models.lora import lora
+
+        base = model
+        model = lora(base, row.get("lora_rank", 8))
+        make_params = lambda: model.adapt(lazy_params(base, init_dtype),  # noqa: E731
+                                          jax.random.key(1), init_dtype)
     batch = make_batch(cfg, row["batch"], row["seq"])
     common = dict(eps=1e-3, compute_dtype=compute,
                   storage=Storage(row["storage"], rounding=row["rounding"]),
@@ -348,7 +360,7 @@ def measure(row: dict, save, say) -> dict:
         reset_host_peak()
         eng = params = None
         try:
-            params = lazy_params(model, init_dtype)
+            params = make_params()
             if name == "zo2":
                 eng = ZO2Engine(model, params, mezo_sgd(1e-6, weight_decay=0.0), **common,
                                 **row["engine_asked"])
@@ -364,6 +376,9 @@ def measure(row: dict, save, say) -> dict:
             row[f"{name}_host_peak_bytes"] = host_peak_bytes()
             if name == "zo2":
                 row["streamed_bytes"] = int(eng.streamed_bytes())
+                written = getattr(getattr(eng, "plan", None), "written_bytes", None)
+                if written is not None:
+                    row["written_bytes"] = int(written)
                 row["engine"] = engine_settings(eng)
             say(f"{name} {r['step_s'] * 1e3:.2f} ms/step")
             del eng

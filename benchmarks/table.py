@@ -123,10 +123,17 @@ def estimate(r) -> tuple:
     return r.get("q", 1), r.get("estimator", "mezo"), r.get("directions", "gaussian")
 
 
+def adapter(r) -> str:
+    """A matrix row's adapter: "none" (every weight trained) or e.g. "lora r8"."""
+    a = r.get("adapter", "none")
+    return a if a == "none" else f"{a} r{r.get('lora_rank', 8)}"
+
+
 def key(r) -> tuple:
     return (r["impl"], r["model"], r.get("layers"), r["batch"], r["seq"], r["storage"],
             r.get("rounding"), r["compute"], json.dumps(r.get("engine_asked") or {},
-                                                        sort_keys=True)) + estimate(r)
+                                                        sort_keys=True),
+            adapter(r)) + estimate(r)
 
 
 def latest(rows: list) -> list:
@@ -252,8 +259,8 @@ def ours(rows, speed=True, plain=True):
     """Our matrix rows (the OPT-175B shape's or the others'); `plain`: MeZO's estimate with one
     Gaussian direction only (the other estimates have their own table)."""
     return [r for r in rows if r.get("impl") == "zo2_jax" and r.get("kind", "speed") == "speed"
-            and (r["model"] != BIG) == speed and (not plain or estimate(r) == (1, "mezo",
-                                                                             "gaussian"))]
+            and (r["model"] != BIG) == speed and (not plain or (estimate(r) == (
+                1, "mezo", "gaussian") and adapter(r) == "none"))]
 
 
 def speed_table(rows) -> Table:
@@ -436,7 +443,7 @@ def directions_table(rows) -> Table:
     """Matrix calls that ran q > 1 (or another estimator): directions per second against q = 1
     (MeZO-SGD, the same distribution of z) of the same call, model and shape."""
     mine = [r for r in rows if r.get("impl") == "zo2_jax" and r.get("kind", "speed") == "speed"
-            and r.get("zo2_step_s")]
+            and r.get("zo2_step_s") and adapter(r) == "none"]
     calls = {r["call"] for r in mine if estimate(r)[:2] != (1, "mezo")}
     t = Table("Directions per second: the idle compute of a bus-bound step",
               "ZO2 steps with q directions (two forward passes each; FZOO: q + 1 passes in all) "
@@ -460,6 +467,41 @@ def directions_table(rows) -> Table:
                    f"{est} ({dirs})", str(q), ms(r["zo2_step_s"]), mezo, num(rate, 1),
                    f"**{num(vs)}**" if vs else "-", num(r.get("x_T_limit")), r["call"]],
                   [dict(r, status="ok")])  # ZO2 was timed: a later phase's failure is its cell
+    return t
+
+
+def adapter_table(rows) -> Table:
+    """The latest matrix call with adapter rows: each against full-parameter ZO2 (the row of the
+    same call, model, shape and storage without adapters)."""
+    mine = [r for r in rows if r.get("impl") == "zo2_jax" and r.get("kind", "speed") == "speed"]
+    calls = {r["call"] for r in mine if adapter(r) != "none"}
+    t = Table("Adapters: LoRA over a frozen, read-only base",
+              "ZO2 with LoRA adapters over a frozen base, which is uploaded every step and never "
+              "written back (P_up up, P_down down: the adapters and their optimiser state), "
+              "against full-parameter ZO2 in the same call. T_bus = max(P_up / B_up, P_down / "
+              "B_down, (P_up + P_down) / B_bi); step / T_bus: lower is better, 1.00 at the bus "
+              "limit. MeZO ms: everything resident (the compute).",
+              ["model", "B x T", "storage / compute", "adapter", "ZO2 ms", "P_up GB",
+               "P_down GB", "T_bus ms", "step / T_bus", "vs full ZO2", "MeZO ms",
+               "ZO2 device GB", "call"])
+    for call in [c for c in ORDER if c in calls][-1:]:
+        group = sorted((r for r in mine if r["call"] == call),
+                       key=lambda r: (sort_key(r, ORDER), adapter(r) != "none"))
+        for r in group:
+            full = [b for b in group if adapter(b) == "none" and b.get("zo2_step_s") and (
+                b["model"], b.get("layers"), b["batch"], b["seq"], b["storage"]) == (
+                r["model"], r.get("layers"), r["batch"], r["seq"], r["storage"])]
+            vs = (full[0]["zo2_step_s"] / r["zo2_step_s"]
+                  if full and adapter(r) != "none" and r.get("zo2_step_s") else None)
+            t_bus = r.get("T_bus_s")
+            t.add([shape(r), f"{r['batch']}x{r['seq']}", f"{storage(r)} / {short(r['compute'])}",
+                   adapter(r), ms(r.get("zo2_step_s")), gb(r.get("streamed_bytes")),
+                   gb(r.get("written_bytes") or r.get("streamed_bytes")),
+                   ms(t_bus), f"**{num(r['zo2_step_s'] / t_bus)}**"
+                   if t_bus and r.get("zo2_step_s") else "-",
+                   f"**{num(vs)}x**" if vs else "-",
+                   ms(r.get("mezo_step_s")) if r.get("mezo_step_s") else "-",
+                   gb(r.get("zo2_peak_device_bytes")), r["call"]], [r])
     return t
 
 
@@ -504,7 +546,7 @@ def render(rows: list) -> str:
         ORDER.setdefault(r["call"], len(ORDER))
     out = [HEADER]
     for make in (speed_table, memory_table, big_table, reference_table,
-                 precision_table, soak_table, mesh_table, directions_table,
+                 precision_table, soak_table, mesh_table, directions_table, adapter_table,
                  time_to_accuracy_table):
         out += make(rows).render()
     return "\n".join(out).rstrip() + "\n"
