@@ -471,8 +471,8 @@ def directions_table(rows) -> Table:
 
 
 def adapter_table(rows) -> Table:
-    """The latest matrix call with adapter rows: each against full-parameter ZO2 (the row of the
-    same call, model, shape and storage without adapters)."""
+    """Matrix calls with adapter rows (each key's latest row): each adapter row against
+    full-parameter ZO2 (the row of the same call, model, shape and storage without adapters)."""
     mine = [r for r in rows if r.get("impl") == "zo2_jax" and r.get("kind", "speed") == "speed"]
     calls = {r["call"] for r in mine if adapter(r) != "none"}
     t = Table("Adapters: LoRA over a frozen, read-only base",
@@ -484,24 +484,24 @@ def adapter_table(rows) -> Table:
               ["model", "B x T", "storage / compute", "adapter", "ZO2 ms", "P_up GB",
                "P_down GB", "T_bus ms", "step / T_bus", "vs full ZO2", "MeZO ms",
                "ZO2 device GB", "call"])
-    for call in [c for c in ORDER if c in calls][-1:]:
-        group = sorted((r for r in mine if r["call"] == call),
-                       key=lambda r: (sort_key(r, ORDER), adapter(r) != "none"))
-        for r in group:
-            full = [b for b in group if adapter(b) == "none" and b.get("zo2_step_s") and (
-                b["model"], b.get("layers"), b["batch"], b["seq"], b["storage"]) == (
-                r["model"], r.get("layers"), r["batch"], r["seq"], r["storage"])]
-            vs = (full[0]["zo2_step_s"] / r["zo2_step_s"]
-                  if full and adapter(r) != "none" and r.get("zo2_step_s") else None)
-            t_bus = r.get("T_bus_s")
-            t.add([shape(r), f"{r['batch']}x{r['seq']}", f"{storage(r)} / {short(r['compute'])}",
-                   adapter(r), ms(r.get("zo2_step_s")), gb(r.get("streamed_bytes")),
-                   gb(r.get("written_bytes") or r.get("streamed_bytes")),
-                   ms(t_bus), f"**{num(r['zo2_step_s'] / t_bus)}**"
-                   if t_bus and r.get("zo2_step_s") else "-",
-                   f"**{num(vs)}x**" if vs else "-",
-                   ms(r.get("mezo_step_s")) if r.get("mezo_step_s") else "-",
-                   gb(r.get("zo2_peak_device_bytes")), r["call"]], [r])
+    latest_of = {}  # of the calls with adapter rows, each key's latest row
+    for r in sorted((r for r in mine if r["call"] in calls), key=lambda r: ORDER[r["call"]]):
+        latest_of[key(r)] = r
+    group = sorted(latest_of.values(), key=lambda r: (sort_key(r, ORDER), adapter(r) != "none"))
+    for r in group:
+        full = [b for b in group if adapter(b) == "none" and b.get("zo2_step_s") and (
+            b["call"], b["model"], b.get("layers"), b["batch"], b["seq"], b["storage"]) == (
+            r["call"], r["model"], r.get("layers"), r["batch"], r["seq"], r["storage"])]
+        vs = (full[0]["zo2_step_s"] / r["zo2_step_s"]
+              if full and adapter(r) != "none" and r.get("zo2_step_s") else None)
+        t_bus = r.get("T_bus_s")
+        t.add([shape(r), f"{r['batch']}x{r['seq']}", f"{storage(r)} / {short(r['compute'])}",
+               adapter(r), ms(r.get("zo2_step_s")), gb(r.get("streamed_bytes")),
+               gb(r.get("written_bytes") or r.get("streamed_bytes")), ms(t_bus),
+               f"**{num(r['zo2_step_s'] / t_bus)}**" if t_bus and r.get("zo2_step_s") else "-",
+               f"**{num(vs)}x**" if vs else "-",
+               ms(r.get("mezo_step_s")) if r.get("mezo_step_s") else "-",
+               gb(r.get("zo2_peak_device_bytes")), r["call"]], [r])
     return t
 
 
