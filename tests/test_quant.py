@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from zo2_jax.models.quant import BLOCKS, dequantize, nbytes, quantize
+from zo2_jax.models.quant import (BLOCKS, QArray, dense, dequantize, nbytes, quantize,
+                                  quantize_kernels, quantize_on_device)
 
 QUANTS = [t for t in BLOCKS if t not in ("F32", "F16", "BF16")]
 
@@ -107,3 +108,38 @@ def test_quantize_refuses_what_it_cannot_make():
         quantize(np.zeros((2, 40), np.float32), "Q8_0")
     with pytest.raises(ValueError, match="non-finite"):
         quantize(np.full((1, 32), np.nan, np.float32), "Q4_0")
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
+def test_quantize_on_the_device_makes_the_gguf_packages_bytes(qtype):
+    """Blocks of zeros, of ties at halves, of one value, of wide ranges: the same bytes."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((16, 128)).astype(np.float32) * np.float32(3.0)
+    x[0, :32] = 0.0
+    x[1, :32] = np.arange(32, dtype=np.float32) * np.float32(0.5) - 8  # halves
+    x[2, 32:64] = 1.25
+    x[3, :32] *= 1e-4
+    x[4] *= 1e4
+    np.testing.assert_array_equal(np.asarray(jax.jit(quantize_on_device, static_argnums=1)(
+        jnp.asarray(x), qtype)), quantize(x, qtype))
+    with pytest.raises(ValueError, match="quantize_on_device makes Q8_0, Q4_0"):
+        quantize_on_device(x, "Q5_1")
+
+
+def test_a_qarray_is_a_transposed_kernel_in_gguf_bytes():
+    """QArray.of(kernel [in, out]) stores kernel.T as a file stores a weight; value() gives the
+    kernel back (stacked copies too); quantize_kernels replaces only the kernels that fit."""
+    k = jnp.asarray(np.random.default_rng(3).standard_normal((64, 48)), jnp.float32)
+    qa = QArray.of(k, "Q8_0")
+    assert qa.raw.shape == (48, nbytes("Q8_0", (1, 64))) and qa.shape == (48, 64)
+    np.testing.assert_array_equal(np.asarray(qa.raw), quantize(np.asarray(k).T, "Q8_0"))
+    np.testing.assert_allclose(np.asarray(qa.value()), np.asarray(k), atol=0.05)
+    two = jax.tree.map(lambda a: jnp.stack([a, a]), qa)
+    assert two.value().shape == (2, 64, 48)
+    tree = {"a": {"kernel": k, "bias": jnp.zeros(48)}, "b": {"kernel": jnp.zeros((40, 8))}}
+    q = quantize_kernels(tree, "Q4_0")
+    assert isinstance(q["a"]["kernel"], QArray) and q["a"]["kernel"].qtype == "Q4_0"
+    assert q["a"]["bias"] is tree["a"]["bias"] and q["b"]["kernel"] is tree["b"]["kernel"]
+    assert dense(q)["a"]["kernel"].shape == (64, 48)
+    with pytest.raises(ValueError, match="is 3264 bytes of uint8"):
+        QArray(jnp.zeros((2, 3), jnp.uint8), "Q8_0", (48, 64)).value()

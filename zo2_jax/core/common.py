@@ -15,6 +15,7 @@ import numpy as np
 from zo2_jax.core import options
 from zo2_jax.core import spmd
 from zo2_jax.core.options import ZOOptions
+from zo2_jax.models.quant import is_qarray
 from zo2_jax.models.model import check_batch  # noqa: F401  (the engines' batch check)
 from zo2_jax.core.estimators import Estimator, as_estimator
 from zo2_jax.core.parts import Pending, Spec, freeze_mask
@@ -50,11 +51,18 @@ def check_params(model, params: PyTree) -> None:
     if len(blocks) != n:
         raise ValueError(f"params has {len(blocks)} blocks, the model expects {n}")
     parts = [("outer", params["outer"])] + [(f"block {i}", b) for i, b in enumerate(blocks)]
+    frozen = getattr(model, "frozen", None)
     for name, tree in parts:
-        leaves = jax.tree_util.tree_leaves_with_path(tree)
+        leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_qarray)
         if not leaves:
             raise ValueError(f"params {name} has no arrays")
         for path, x in leaves:
+            if is_qarray(x):  # GGUF bytes: only where nothing is trained
+                if frozen is None or getattr(path[0], "key", None) != frozen:
+                    raise ValueError(f"params {name} leaf {jax.tree_util.keystr(path)} is a "
+                                     f"quantised matrix (QArray), which cannot be trained: only "
+                                     f"a frozen base (a LoRAModel's) can be kept quantised")
+                continue
             if not jnp.issubdtype(getattr(x, "dtype", np.asarray(x).dtype), jnp.floating):
                 raise ValueError(f"params {name} leaf {jax.tree_util.keystr(path)} has dtype "
                                  f"{np.asarray(x).dtype}; only floating-point parameters can be "

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from zo2_jax.core.trees import tree_nbytes
+from zo2_jax.models.quant import is_qarray
 
 PyTree = Any
 StorageDType = Literal["float32", "bfloat16", "float16", "int8"]
@@ -54,7 +55,7 @@ class Int8Leaf(NamedTuple):
 
 
 def _is_encoded_leaf(x) -> bool:
-    return isinstance(x, Int8Leaf)
+    return isinstance(x, Int8Leaf) or is_qarray(x)
 
 
 def path_hash(path) -> int:
@@ -141,6 +142,8 @@ class Storage:
         key = key if self.stochastic else None
 
         def enc(path, x):
+            if is_qarray(x):  # a frozen base kept quantised: stored as it is
+                return x
             x = jnp.asarray(x, jnp.float32)
             k = _leaf_key(key, path)
             if self.dtype != "int8":
@@ -156,14 +159,17 @@ class Storage:
                 y = jnp.floor(y + jax.random.uniform(k, x.shape, jnp.float32))
             return Int8Leaf(jnp.clip(y, -127, 127).astype(jnp.int8), scale)
 
-        return jax.tree_util.tree_map_with_path(enc, tree)
+        return jax.tree_util.tree_map_with_path(enc, tree, is_leaf=is_qarray)
 
     def decode(self, tree: PyTree) -> PyTree:
-        """Decodes an encoded pytree to float32."""
+        """Decodes an encoded pytree to float32 (QArray leaves, a quantised frozen base,
+        dequantised)."""
 
         def dec(x):
             if isinstance(x, Int8Leaf):
                 return x.q.astype(jnp.float32) * x.scale
+            if is_qarray(x):
+                return x.value(jnp.float32)
             return x.astype(jnp.float32)
 
         return jax.tree.map(dec, tree, is_leaf=_is_encoded_leaf)
@@ -174,7 +180,9 @@ class Storage:
 
     def encoded_shapes(self, tree: PyTree) -> PyTree:
         """ShapeDtypeStructs of the encoding of `tree` (arrays or ShapeDtypeStructs)."""
-        shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.float32), tree)
+        shapes = jax.tree.map(lambda x: x if is_qarray(x) else
+                              jax.ShapeDtypeStruct(np.shape(x), jnp.float32), tree,
+                              is_leaf=is_qarray)
         return jax.eval_shape(self.encode, shapes)
 
     def nbytes(self, tree: PyTree) -> int:

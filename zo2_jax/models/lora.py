@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from zo2_jax.models import quant
+
 PyTree = Any
 
 FROZEN = "base"
@@ -153,10 +155,26 @@ class LoRAModel:
         return {"outer": {FROZEN: base_params["outer"]},
                 "blocks": [block(i, b) for i, b in enumerate(base_params["blocks"])]}
 
+    def quantize_base(self, params: PyTree, qtype: str) -> PyTree:
+        """`params` (from `adapt`) with every block's base matrices kept in the GGUF block
+        format `qtype` (`quant.QArray`: Q8_0 or Q4_0 made on the device, the other
+        `quant.QUANTIZABLE` types on the host), dequantised on the device where a block runs.
+        Biases, norms and the outer part stay as they are; lazy blocks stay lazy."""
+        if qtype not in quant.QUANTIZABLE:
+            raise ValueError(f"qtype must be one of {list(quant.QUANTIZABLE)}, got {qtype!r}")
+        q = (jax.jit(quant.quantize_kernels, static_argnums=1) if qtype in
+             quant.DEVICE_QUANTIZABLE else quant.quantize_kernels)
+
+        def block(b):
+            if callable(b):
+                return lambda: block(b())
+            return {**b, FROZEN: q(b[FROZEN], qtype)}
+        return {"outer": params["outer"], "blocks": [block(b) for b in params["blocks"]]}
+
     def merged_block(self, params: PyTree) -> PyTree:
-        """The base block with each target kernel W replaced by W + (alpha / r) A B (in the
-        kernel's dtype, the product in float32)."""
-        w = params[FROZEN]
+        """The base block (quantised matrices dequantised) with each target kernel W replaced
+        by W + (alpha / r) A B (in the kernel's dtype, the product in float32)."""
+        w = quant.dense(params[FROZEN])
         for t, ab in params[ADAPTERS].items():
             k = _get(w, t)["kernel"]
             delta = jnp.matmul(ab["A"].astype(jnp.float32), ab["B"].astype(jnp.float32),

@@ -19,6 +19,7 @@ held in the same formats.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -175,4 +176,124 @@ def quantize(x, qtype: str) -> np.ndarray:
     return np.ascontiguousarray(gguf.quants.quantize(x, gguf.GGMLQuantizationType[qtype]))
 
 
-__all__ = ["BLOCKS", "QUANTIZABLE", "dequantize", "nbytes", "quantize"]
+def _roundf(x):
+    """llama.cpp's roundf: halves away from zero (as `gguf.quants.np_roundf`)."""
+    a = jnp.abs(x)
+    floored = jnp.floor(a)
+    return jnp.sign(x) * (floored + jnp.floor(2 * (a - floored)))
+
+
+def _f16_bytes(d):
+    """float32 [n, 1] -> its float16's little-endian bytes [n, 2]."""
+    return jax.lax.bitcast_convert_type(d.astype(jnp.float16), jnp.uint8).reshape(-1, 2)
+
+
+def quantize_on_device(x: jax.Array, qtype: str) -> jax.Array:
+    """`quantize` with jax operations (traceable, on the device), for Q8_0 and Q4_0: the same
+    bytes as the `gguf` package makes (tests/test_quant.py holds it to them), as uint8
+    [rows, row bytes] for `x` [rows, cols]."""
+    if qtype not in DEVICE_QUANTIZABLE:
+        raise ValueError(f"quantize_on_device makes {', '.join(DEVICE_QUANTIZABLE)}; got {qtype!r}")
+    x = jnp.asarray(x, jnp.float32)
+    shape = x.shape
+    nbytes(qtype, shape)  # checks the last axis
+    blocks = x.reshape(-1, 32)
+    if qtype == "Q8_0":
+        d = jnp.max(jnp.abs(blocks), axis=1, keepdims=True) / 127
+        inv = jnp.where(d == 0, 0.0, 1 / jnp.where(d == 0, 1.0, d))
+        qs = jax.lax.bitcast_convert_type(_roundf(blocks * inv).astype(jnp.int8), jnp.uint8)
+    else:  # Q4_0
+        imax = jnp.argmax(jnp.abs(blocks), axis=-1, keepdims=True)
+        d = jnp.take_along_axis(blocks, imax, axis=-1) / -8
+        inv = jnp.where(d == 0, 0.0, 1 / jnp.where(d == 0, 1.0, d))
+        q = jnp.clip(jnp.trunc(blocks * inv + jnp.float32(8.5)).astype(jnp.uint8), 0, 15)
+        q = q.reshape(-1, 2, 16)
+        qs = q[:, 0] | (q[:, 1] << 4)
+    out = jnp.concatenate([_f16_bytes(d), qs], axis=1)
+    return out.reshape(shape[:-1] + (-1,))
+
+
+DEVICE_QUANTIZABLE = ("Q8_0", "Q4_0")
+
+
+@dataclasses.dataclass(frozen=True)
+class QArray:
+    """A matrix kept in a GGUF block format: `raw` (uint8 [rows, row bytes], as stored in a
+    GGUF file; any leading axes stack several) holds the matrix of `shape` [rows, cols], whose
+    rows run along the quantisation blocks. `value()` is that matrix dequantised, transposed
+    when `transpose` (a [out, in] weight as files store it, used as an [in, out] kernel).
+
+    A pytree whose only child is `raw`: it travels (device_put, packing, stacking) as the bytes
+    and is expanded on the device only where it is used. For a frozen base (`LoRAModel`):
+    `zo2_jax.core.storage.Storage.decode` expands it; nothing ever encodes or updates it."""
+
+    raw: jax.Array
+    qtype: str
+    shape: tuple
+    transpose: bool = True
+
+    @classmethod
+    def of(cls, kernel, qtype: str) -> "QArray":
+        """An [in, out] kernel quantised as its transpose (rows along `in`, as llama.cpp and
+        GGUF files store a weight), on the device for DEVICE_QUANTIZABLE types (traceable),
+        else on the host (`quantize`)."""
+        n_in, n_out = kernel.shape
+        if qtype in DEVICE_QUANTIZABLE:
+            raw = quantize_on_device(jnp.asarray(kernel).T, qtype)
+        else:
+            raw = quantize(np.asarray(kernel, np.float32).T, qtype)
+        return cls(raw, qtype, (int(n_out), int(n_in)), True)
+
+    def value(self, dtype=jnp.float32) -> jax.Array:
+        """The dequantised matrix (leading axes of `raw` kept), as `dtype` (traceable)."""
+        size, tsize = _block(self.qtype)
+        lead = self.raw.shape[:-2]
+        want = nbytes(self.qtype, self.shape)
+        if self.raw.dtype != jnp.uint8 or self.raw.size != want * math.prod(lead):
+            raise ValueError(f"a {self.qtype} matrix of shape {self.shape} is {want} bytes of "
+                             f"uint8, got {self.raw.shape} of {self.raw.dtype}")
+        flat = self.raw.reshape(-1, tsize)
+        if self.qtype in ("F32", "F16", "BF16"):
+            kind = {"F32": jnp.float32, "F16": jnp.float16, "BF16": jnp.bfloat16}[self.qtype]
+            w = jax.lax.bitcast_convert_type(flat, kind)
+        else:
+            w = _KERNELS[self.qtype](flat)
+        w = w.reshape(lead + tuple(self.shape)).astype(dtype)
+        return jnp.swapaxes(w, -1, -2) if self.transpose else w
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.raw.size)
+
+
+jax.tree_util.register_dataclass(QArray, data_fields=["raw"],
+                                 meta_fields=["qtype", "shape", "transpose"])
+
+
+def is_qarray(x) -> bool:
+    return isinstance(x, QArray)
+
+
+def dense(tree, dtype=jnp.float32):
+    """`tree` with every QArray replaced by its value (other leaves as they are)."""
+    return jax.tree.map(lambda x: x.value(dtype) if isinstance(x, QArray) else x, tree,
+                        is_leaf=is_qarray)
+
+
+def quantize_kernels(tree, qtype: str, min_size: int = 0):
+    """`tree` (one block's parameters) with every "kernel" leaf whose rows fit `qtype`'s blocks
+    (`in` a multiple of 32 or 256) and with at least `min_size` values replaced by its QArray;
+    biases, norm scales and other leaves as they are. Traceable for DEVICE_QUANTIZABLE types."""
+    size, _ = _block(qtype)
+
+    def one(path, x):
+        name = getattr(path[-1], "key", None) if path else None
+        if (name == "kernel" and np.ndim(x) == 2 and x.shape[0] % size == 0
+                and np.size(x) >= min_size):
+            return QArray.of(x, qtype)
+        return x
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+__all__ = ["BLOCKS", "DEVICE_QUANTIZABLE", "QUANTIZABLE", "QArray", "dense", "dequantize",
+           "nbytes", "quantize", "quantize_kernels", "quantize_on_device"]
