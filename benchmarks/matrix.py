@@ -72,6 +72,8 @@ ROW_KEYS = {  # key -> parser of its value
     # LoRA adapters (rank lora_rank) on every attention and MLP matrix over a frozen base
     "adapter": lambda v: _choice(v, ("none", "lora")),
     "lora_rank": int,
+    # adapter=lora: the frozen base's block matrices in a GGUF block format (made on the device)
+    "base": lambda v: _choice(v, ("storage", "Q8_0", "Q4_0")),
 }
 ESTIMATE_DEFAULTS = {"q": 1, "estimator": "mezo", "directions": "gaussian", "adapter": "none"}
 
@@ -342,6 +344,11 @@ def measure(row: dict, save, say) -> dict:
         model = lora(base, row.get("lora_rank", 8))
         make_params = lambda: model.adapt(lazy_params(base, init_dtype),  # noqa: E731
                                           jax.random.key(1), init_dtype)
+        if row.get("base", "storage") != "storage":
+            adapted = make_params
+            make_params = lambda: model.quantize_base(adapted(), row["base"])  # noqa: E731
+    elif row.get("base", "storage") != "storage":
+        raise ValueError("base= quantises a frozen base: it needs adapter=lora")
     batch = make_batch(cfg, row["batch"], row["seq"])
     common = dict(eps=1e-3, compute_dtype=compute,
                   storage=Storage(row["storage"], rounding=row["rounding"]),

@@ -126,7 +126,10 @@ def estimate(r) -> tuple:
 def adapter(r) -> str:
     """A matrix row's adapter: "none" (every weight trained) or e.g. "lora r8"."""
     a = r.get("adapter", "none")
-    return a if a == "none" else f"{a} r{r.get('lora_rank', 8)}"
+    if a == "none":
+        return a
+    base = r.get("base", "storage")
+    return f"{a} r{r.get('lora_rank', 8)}" + ("" if base == "storage" else f", base {base}")
 
 
 def key(r) -> tuple:
@@ -472,13 +475,14 @@ def directions_table(rows) -> Table:
 
 def adapter_table(rows) -> Table:
     """Matrix calls with adapter rows (each key's latest row): each adapter row against
-    full-parameter ZO2 (the row of the same call, model, shape and storage without adapters)."""
+    full-parameter ZO2 (the latest such call's row of the same model, shape and storage without
+    adapters; on the same card, as every call is)."""
     mine = [r for r in rows if r.get("impl") == "zo2_jax" and r.get("kind", "speed") == "speed"]
     calls = {r["call"] for r in mine if adapter(r) != "none"}
     t = Table("Adapters: LoRA over a frozen, read-only base",
               "ZO2 with LoRA adapters over a frozen base, which is uploaded every step and never "
               "written back (P_up up, P_down down: the adapters and their optimiser state), "
-              "against full-parameter ZO2 in the same call. T_bus = max(P_up / B_up, P_down / "
+              "against full-parameter ZO2 (the row of the same model and shape). T_bus = max(P_up / B_up, P_down / "
               "B_down, (P_up + P_down) / B_bi); step / T_bus: lower is better, 1.00 at the bus "
               "limit. MeZO ms: everything resident (the compute).",
               ["model", "B x T", "storage / compute", "adapter", "ZO2 ms", "P_up GB",
@@ -490,8 +494,8 @@ def adapter_table(rows) -> Table:
     group = sorted(latest_of.values(), key=lambda r: (sort_key(r, ORDER), adapter(r) != "none"))
     for r in group:
         full = [b for b in group if adapter(b) == "none" and b.get("zo2_step_s") and (
-            b["call"], b["model"], b.get("layers"), b["batch"], b["seq"], b["storage"]) == (
-            r["call"], r["model"], r.get("layers"), r["batch"], r["seq"], r["storage"])]
+            b["model"], b.get("layers"), b["batch"], b["seq"], b["storage"]) == (
+            r["model"], r.get("layers"), r["batch"], r["seq"], r["storage"])]
         vs = (full[0]["zo2_step_s"] / r["zo2_step_s"]
               if full and adapter(r) != "none" and r.get("zo2_step_s") else None)
         t_bus = r.get("T_bus_s")
