@@ -480,11 +480,12 @@ def adapter_table(rows) -> Table:
     mine = [r for r in rows if r.get("impl") == "zo2_jax" and r.get("kind", "speed") == "speed"]
     calls = {r["call"] for r in mine if adapter(r) != "none"}
     t = Table("Adapters: LoRA over a frozen, read-only base",
-              "ZO2 with LoRA adapters over a frozen base, which is uploaded every step and never "
-              "written back (P_up up, P_down down: the adapters and their optimiser state), "
-              "against full-parameter ZO2 (the row of the same model and shape). T_bus = max(P_up / B_up, P_down / "
-              "B_down, (P_up + P_down) / B_bi); step / T_bus: lower is better, 1.00 at the bus "
-              "limit. MeZO ms: everything resident (the compute).",
+              "ZO2 with LoRA adapters over a frozen base (bf16, or kept in a GGUF block format "
+              "and dequantised on the device), which is uploaded every step and never written "
+              "back (P_up up, P_down down: the adapters and their optimiser state), against "
+              "full-parameter ZO2 (the row of the same model and shape). T_bus = max(P_up / "
+              "B_up, P_down / B_down, (P_up + P_down) / B_bi); step / T_bus: lower is better, "
+              "1.00 at the bus limit. MeZO ms: everything resident (the compute).",
               ["model", "B x T", "storage / compute", "adapter", "ZO2 ms", "P_up GB",
                "P_down GB", "T_bus ms", "step / T_bus", "vs full ZO2", "MeZO ms",
                "ZO2 device GB", "call"])
