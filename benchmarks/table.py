@@ -484,10 +484,11 @@ def adapter_table(rows) -> Table:
               "and dequantised on the device), which is uploaded every step and never written "
               "back (P_up up, P_down down: the adapters and their optimiser state), against "
               "full-parameter ZO2 (the row of the same model and shape). T_bus = max(P_up / "
-              "B_up, P_down / B_down, (P_up + P_down) / B_bi); step / T_bus: lower is better, "
-              "1.00 at the bus limit. MeZO ms: everything resident (the compute).",
+              "B_up, P_down / B_down, (P_up + P_down) / B_bi). MeZO ms: everything resident, "
+              "the compute (in brackets: taken from that row of the same shape). step / "
+              "T_limit, T_limit = max(T_bus, MeZO): lower is better, 1.00 at the bound.",
               ["model", "B x T", "storage / compute", "adapter", "ZO2 ms", "P_up GB",
-               "P_down GB", "T_bus ms", "step / T_bus", "vs full ZO2", "MeZO ms",
+               "P_down GB", "T_bus ms", "MeZO ms", "step / T_limit", "vs full ZO2",
                "ZO2 device GB", "call"])
     latest_of = {}  # of the calls with adapter rows, each key's latest row
     for r in sorted((r for r in mine if r["call"] in calls), key=lambda r: ORDER[r["call"]]):
@@ -500,12 +501,19 @@ def adapter_table(rows) -> Table:
         vs = (full[0]["zo2_step_s"] / r["zo2_step_s"]
               if full and adapter(r) != "none" and r.get("zo2_step_s") else None)
         t_bus = r.get("T_bus_s")
+        # MeZO (the compute): the row's own, else an adapter row's of the same model and shape
+        m = r if r.get("mezo_step_s") else next(
+            (b for b in group if b.get("mezo_step_s") and (adapter(b) == "none") == (
+                adapter(r) == "none") and (b["model"], b.get("layers"), b["batch"], b["seq"])
+             == (r["model"], r.get("layers"), r["batch"], r["seq"])), None)
+        mezo = m["mezo_step_s"] if m else None
+        limit = max(t_bus, mezo or 0.0) if t_bus else None
         t.add([shape(r), f"{r['batch']}x{r['seq']}", f"{storage(r)} / {short(r['compute'])}",
                adapter(r), ms(r.get("zo2_step_s")), gb(r.get("streamed_bytes")),
                gb(r.get("written_bytes") or r.get("streamed_bytes")), ms(t_bus),
-               f"**{num(r['zo2_step_s'] / t_bus)}**" if t_bus and r.get("zo2_step_s") else "-",
+               "-" if mezo is None else ms(mezo) + ("" if m is r else f" ({adapter(m)})"),
+               f"**{num(r['zo2_step_s'] / limit)}**" if limit and r.get("zo2_step_s") else "-",
                f"**{num(vs)}x**" if vs else "-",
-               ms(r.get("mezo_step_s")) if r.get("mezo_step_s") else "-",
                gb(r.get("zo2_peak_device_bytes")), r["call"]], [r])
     return t
 
