@@ -320,3 +320,54 @@ def test_zo2_matches_mezo_over_a_quantized_base(packed):
     saved = full.streamed_bytes() - zo2.streamed_bytes()
     # (packed: each leaf's buffer padded to 512 bytes)
     assert saved == pytest.approx(kernel_values * (2 - 18 / 32), rel=0.01 if not packed else 0.05)
+
+
+def test_a_gguf_base_kept_in_its_own_blocks():
+    """load(keep_quantized=True): the shipped SmolLM2's block matrices stay the file's Q4_1
+    bytes (q and k rows un-permuted), expanding to exactly the weights a plain load
+    dequantises; LoRA over them gives the plain model's logits, on both engines."""
+    from zo2_jax.models import quant
+    from zo2_jax.models.gguf import smollm2_gguf_path
+    path = smollm2_gguf_path()
+    base, params = zm.load(path, jnp.float32)
+    _, qparams = zm.load(path, jnp.float32, keep_quantized=True, lazy_blocks=True)
+    for i in (0, base.num_blocks - 1):
+        blk = qparams["blocks"][i]()
+        kept = [x for x in jax.tree.leaves(blk, is_leaf=quant.is_qarray) if quant.is_qarray(x)]
+        assert len(kept) == 7 and {x.qtype for x in kept} == {"Q4_1"}
+        assert_trees_identical(jax.tree.map(np.asarray, quant.dense(blk)),
+                               jax.tree.map(np.asarray, params["blocks"][i]), f"block {i}")
+    model = lora(base, rank=4)
+    batch = {"input_ids": jnp.asarray(np.random.default_rng(0).integers(0, 1000, (2, 12)),
+                                      jnp.int32)}
+    ref = np.asarray(base.apply(params, batch)[1])
+    adapted = model.adapt(qparams, jax.random.key(0))
+    engine = ZO2Engine(model, adapted, mezo_sgd(1e-4), eps=1e-3)
+    # uploaded: Q4_1's 20 bytes per 32 values of each matrix, float32 norms and adapters
+    leaves = jax.tree.leaves(params["blocks"])
+    adapters = sum(np.size(x) for x in jax.tree.leaves(model.init_adapters(jax.random.key(0))))
+    want = (sum(np.size(x) for x in leaves if np.ndim(x) == 2) * 20 / 32
+            + 4 * sum(np.size(x) for x in leaves if np.ndim(x) < 2)
+            + 4 * adapters * base.num_blocks)
+    assert engine.streamed_bytes() == pytest.approx(want, rel=0.01)
+    np.testing.assert_allclose(np.asarray(engine.logits(batch)), ref, rtol=2e-4, atol=2e-4)
+
+
+def test_quantized_blocks_are_refused_where_they_would_be_trained(tmp_path):
+    from zo2_jax.models import quant
+    from zo2_jax.models.gguf import smollm2_gguf_path
+    base, params = zm.load(smollm2_gguf_path(), jnp.float32, keep_quantized=True,
+                           lazy_blocks=True)
+    with pytest.raises(ValueError, match="quantised matrix .QArray., which cannot be trained"):
+        MeZOEngine(base, {"outer": params["outer"],
+                          "blocks": [b() for b in params["blocks"]]}, mezo_sgd(1e-4))
+    _, _, model, ap = _wide()
+    with pytest.raises(ValueError, match="qtype must be one of"):
+        model.quantize_base(ap, "Q4_K")
+    # a Hugging Face folder has no GGUF blocks to keep
+    folder = str(tmp_path / "hf")
+    tiny, tparams = make_model("llama-gqa-rope-scaling")
+    zm.save_pretrained(tiny, tparams, folder)
+    with pytest.raises(ValueError, match="keep_quantized reads a GGUF file"):
+        zm.load(folder, keep_quantized=True)
+    assert quant.is_qarray(quant.QArray.of(jnp.ones((32, 4)), "Q8_0"))

@@ -484,6 +484,30 @@ class GGUFCheckpoint:
                 w = _unpermute(w, self.hf_config["num_key_value_heads"])
         return w
 
+    def get_raw(self, hf_name: str):
+        """(bytes uint8 [rows, row bytes], qtype) of a tensor stored in a block-quantised format
+        (`quant.BLOCKS`), rows in HF order (Q/K un-permuted for llama), as the file holds them;
+        None for a float tensor (F32, F16, BF16) or a type the device kernels lack."""
+        from zo2_jax.models import quant
+
+        t = self._lookup(hf_name)
+        qtype = t.tensor_type.name
+        if qtype not in quant.BLOCKS or qtype in ("F32", "F16", "BF16"):
+            return None
+        shape = self.tensor_shape(hf_name)
+        raw = np.ascontiguousarray(t.data).view(np.uint8)
+        if len(shape) != 2 or raw.size != quant.nbytes(qtype, shape):
+            raise GGUFError(f"{self.path}: tensor {t.name!r} holds {raw.size} bytes, expected "
+                            f"{quant.nbytes(qtype, shape) if len(shape) == 2 else '?'} for "
+                            f"a {qtype} matrix of shape {shape}.")
+        raw = raw.reshape(shape[0], -1)
+        if self._arch in _PERMUTED_ARCHITECTURES:
+            if ".self_attn.q_proj." in hf_name:
+                raw = _unpermute(raw, self.hf_config["num_attention_heads"])
+            elif ".self_attn.k_proj." in hf_name:
+                raw = _unpermute(raw, self.hf_config["num_key_value_heads"])
+        return np.ascontiguousarray(raw), qtype
+
     # -- tokenizer --------------------------------------------------------------------------------
 
     def tokenizer(self):

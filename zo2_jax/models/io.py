@@ -22,6 +22,7 @@ import numpy as np
 from zo2_jax.models import hf
 from zo2_jax.models.hf import CheckpointError
 from zo2_jax.models.model import Model
+from zo2_jax.models.quant import QArray
 
 _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
               "BF16": jnp.bfloat16, "I64": np.int64, "I32": np.int32, "I16": np.int16,
@@ -170,6 +171,9 @@ class _GGUFSource:
     def get(self, name):
         return self.ckpt.get_tensor(name)
 
+    def get_raw(self, name):
+        return self.ckpt.get_raw(name)
+
 
 def _open(path: str):
     """(hf config dict, tensor source, description) for a folder or a .gguf file."""
@@ -233,8 +237,14 @@ def _expect(source, hf_name: str, how, expected_shape: tuple, where: str) -> Non
     source.check(hf_name)
 
 
-def _convert(source, hf_name: str, how, expected_shape: tuple, dtype, where: str):
+def _convert(source, hf_name: str, how, expected_shape: tuple, dtype, where: str,
+             quantized: bool = False):
     _expect(source, hf_name, how, expected_shape, where)
+    if quantized and how == "T" and len(expected_shape) == 2:
+        got = source.get_raw(hf_name)
+        if got is not None:  # a [out, in] weight in a block format: its bytes, as stored
+            raw, qtype = got
+            return QArray(raw, qtype, tuple(reversed(expected_shape)), True)
     x = source.get(hf_name)
     if how == "T":
         x = x.T
@@ -255,26 +265,30 @@ def _hf_shape(how, shape):
     return tuple(shape)
 
 
-def _fill(spec, shapes, source, dtype, where, used: set, read: bool = True):
-    """The tree of `spec`'s tensors, converted; with read=False only their header checks."""
+def _fill(spec, shapes, source, dtype, where, used: set, read: bool = True,
+          quantized: bool = False):
+    """The tree of `spec`'s tensors, converted; with read=False only their header checks;
+    `quantized`: block-quantised weights kept as QArray (see `load(keep_quantized=True)`)."""
     if isinstance(spec, dict):
-        return {k: _fill(spec[k], shapes[k], source, dtype, where, used, read) for k in spec}
+        return {k: _fill(spec[k], shapes[k], source, dtype, where, used, read, quantized)
+                for k in spec}
     name, how = spec
     used.add(name)
     if not read:
         return _expect(source, name, how, shapes.shape, where)
-    return _convert(source, name, how, shapes.shape, dtype, where)
+    return _convert(source, name, how, shapes.shape, dtype, where, quantized)
 
 
 class _BlockReader:
     """A block of a checkpoint read when called (see `load(lazy_blocks=True)`)."""
 
-    def __init__(self, i, spec, shapes, source, dtype, where, placement):
-        self._args = (i, spec, shapes, source, dtype, where, placement)
+    def __init__(self, i, spec, shapes, source, dtype, where, placement, quantized=False):
+        self._args = (i, spec, shapes, source, dtype, where, placement, quantized)
 
     def __call__(self):
-        i, spec, shapes, source, dtype, where, placement = self._args
-        return _place(placement, i, _fill(spec, shapes, source, dtype, where, set()))
+        i, spec, shapes, source, dtype, where, placement, quantized = self._args
+        return _place(placement, i, _fill(spec, shapes, source, dtype, where, set(),
+                                          quantized=quantized))
 
     def __repr__(self):
         return f"<block {self._args[0]} of {self._args[5]}, read when called>"
@@ -290,7 +304,7 @@ def _place(placement: Placement, i, tree):
 
 def load(path: str, dtype=jnp.float32, *, compute_dtype=None, attn_impl: str = "xla",
          place_block: Placement = None, place_outer: Placement = None,
-         lazy_blocks: bool = False):
+         lazy_blocks: bool = False, keep_quantized: bool = False):
     """Load a model and its parameters from a Hugging Face folder or a GGUF file.
 
     Args:
@@ -305,11 +319,18 @@ def load(path: str, dtype=jnp.float32, *, compute_dtype=None, attn_impl: str = "
         full-precision copy of the whole model exists anywhere. Every tensor's presence, shape
         and dtype is still checked here, from the headers; the files must stay in place until
         the engine has been built.
+      keep_quantized: a GGUF file only: each block matrix the file stores in a block format
+        (Q4_1, Q8_0, Q4_K, ...) stays in it, as a `quant.QArray` of its bytes, expanded on the
+        device where the block runs; for a frozen base (`LoRAModel`), which is never updated.
 
     Returns:
       (model, params) with params = {"outer": dict, "blocks": [dict or callable, ...]}.
     """
     config, source, where = _open(path)
+    if keep_quantized and not hasattr(source, "get_raw"):
+        raise ValueError(f"keep_quantized reads a GGUF file's quantised blocks; {where} is a "
+                         f"Hugging Face folder: quantise its blocks with "
+                         f"LoRAModel.quantize_base(params, qtype) instead")
     cfg = hf.config_from_hf(config, where)
     adapter = hf.ADAPTERS[cfg.model_type]
     names = set(source.names())
@@ -328,7 +349,8 @@ def load(path: str, dtype=jnp.float32, *, compute_dtype=None, attn_impl: str = "
         for i in range(cfg.num_layers):
             _fill(block_spec(i), shapes, source, dtype, where, used, read=False)
     else:
-        blocks = [_place(place_block, i, _fill(block_spec(i), shapes, source, dtype, where, used))
+        blocks = [_place(place_block, i, _fill(block_spec(i), shapes, source, dtype, where, used,
+                                               quantized=keep_quantized))
                   for i in range(cfg.num_layers)]
     unexpected = sorted(n for n in names - used if not any(s in n for s in adapter.ignored))
     if unexpected:
@@ -336,8 +358,8 @@ def load(path: str, dtype=jnp.float32, *, compute_dtype=None, attn_impl: str = "
                               f"{cfg.num_layers} layers: {unexpected[:10]}"
                               f"{' ...' if len(unexpected) > 10 else ''}")
     if lazy_blocks:
-        blocks = [_BlockReader(i, block_spec(i), shapes, source, dtype, where, place_block)
-                  for i in range(cfg.num_layers)]
+        blocks = [_BlockReader(i, block_spec(i), shapes, source, dtype, where, place_block,
+                               keep_quantized) for i in range(cfg.num_layers)]
     return model, {"outer": outer, "blocks": blocks}
 
 
