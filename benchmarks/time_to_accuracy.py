@@ -13,7 +13,9 @@ Tasks (the model: the shipped SmolLM2-135M-Instruct GGUF unless `--model`):
 
 A method is `NAME:key=value:...` with NAME an estimator (mezo, fzoo, sparse, hizoo) and keys
 q (directions), lr, fraction (sparse), smooth (hizoo), eps, directions (gaussian / rademacher,
-default rademacher), decay (none / cosine: the lr decays to 0 over the run's steps). Several
+default rademacher), decay (none / cosine: the lr decays to 0 over the run's steps), lora (the
+rank of LoRA adapters over a frozen base; 0, the default: every weight trained) and base
+(lora's base: storage, gguf (a GGUF model's own blocks), Q8_0, Q4_0). Several
 comma-separated lrs (`lr=1e-7,3e-7,1e-6`) are swept first: each
 runs the first seed on `--sweep-budget` forward passes, and the best final value picks the lr
 the seeds run with (sweep rows have kind "sweep"; the choice is a row of kind "sweep_choice").
@@ -56,8 +58,14 @@ def _decay(text: str) -> str:
     return text
 
 
+def _base(text: str) -> str:
+    if text not in ("storage", "gguf", "Q8_0", "Q4_0"):
+        raise ValueError(text)
+    return text
+
+
 METHOD_KEYS = {"q": int, "lr": _lrs, "fraction": float, "smooth": float, "eps": float,
-               "directions": str, "decay": _decay}
+               "directions": str, "decay": _decay, "lora": int, "base": _base}
 
 
 def parse_method(text: str) -> dict:
@@ -69,7 +77,7 @@ def parse_method(text: str) -> dict:
         raise argparse.ArgumentTypeError(f"method {text!r}: the estimator must be one of "
                                          f"{ESTIMATORS}")
     m = {"name": name, "q": 1, "lr": None, "fraction": 0.25, "smooth": 1e-8, "eps": 1e-3,
-         "directions": "rademacher", "decay": "none"}
+         "directions": "rademacher", "decay": "none", "lora": 0, "base": "storage"}
     for item in rest:
         key, sep, value = item.partition("=")
         if not sep or key not in METHOD_KEYS:
@@ -81,6 +89,9 @@ def parse_method(text: str) -> dict:
             raise argparse.ArgumentTypeError(f"method {text!r}: bad value for {key}: {value!r}")
     if m["lr"] is None:
         raise argparse.ArgumentTypeError(f"method {text!r}: give its lr=...")
+    if m["lora"] < 0 or (m["base"] != "storage" and not m["lora"]):
+        raise argparse.ArgumentTypeError(f"method {text!r}: lora is the adapters' rank (0: "
+                                         f"every weight trained); base= needs lora=R")
     m["lrs"], m["lr"] = m["lr"], m["lr"][0]
     return m
 
@@ -89,6 +100,8 @@ def label(m: dict) -> str:
     extra = (f",f={m['fraction']:g}" if m["name"] == "sparse" else
              f",a={m['smooth']:g}" if m["name"] == "hizoo" else "")
     extra += ",cosine" if m.get("decay") == "cosine" else ""
+    if m.get("lora"):
+        extra += f",lora r{m['lora']}" + ("" if m["base"] == "storage" else f" {m['base']}")
     return f"{m['name']}(q={m['q']},lr={m['lr']:g}{extra})"
 
 
@@ -186,7 +199,17 @@ def run_method(a, model, load_params, m, tx, loader_of, eval_batches, task, seed
               estimator=Estimator(m["name"], m["fraction"], m["smooth"]),
               compute_dtype=a.compute_dtype)
     cls = MeZOEngine if a.engine == "mezo" else ZO2Engine
-    engine = cls(model, load_params(), tx, **kw)
+    if m.get("lora"):  # LoRA adapters (new, seeded by the run's seed) over a frozen base
+        from zo2_jax.models.lora import lora
+
+        model = lora(model, m["lora"])
+        params = model.adapt(load_params(m["base"] == "gguf"), jax.random.key(seed))
+        if m["base"] in ("Q8_0", "Q4_0"):
+            params = model.quantize_base(params, m["base"])
+    else:
+        params = load_params()
+    engine = cls(model, params, tx, **kw)
+    del params
     per = passes_per_step(m)
     steps = a.budget // per
     every = max(1, a.eval_every // per)
@@ -442,8 +465,9 @@ def main(argv=None) -> int:
     a.compute_dtype = getattr(jnp, a.compute_dtype)
     path = resolve_model_path(a.model or TrainConfig().model)
     model, _ = zm.load(path, jnp.float32, compute_dtype=a.compute_dtype, lazy_blocks=True)
-    load_params = lambda: zm.load(path, jnp.float32, compute_dtype=a.compute_dtype,  # noqa
-                                  lazy_blocks=True)[1]
+    load_params = lambda keep=False: zm.load(  # noqa: E731
+        path, jnp.float32, compute_dtype=a.compute_dtype, lazy_blocks=True,
+        keep_quantized=keep)[1]
     tokenizer = zm.load_tokenizer(path)
     loader_of, eval_batches, metric, higher, task = make_task(a, tokenizer)
     commit, dirty = git_identity(ROOT)

@@ -25,11 +25,16 @@ def test_method_syntax():
     assert tta.passes_per_step(tta.parse_method("fzoo:q=4:lr=1")) == 5
     m = tta.parse_method("fzoo:q=4:lr=1e-6:decay=cosine")
     assert m["decay"] == "cosine" and tta.label(m) == "fzoo(q=4,lr=1e-06,cosine)"
+    m = tta.parse_method("mezo:lr=1e-4:lora=8:base=gguf")
+    assert (m["lora"], m["base"]) == (8, "gguf") and tta.label(m) == "mezo(q=1,lr=0.0001,lora r8 gguf)"
+    assert tta.label(tta.parse_method("mezo:lr=1e-4:lora=4")) == "mezo(q=1,lr=0.0001,lora r4)"
     for bad, why in (("adam:lr=1", "must be one of"), ("mezo", "give its lr"),
                      ("mezo:lr=1:q", "not key=value"), ("mezo:lr=x", "bad value for lr"),
                      ("mezo:lr=1,-1", "bad value for lr"),
                      ("mezo:lr=1:beta=2", "not key=value"),
-                     ("mezo:lr=1:decay=linear", "bad value for decay")):
+                     ("mezo:lr=1:decay=linear", "bad value for decay"),
+                     ("mezo:lr=1:base=Q4_0", "base= needs lora"),
+                     ("mezo:lr=1:lora=8:base=Q4_K", "bad value for base")):
         with pytest.raises(argparse.ArgumentTypeError, match=why):
             tta.parse_method(bad)
 
