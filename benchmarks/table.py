@@ -129,7 +129,9 @@ def adapter(r) -> str:
     if a == "none":
         return a
     base = r.get("base", "storage")
-    return f"{a} r{r.get('lora_rank', 8)}" + ("" if base == "storage" else f", base {base}")
+    asked = "".join(f", {k}={v}" for k, v in sorted((r.get("engine_asked") or {}).items()))
+    return (f"{a} r{r.get('lora_rank', 8)}" + ("" if base == "storage" else f", base {base}")
+            + asked)
 
 
 def key(r) -> tuple:
@@ -519,9 +521,10 @@ def adapter_table(rows) -> Table:
 
 
 def time_to_accuracy_table(rows) -> Table:
-    """The latest time_to_accuracy call of each task: one row per method."""
+    """Per task, the latest time_to_accuracy call of each question (estimators, or LoRA
+    adapters: a call with a lora method): one row per method."""
     mine = [r for r in rows if r.get("probe") == "time_to_accuracy" and r.get("kind") == "summary"]
-    t = Table("Time to accuracy: estimators against MeZO-SGD",
+    t = Table("Time to accuracy against MeZO-SGD: estimators and adapters",
               "benchmarks/time_to_accuracy.py: every method the same budget of forward passes; the "
               "target is MeZO-SGD's mean final value over the seeds. Forward passes to the target: "
               "the mean over seeds where every seed got there, and where the seeds' mean curve "
@@ -531,25 +534,31 @@ def time_to_accuracy_table(rows) -> Table:
                "passes (mean curve)", "of MeZO's budget", "best @ passes", "s to target",
                "call"], notes=True)
     for task in dict.fromkeys(r["task"] for r in mine):
-        last = [r for r in mine if r["task"] == task]
-        call = max((r["call"] for r in last), key=lambda c: ORDER.get(c, 0))
-        for r in (x for x in last if x["call"] == call):
-            p, c = r.get("passes_to_target_mean"), r.get("mean_curve_passes_to_target")
-            digits = 3 if task == "sentiment" else 4
-            best = (f"{r['best_of_mean_curve']:.{digits}f} @ {r['best_at_passes']:.0f}"
-                    if r.get("best_of_mean_curve") is not None else "-")
-            seeds = str(len(r["seeds"])) + (f" (+{len(r['incomplete_seeds'])} cut short)"
-                                            if r.get("incomplete_seeds") else "")
-            t.add([task, r["model"], r["method"], seeds, num(r.get("final_mean"), digits),
-                   num(r["target"], digits), "-" if p is None else f"{p:.0f}",
-                   "-" if c is None else f"{c:.0f}",
-                   f"**{num(r.get('mean_curve_fraction_of_baseline'))}**",
-                   best, num(r.get("seconds_to_target_mean"), 1), r["call"]],
-                  # no seed reached the budget: the seeds cell says so; the run's setup a note
-                  [dict(r, status="ok", note=r.get("setup"))])
-        plots = sorted({x["plot"] for x in last if x["call"] == call and x.get("plot")})
-        t.after += [f"Curves ({task}, each seed and their mean, against forward passes and "
-                    f"seconds): {p}" for p in plots]
+        by_call = {}
+        for r in mine:
+            if r["task"] == task:
+                by_call.setdefault(r["call"], []).append(r)
+        latest = {}  # question -> its latest call
+        for call in sorted(by_call, key=lambda c: ORDER.get(c, 0)):
+            latest[any("lora" in r["method"] for r in by_call[call])] = call
+        for call in sorted(latest.values(), key=lambda c: ORDER.get(c, 0)):
+            for r in by_call[call]:
+                p, c = r.get("passes_to_target_mean"), r.get("mean_curve_passes_to_target")
+                digits = 3 if task == "sentiment" else 4
+                best = (f"{r['best_of_mean_curve']:.{digits}f} @ {r['best_at_passes']:.0f}"
+                        if r.get("best_of_mean_curve") is not None else "-")
+                seeds = str(len(r["seeds"])) + (f" (+{len(r['incomplete_seeds'])} cut short)"
+                                                if r.get("incomplete_seeds") else "")
+                t.add([task, r["model"], r["method"], seeds, num(r.get("final_mean"), digits),
+                       num(r["target"], digits), "-" if p is None else f"{p:.0f}",
+                       "-" if c is None else f"{c:.0f}",
+                       f"**{num(r.get('mean_curve_fraction_of_baseline'))}**",
+                       best, num(r.get("seconds_to_target_mean"), 1), r["call"]],
+                      # no seed reached the budget: the seeds cell says so; the setup a note
+                      [dict(r, status="ok", note=r.get("setup"))])
+            plots = sorted({x["plot"] for x in by_call[call] if x.get("plot")})
+            t.after += [f"Curves ({task}, each seed and their mean, against forward passes "
+                        f"and seconds): {p}" for p in plots]
     return t
 
 

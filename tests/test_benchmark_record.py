@@ -146,7 +146,7 @@ def test_directions_and_time_to_accuracy_tables(tmp_path):
     # FZOO's z is Rademacher: against the Rademacher q = 1 row
     assert "| mezo (rademacher) | 1 | 250.0 | 200.0 | 4.0 | **1.00** |" in d
     assert "| fzoo (rademacher) | 4 | 300.0 | 500.0 | 13.3 | **3.33** |" in d
-    t = section(out, "Time to accuracy: estimators against MeZO-SGD")
+    t = section(out, "Time to accuracy against MeZO-SGD: estimators and adapters")
     assert ("| sentiment | m.gguf | fzoo(q=4,lr=1e-06) | 3 | 0.860 | 0.830 | 1000 | 800 | "
             "**0.20** | 0.870 @ 2000 | 3.1 | 12b |") in t
     assert ("| sentiment | m.gguf | sparse(q=1,lr=3e-05,f=0.25) | 3 | 0.800 | 0.830 | - | - | "
@@ -198,8 +198,8 @@ def test_benchmarks_md_is_the_record_printed():
     with open(os.path.join(ROOT, "BENCHMARKS.md")) as fh:
         assert fh.read() == proc.stdout, "regenerate: python benchmarks/table.py " \
                                          "benchmarks/record.jsonl --write BENCHMARKS.md"
-    # one table per question, the latest figures: about 20 lines a table
-    assert len(proc.stdout.splitlines()) <= 260
+    # one table per question (eleven), the latest figures: about 25 lines a table
+    assert len(proc.stdout.splitlines()) <= 280
 
 
 def matrix(*args, timeout=900):
