@@ -110,6 +110,9 @@ def test_zo2_writes_back_the_adapters_only(packed):
     left = (plan.streamed_bytes - plan.written_bytes) / model.num_blocks
     assert base_bytes <= left < base_bytes + 512 * len(jax.tree.leaves(ap["blocks"][0]["base"]))
     assert plan.step_time_bound(up=1.0, down=1.0, both=1e30) == plan.streamed_bytes
+    # pinned host memory: the blocks, and new copies of the adapters of the units in flight
+    assert plan.host_bytes == plan.streamed_bytes + (
+        plan.written_bytes // model.num_blocks * plan.max_inflight * plan.blocks_per_call)
     assert "written back" in str(plan)
     again = ZO2Engine(model, ap, optax.adam(1e-3), **kw)
     # copies: a restore takes the device arrays it is given as its own

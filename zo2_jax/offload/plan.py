@@ -322,7 +322,8 @@ def plan_for(spec: parts.Spec, params: PyTree, *,
         packed=packed and n_streamed > 0, branches=branches, block_bytes=per_block,
         streamed_bytes=per_block * n_streamed,
         written_bytes=None if spec.frozen is None else written_per_block * n_streamed,
-        host_bytes=per_block * (n_streamed + w * min(group, n_streamed)),
+        # the units being written back hold new host copies of what is written back
+        host_bytes=per_block * n_streamed + written_per_block * w * min(group, n_streamed),
         device_bytes=device, footprint=fp, reasons=tuple(reasons),
         packing=packing if packed and n_streamed else None)
 
