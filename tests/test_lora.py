@@ -19,6 +19,22 @@ from zo2_jax.offload import Storage, ZO2Engine
 from zo2_jax.zo import MeZOEngine, mezo_sgd
 
 
+def _steps_match(mezo, zo2, n):
+    """n steps of both engines with the same keys: equal metrics and states, bit for bit."""
+    for t, batch in enumerate(batches(n)):
+        key = jax.random.fold_in(jax.random.key(11), t)
+        m1, m2 = mezo.step(batch, key), zo2.step(batch, key)
+        for k in m1:
+            assert np.array_equal(np.asarray(m1[k]), np.asarray(m2[k])), (t, k, m1[k], m2[k])
+    assert_trees_identical(comparable_state(mezo), comparable_state(zo2), "state")
+
+
+def _qarrays(tree):
+    """The QArray leaves of `tree` (a quantised base's matrices), in tree order."""
+    from zo2_jax.models import quant
+    return [x for x in jax.tree.leaves(tree, is_leaf=quant.is_qarray) if quant.is_qarray(x)]
+
+
 def _adapted(name="llama-gqa-rope-scaling", **kw):
     base, params = make_model(name)
     model = lora(base, **kw)
@@ -65,12 +81,7 @@ def test_zo2_matches_mezo_and_the_base_is_never_written(estimator):
               storage=Storage("bfloat16", rounding="stochastic"))
     mezo = MeZOEngine(model, ap, user_chain(model), **kw)
     zo2 = ZO2Engine(model, ap, user_chain(model), max_inflight=2, **kw)
-    for t, batch in enumerate(batches(3)):
-        key = jax.random.fold_in(jax.random.key(11), t)
-        m1, m2 = mezo.step(batch, key), zo2.step(batch, key)
-        for k in m1:
-            assert np.array_equal(np.asarray(m1[k]), np.asarray(m2[k])), (t, k, m1[k], m2[k])
-    assert_trees_identical(comparable_state(mezo), comparable_state(zo2), "state")
+    _steps_match(mezo, zo2, 3)
     got = zo2.params()
     stored = jax.tree.map(lambda x: x.astype(jnp.bfloat16).astype(jnp.float32),
                           {"outer": params["outer"], "blocks": params["blocks"]})
@@ -271,10 +282,8 @@ def test_a_quantized_base_needs_lora_and_gguf_a_gguf_file(tmp_path):
     with pytest.raises(ValueError, match="lora_base='gguf' keeps a .gguf model's own"):
         T.load_model(TrainConfig(model=folder, adapter="lora", lora_base="gguf"))
     model, params, _ = T.load_model(TrainConfig(model=folder, adapter="lora", lora_base="Q8_0"))
-    from zo2_jax.models import quant
     blk = params["blocks"][0]()
-    assert {x.qtype for x in jax.tree.leaves(blk["base"], is_leaf=quant.is_qarray)
-            if quant.is_qarray(x)} == {"Q8_0"}
+    assert {x.qtype for x in _qarrays(blk["base"])} == {"Q8_0"}
 
 
 # ---- a quantised frozen base ----------------------------------------------------------------
@@ -298,8 +307,7 @@ def test_quantized_base_logits_match_the_dequantized_reference(qtype):
     from zo2_jax.models import quant
     base, params, model, ap = _wide()
     qp = model.quantize_base(ap, qtype)
-    kernels = [x for x in jax.tree.leaves(qp["blocks"][0]["base"], is_leaf=quant.is_qarray)
-               if quant.is_qarray(x)]
+    kernels = _qarrays(qp["blocks"][0]["base"])
     assert len(kernels) == 7 and all(k.qtype == qtype and k.raw.dtype == jnp.uint8
                                      for k in kernels)
     # the reference: the dequantised matrices as plain float32 weights
@@ -318,23 +326,15 @@ def test_quantized_base_logits_match_the_dequantized_reference(qtype):
 def test_zo2_matches_mezo_over_a_quantized_base(packed):
     """Bit for bit, the Q4_0 bytes uploaded as they are and never written back, and a step
     uploads about a quarter of a bf16 base's bytes."""
-    from zo2_jax.models import quant
     base, params, model, ap = _wide()
     qp = model.quantize_base(ap, "Q4_0")
     kw = dict(eps=1e-3, storage=Storage("bfloat16"))
     mezo = MeZOEngine(model, qp, optax.adam(1e-3), **kw)
     zo2 = ZO2Engine(model, qp, optax.adam(1e-3), max_inflight=2, packed=packed, **kw)
-    raw = [[np.asarray(x.raw) for x in jax.tree.leaves(b["base"], is_leaf=quant.is_qarray)
-            if quant.is_qarray(x)] for b in qp["blocks"]]
-    for t, batch in enumerate(batches(3)):
-        key = jax.random.fold_in(jax.random.key(11), t)
-        m1, m2 = mezo.step(batch, key), zo2.step(batch, key)
-        for k in m1:
-            assert np.array_equal(np.asarray(m1[k]), np.asarray(m2[k])), (t, k, m1[k], m2[k])
-    assert_trees_identical(comparable_state(mezo), comparable_state(zo2), "state")
+    raw = [[np.asarray(x.raw) for x in _qarrays(b["base"])] for b in qp["blocks"]]
+    _steps_match(mezo, zo2, 3)
     for i, b in enumerate(zo2.state()["blocks"]):
-        got = [np.asarray(x.raw) for x in jax.tree.leaves(b["base"], is_leaf=quant.is_qarray)
-               if quant.is_qarray(x)]
+        got = [np.asarray(x.raw) for x in _qarrays(b["base"])]
         assert len(got) == 7 and all(np.array_equal(g, r) for g, r in zip(got, raw[i]))
     full = ZO2Engine(model, ap, optax.adam(1e-3), max_inflight=2, packed=packed, **kw)
     kernel_values = sum(np.size(x) for x in jax.tree.leaves(params["blocks"][0])
@@ -356,7 +356,7 @@ def test_a_gguf_base_kept_in_its_own_blocks():
     _, qparams = zm.load(path, jnp.float32, keep_quantized=True, lazy_blocks=True)
     for i in (0, base.num_blocks - 1):
         blk = qparams["blocks"][i]()
-        kept = [x for x in jax.tree.leaves(blk, is_leaf=quant.is_qarray) if quant.is_qarray(x)]
+        kept = _qarrays(blk)
         assert len(kept) == 7 and {x.qtype for x in kept} == {"Q4_1"}
         assert_trees_identical(jax.tree.map(np.asarray, quant.dense(blk)),
                                jax.tree.map(np.asarray, params["blocks"][i]), f"block {i}")

@@ -200,12 +200,13 @@ def quantize_on_device(x: jax.Array, qtype: str) -> jax.Array:
     blocks = x.reshape(-1, 32)
     if qtype == "Q8_0":
         d = jnp.max(jnp.abs(blocks), axis=1, keepdims=True) / 127
-        inv = jnp.where(d == 0, 0.0, 1 / jnp.where(d == 0, 1.0, d))
-        qs = jax.lax.bitcast_convert_type(_roundf(blocks * inv).astype(jnp.int8), jnp.uint8)
-    else:  # Q4_0
+    else:  # Q4_0: the scale from the value of largest magnitude, with its sign
         imax = jnp.argmax(jnp.abs(blocks), axis=-1, keepdims=True)
         d = jnp.take_along_axis(blocks, imax, axis=-1) / -8
-        inv = jnp.where(d == 0, 0.0, 1 / jnp.where(d == 0, 1.0, d))
+    inv = jnp.where(d == 0, 0.0, 1 / jnp.where(d == 0, 1.0, d))  # 1 / d, 0 for an all-zero block
+    if qtype == "Q8_0":
+        qs = jax.lax.bitcast_convert_type(_roundf(blocks * inv).astype(jnp.int8), jnp.uint8)
+    else:
         q = jnp.clip(jnp.trunc(blocks * inv + jnp.float32(8.5)).astype(jnp.uint8), 0, 15)
         q = q.reshape(-1, 2, 16)
         qs = q[:, 0] | (q[:, 1] << 4)
@@ -246,24 +247,8 @@ class QArray:
 
     def value(self, dtype=jnp.float32) -> jax.Array:
         """The dequantised matrix (leading axes of `raw` kept), as `dtype` (traceable)."""
-        size, tsize = _block(self.qtype)
-        lead = self.raw.shape[:-2]
-        want = nbytes(self.qtype, self.shape)
-        if self.raw.dtype != jnp.uint8 or self.raw.size != want * math.prod(lead):
-            raise ValueError(f"a {self.qtype} matrix of shape {self.shape} is {want} bytes of "
-                             f"uint8, got {self.raw.shape} of {self.raw.dtype}")
-        flat = self.raw.reshape(-1, tsize)
-        if self.qtype in ("F32", "F16", "BF16"):
-            kind = {"F32": jnp.float32, "F16": jnp.float16, "BF16": jnp.bfloat16}[self.qtype]
-            w = jax.lax.bitcast_convert_type(flat, kind)
-        else:
-            w = _KERNELS[self.qtype](flat)
-        w = w.reshape(lead + tuple(self.shape)).astype(dtype)
+        w = dequantize(self.raw, self.qtype, self.raw.shape[:-2] + tuple(self.shape), dtype)
         return jnp.swapaxes(w, -1, -2) if self.transpose else w
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.raw.size)
 
 
 jax.tree_util.register_dataclass(QArray, data_fields=["raw"],
@@ -280,16 +265,15 @@ def dense(tree, dtype=jnp.float32):
                         is_leaf=is_qarray)
 
 
-def quantize_kernels(tree, qtype: str, min_size: int = 0):
+def quantize_kernels(tree, qtype: str):
     """`tree` (one block's parameters) with every "kernel" leaf whose rows fit `qtype`'s blocks
-    (`in` a multiple of 32 or 256) and with at least `min_size` values replaced by its QArray;
-    biases, norm scales and other leaves as they are. Traceable for DEVICE_QUANTIZABLE types."""
+    (`in` a multiple of 32 or 256) replaced by its QArray; biases, norm scales and other leaves
+    as they are. Traceable for DEVICE_QUANTIZABLE types."""
     size, _ = _block(qtype)
 
     def one(path, x):
         name = getattr(path[-1], "key", None) if path else None
-        if (name == "kernel" and np.ndim(x) == 2 and x.shape[0] % size == 0
-                and np.size(x) >= min_size):
+        if name == "kernel" and np.ndim(x) == 2 and x.shape[0] % size == 0:
             return QArray.of(x, qtype)
         return x
     return jax.tree_util.tree_map_with_path(one, tree)

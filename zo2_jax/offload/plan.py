@@ -397,9 +397,8 @@ def _layout(spec, block, packed) -> Optional[Packing]:
     """The static layout of a packed streamed block, from abstract shapes (no block made);
     None under packed="auto" when a leaf cannot be packed (e.g. a PRNG key in the optimiser
     state)."""
-    shapes = jax.eval_shape(lambda p: parts.init_part(spec, "block", p), _abstract(block))
     try:
-        return Packing.of(*shapes, split=spec.frozen is not None)
+        return Packing.of(*_stored_shapes(spec, block), split=spec.frozen is not None)
     except ValueError as e:
         if packed is True:
             raise ValueError(f"packed=True: a block or its optimiser state cannot be packed "
@@ -407,17 +406,21 @@ def _layout(spec, block, packed) -> Optional[Packing]:
         return None
 
 
+def _stored_shapes(spec, block) -> tuple:
+    """(stored block, optimiser state) of one block, as abstract shapes (nothing made)."""
+    return jax.eval_shape(lambda p: parts.init_part(spec, "block", p), _abstract(block))
+
+
 def _written_bytes(spec, block) -> int:
     """Bytes of one unpacked block's write-back with a frozen base: its trained part and
     optimiser state."""
-    stored, opt = jax.eval_shape(lambda p: parts.init_part(spec, "block", p), _abstract(block))
+    stored, opt = _stored_shapes(spec, block)
     return tree_nbytes(parts.trained(spec, stored)) + tree_nbytes(opt)
 
 
 def _stored_bytes(spec, block) -> int:
     """Bytes of one stored block and its optimiser state, from abstract shapes."""
-    return tree_nbytes(jax.eval_shape(lambda p: parts.init_part(spec, "block", p),
-                                      _abstract(block)))
+    return tree_nbytes(_stored_shapes(spec, block))
 
 
 def make_units(n: int, resident: frozenset, per_call: int) -> list:
