@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import warnings
 from collections.abc import Mapping
@@ -298,3 +299,23 @@ def check_like(name: str, got: PyTree, want: PyTree) -> None:
             raise ValueError(f"state[{name!r}] leaf {jax.tree_util.keystr(path)} is "
                              f"{_describe(a)}, expected {_describe(b)}")
 
+
+
+def base_digest(spec: Spec, outer: PyTree, blocks) -> str:
+    """SHA-256 (hex) of a model's frozen base (`Spec.frozen`) as stored: the frozen subtree of
+    `outer`, then of each block from `blocks` (an iterable of block trees, in order), every
+    leaf's path, dtype, shape and bytes (copied to the host one block at a time). The same
+    stored base gives the same digest in either engine."""
+    if spec.frozen is None:
+        raise ValueError("base_digest: the model has no frozen base (Spec.frozen is None)")
+    h = hashlib.sha256()
+
+    def add(tag, tree):
+        for path, x in jax.tree_util.tree_leaves_with_path(tree[spec.frozen]):
+            a = np.ascontiguousarray(jax.device_get(x))
+            h.update(f"{tag}{jax.tree_util.keystr(path)}|{a.dtype.name}|{a.shape}".encode())
+            h.update(a.reshape(-1).view(np.uint8).data)
+    add("outer", outer)
+    for i, block in enumerate(blocks):
+        add(f"block{i}", block)
+    return h.hexdigest()

@@ -199,7 +199,9 @@ class Split(NamedTuple):
         return {k: lay.unpack(bufs[k]) for k, lay in zip(self.keys, self.layouts)}
 
     def unpack_host(self, bufs: dict) -> PyTree:
-        return {k: lay.unpack_host(bufs[k]) for k, lay in zip(self.keys, self.layouts)}
+        """The entries of `bufs` (all of the layout's keys, or some) as numpy trees."""
+        return {k: lay.unpack_host(bufs[k]) for k, lay in zip(self.keys, self.layouts)
+                if k in bufs}
 
 
 class Packing(NamedTuple):

@@ -216,6 +216,7 @@ class ZO2Engine:
         self._skipped_total = self._put(np.zeros([], np.int32), self._dev)
         self._dirty = False
         self._broken: Optional[str] = None  # why the engine must not run (a failed restore)
+        self._digest: Optional[str] = None  # base_digest(), once computed
 
     # The plan's choices, as attributes of the engine.
     resident_blocks = property(lambda self: self.plan.resident)
@@ -458,26 +459,46 @@ class ZO2Engine:
             out["opt_blocks"] = [host(o) for _, o in pairs]
         return out
 
-    def block_state(self, i: int) -> tuple[PyTree, PyTree]:
+    def block_state(self, i: int, frozen: bool = True) -> tuple[PyTree, PyTree]:
         """Block `i` and its optimiser state as in `state()["blocks"][i]`, as numpy arrays on
         the host (packed blocks unpacked), copied from the engine's arrays without jax keeping
         the copy cached on them: reading every block in turn holds one block's copy at a time.
-        The pending update is not applied (it is part of the state)."""
+        With `frozen=False`, the block without its frozen base (`Spec.frozen`; the base is
+        not copied). The pending update is not applied (it is part of the state)."""
         self._check_usable()
         if not 0 <= i < self.num_blocks:
             raise IndexError(f"block {i}: the engine has blocks 0..{self.num_blocks - 1}")
-        blk, opt = self._store.blocks[i], self._store.opts[i]
+        blk, opt = self._without_base(self._store.blocks[i], frozen), self._store.opts[i]
         if self._is_packed(i):
             return self._packing.unpack_host(
                 jax.tree.map(host_copy, blk), opt if self._packing.opt.empty else host_copy(opt))
         return jax.tree.map(host_copy, blk), jax.tree.map(host_copy, opt)
 
-    def block_like(self, i: int) -> tuple[PyTree, PyTree]:
-        """Shapes and dtypes (jax.ShapeDtypeStruct) of `block_state(i)`, read from nothing."""
+    def block_like(self, i: int, frozen: bool = True) -> tuple[PyTree, PyTree]:
+        """Shapes and dtypes (jax.ShapeDtypeStruct) of `block_state(i, frozen)`, read from
+        nothing."""
         if self._is_packed(i):
-            return self._packing.abstract()
-        sds = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)  # noqa: E731
-        return jax.tree.map(sds, self._store.blocks[i]), jax.tree.map(sds, self._store.opts[i])
+            blk, opt = self._packing.abstract()
+        else:
+            sds = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)  # noqa: E731
+            blk, opt = (jax.tree.map(sds, self._store.blocks[i]),
+                        jax.tree.map(sds, self._store.opts[i]))
+        return self._without_base(blk, frozen), opt
+
+    def _without_base(self, block: PyTree, frozen: bool) -> PyTree:
+        f = self.spec.frozen
+        return block if frozen or f is None else {k: v for k, v in block.items() if k != f}
+
+    def base_digest(self) -> str:
+        """SHA-256 (hex) of the frozen base of a model with adapters (`common.base_digest`,
+        equal to a MeZOEngine's for the same stored base), read from the host one block at a
+        time: computed at the first call, then kept until a restore. A checkpoint of such a
+        model holds the adapters alone and this digest, to check the base it is restored
+        onto."""
+        if self._digest is None:
+            blocks = (self.block_state(i)[0] for i in range(self.num_blocks))
+            self._digest = common.base_digest(self.spec, self._outer, blocks)
+        return self._digest
 
     def _check_usable(self) -> None:
         if self._broken is not None:
@@ -515,6 +536,7 @@ class ZO2Engine:
         pending = common.pending_from_tree(state["pending"], state["meta"]["key_impl"])
         common.check_like("pending", pending.coef, self._pending.coef)
         self._stream.drain()
+        self._digest = None
         placed = 0  # blocks of the restored state in the engine; after the first, a failure
         try:        # (reading, checking or placing a block, or the last transfers) leaves the
             for i in range(self.num_blocks):  # engine holding two states

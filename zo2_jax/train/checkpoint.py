@@ -12,6 +12,11 @@ time: its blocks go to a "blocks" item, one file per block with its optimiser st
 during the save call (the rest is saved in the background as usual), and are read back one at a
 time into the engine. Neither holds a second copy of the model in host memory, which a model
 whose blocks fill most of the host (OPT-175B: 348 GB of bf16 blocks on a 512 GiB host) needs.
+
+A model with adapters over a frozen base (`Spec.frozen`: LoRA, prefix tuning) is checkpointed
+without the base: the adapters, their optimiser state and the rest of the state, and the base's
+SHA-256 (`engine.base_digest()`). A restore keeps the base the engine was built with (read from
+the model path) and refuses one whose digest differs.
 """
 
 from __future__ import annotations
@@ -387,13 +392,24 @@ class Checkpointer:
     def save_engine(self, step: int, engine, data_state: dict, meta: dict) -> None:
         """Save `engine`'s state: an engine with streamed blocks (`block_state`, ZO2Engine) has
         them written one at a time during this call, the rest in the background; any other
-        engine is saved as `save(step, engine.state(), ...)`."""
+        engine is saved as `save(step, engine.state(), ...)`. With a frozen base (adapters)
+        the base is left out and its digest recorded (see the module docstring)."""
+        f = _frozen_key(engine)
+        if f is not None:
+            meta = {**meta, FROZEN_BASE: {"key": f, "sha256": engine.base_digest()}}
         if not hasattr(engine, "block_state"):
-            return self.save(step, engine.state(), data_state, meta)
+            state = engine.state()
+            if f is not None:
+                state = {**state, "outer": _drop(state["outer"], f),
+                         "blocks": _drop(state["blocks"], f)}
+            return self.save(step, state, data_state, meta)
         arrays, engine_meta = _split(engine.state(blocks=False))
+        if f is not None:
+            arrays["outer"] = _drop(arrays["outer"], f)
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(arrays),
-            blocks=_BlocksSave(engine.num_blocks, lambda i: engine.block_state(i)),
+            blocks=_BlocksSave(engine.num_blocks, engine.block_state if f is None else
+                               lambda i: engine.block_state(i, frozen=False)),
             data=ocp.args.JsonSave(data_state),
             meta=ocp.args.JsonSave({**meta, "engine_meta": engine_meta}))
         self._save(step, args)
@@ -402,36 +418,95 @@ class Checkpointer:
         """Restore `step` (latest if None) into `engine`; returns (data state, metadata). Blocks
         saved one per file (`save_engine` with a ZO2Engine) are checked against the engine's
         before any is read, then read one at a time into it (into a MeZOEngine: all read, then
-        restored). Checkpoints written by `save` are restored as `restore` does."""
+        restored). Checkpoints written by `save` are restored as `restore` does. A checkpoint
+        saved without its frozen base is restored around the engine's own base, after its
+        digest is checked against the saved one."""
         step = self._step(step)
         self.verify(step)
+        f = self._check_base(step, engine)
         blocks_dir = os.path.join(self.directory, str(step), "blocks")
+        streamed = hasattr(engine, "block_state")
         if not os.path.isdir(blocks_dir):
-            state, data, meta = self.restore(step, _state_like(engine))
+            if f is None:
+                state, data, meta = self.restore(step, _state_like(engine))
+            else:
+                like = _state_like(engine)
+                blocks = like["blocks"]
+                trimmed = {**like, "outer": _drop(like["outer"], f), "blocks": (
+                    [_drop(b, f) for b in blocks] if isinstance(blocks, list)
+                    else _drop(blocks, f))}
+                state, data, meta = self.restore(step, trimmed)
+                state = self._with_base(engine, state, f)
             engine.restore(state)
             return data, meta
-        streamed = hasattr(engine, "block_state")
         if streamed:
             like = engine.state_like()
-            likes = [engine.block_like(i) for i in range(engine.num_blocks)]
+            likes = [engine.block_like(i) if f is None else engine.block_like(i, frozen=False)
+                     for i in range(engine.num_blocks)]
         else:
             like = dict(engine.state())
             one = lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype)  # noqa: E731
             b, o = (jax.tree.map(one, like.pop(k)) for k in ("blocks", "opt_blocks"))
-            likes = [(b, o)] * engine.num_blocks
+            likes = [(b if f is None else _drop(b, f), o)] * engine.num_blocks
+        if f is not None:
+            like["outer"] = _drop(like["outer"], f)
         reader = _BlockReader(blocks_dir)
         reader.check(likes)  # before anything is read
         arrays, _ = _split(like)
         out = self._restore_items(step, arrays)
         state, meta = self._rebuild(step, arrays, out)
         if streamed:
-            engine.restore(state, read_block=lambda i: reader.read(i, likes[i]))
+            read = lambda i: reader.read(i, likes[i])  # noqa: E731
+            if f is not None:  # each block around the engine's own base, read as it is placed
+                state["outer"] = _rejoin(state["outer"], engine.state(blocks=False)["outer"], f)
+                read = lambda i: _rejoin_pair(reader.read(i, likes[i]),  # noqa: E731
+                                              engine.block_state(i)[0], f)
+            engine.restore(state, read_block=read)
         else:
             pairs = [reader.read(i, likes[i]) for i in range(engine.num_blocks)]
             state["blocks"] = [p[0] for p in pairs]
             state["opt_blocks"] = [p[1] for p in pairs]
+            if f is not None:
+                state = self._with_base(engine, state, f)
             engine.restore(state)
         return dict(out["data"]), meta
+
+    def _check_base(self, step: int, engine) -> Optional[str]:
+        """The frozen key when checkpoint `step` was saved without its base (None when it holds
+        the whole state), after checking the engine's base digest against the saved one."""
+        saved = self.read_meta(step).get(FROZEN_BASE)
+        if saved is None:
+            return None
+        f = _frozen_key(engine)
+        if f != saved["key"]:
+            raise ValueError(f"{self.directory}/{step} holds adapters without their frozen base "
+                             f"{saved['key']!r}; this engine's model "
+                             + ("has no adapters" if f is None else f"freezes {f!r}")
+                             + ": build it with the adapters the run was saved with")
+        digest = engine.base_digest()
+        if digest != saved["sha256"]:
+            raise ValueError(f"{self.directory}/{step}: its adapters were trained over a base "
+                             f"with SHA-256 {saved['sha256'][:16]}..., this engine's base has "
+                             f"{digest[:16]}...: load the model (and its base format, "
+                             f"--lora-base) the run was saved with")
+        return f
+
+    @staticmethod
+    def _with_base(engine, state: dict, f: str) -> dict:
+        """A restored MeZO-layout state (blocks stacked or a list) with the engine's own frozen
+        base put back into its outer part and blocks."""
+        own = engine.state()
+        state = {**state, "outer": _rejoin(state["outer"], own["outer"], f)}
+        if isinstance(state["blocks"], list):
+            base = own["blocks"]
+            if isinstance(base, list):
+                state["blocks"] = [_rejoin(b, o, f) for b, o in zip(state["blocks"], base)]
+            else:  # stacked on a leading axis
+                state["blocks"] = [_rejoin(b, {f: jax.tree.map(lambda x: x[i], base[f])}, f)
+                                   for i, b in enumerate(state["blocks"])]
+        else:
+            state["blocks"] = _rejoin(state["blocks"], own["blocks"], f)
+        return state
 
     def _step(self, step: Optional[int]) -> int:
         step = self.latest_step() if step is None else step
@@ -519,6 +594,27 @@ class Checkpointer:
         self._manager.wait_until_finished()
         self._seal_finished()
         self._manager.close()
+
+
+FROZEN_BASE = "frozen_base"  # metadata of a checkpoint saved without its frozen base
+
+
+def _frozen_key(engine) -> Optional[str]:
+    """The engine's frozen top-level key (`Spec.frozen`, e.g. adapters' "base"), or None."""
+    return getattr(getattr(engine, "spec", None), "frozen", None)
+
+
+def _drop(tree: dict, f: str) -> dict:
+    return {k: v for k, v in tree.items() if k != f}
+
+
+def _rejoin(tree: dict, whole: dict, f: str) -> dict:
+    return {**tree, f: whole[f]}
+
+
+def _rejoin_pair(pair: tuple, whole: dict, f: str) -> tuple:
+    block, opt = pair
+    return _rejoin(block, whole, f), opt
 
 
 def _state_like(engine) -> dict:

@@ -193,6 +193,7 @@ class MeZOEngine:
             "pending": parts.no_pending(spec),
             "count": jnp.zeros([], jnp.int32), "skipped_total": jnp.zeros([], jnp.int32)})
         self._dirty = False  # a valid update may be pending (host-side hint, avoids idle flushes)
+        self._digest: Optional[str] = None  # base_digest(), once computed
 
     # ---- placement ------------------------------------------------------------------------------
 
@@ -282,6 +283,18 @@ class MeZOEngine:
                 "meta": common.meta(self.spec, "MeZOEngine", self.num_blocks,
                                     str(jax.random.key_impl(s["pending"].key)))}
 
+    def base_digest(self) -> str:
+        """SHA-256 (hex) of the frozen base of a model with adapters (`common.base_digest`,
+        equal to a ZO2Engine's for the same stored base): computed at the first call, then
+        kept until a restore. A checkpoint of such a model holds the adapters alone and this
+        digest, to check the base it is restored onto."""
+        if self._digest is None:
+            s, f = self._state, self.spec.frozen
+            blocks = ({f: jax.tree.map(lambda x: x[i], s["blocks"][f])}  # noqa: B023
+                      for i in range(self.num_blocks)) if f is not None else ()
+            self._digest = common.base_digest(self.spec, s["outer"], blocks)
+        return self._digest
+
     def restore(self, state: dict) -> None:
         """Loads a `state()` of this engine, or of a ZO2Engine with the same storage and q
         (blocks as a list); host, numpy or device arrays. Device arrays it is given become the
@@ -317,3 +330,4 @@ class MeZOEngine:
             new["blocks"], new["opt_blocks"] = b, o
         self._state = new
         self._dirty = True
+        self._digest = None
