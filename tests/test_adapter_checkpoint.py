@@ -108,3 +108,20 @@ def test_a_checkpoint_is_refused_onto_another_base_before_the_engine_changes(tmp
     base, params = make_model("llama-gqa-rope-scaling")
     with pytest.raises(ValueError, match="has no adapters"):
         ck.restore_engine(MeZOEngine(base, params, optax.adam(1e-3), **KW))
+
+
+def test_a_resumed_run_keeps_its_adapter_settings():
+    """The adapters' settings are the checkpoint's model: a resume that changes one is refused;
+    a config saved before `lora_base` became `base_format` still reads."""
+    from zo2_jax.train.config import TrainConfig, against_checkpoint, saved_config
+    saved = saved_config(TrainConfig(adapter="lora", lora_rank=4, base_format="Q4_0"))
+    for given, flag in (({"lora_rank": 8}, "--lora-rank 8"), ({"adapter": "none"},
+                                                                "--adapter 'none'")):
+        with pytest.raises(ValueError, match=f"{flag} contradicts the checkpoint"):
+            against_checkpoint(saved, given, "train", "ck")
+    old = dict(saved)
+    old["lora_base"] = old.pop("base_format")
+    cfg, _ = against_checkpoint(old, {}, "train", "ck")
+    assert (cfg.adapter, cfg.lora_rank, cfg.base_format) == ("lora", 4, "Q4_0")
+    with pytest.raises(ValueError, match="num_prefix must be an integer >= 1, got 0"):
+        TrainConfig(num_prefix=0)

@@ -240,8 +240,8 @@ def test_export_merged_and_peft_load_in_transformers_and_peft(tmp_path, kind):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("lora_base", ["storage", "Q4_0"])
-def test_trainer_trains_exports_and_resumes_lora(tmp_path, lora_base):
+@pytest.mark.parametrize("base_format", ["storage", "Q4_0"])
+def test_trainer_trains_exports_and_resumes_lora(tmp_path, base_format):
     """`--adapter lora` through the trainer: only the adapters change, the export holds the
     merged model and the PEFT adapters, and a resumed run equals an uninterrupted one (also
     over a base kept in Q4_0)."""
@@ -250,7 +250,7 @@ def test_trainer_trains_exports_and_resumes_lora(tmp_path, lora_base):
     from zo2_jax.train.config import TrainConfig
     folder = make_tiny_model(tmp_path / "base")
     kw = dict(model=folder, adapter="lora", lora_rank=2, engine="zo2", batch_size=4,
-              eval_examples=8, lr=1e-2, progress=False, lora_base=lora_base)
+              eval_examples=8, lr=1e-2, progress=False, base_format=base_format)
     T.train(TrainConfig(steps=4, out_dir=str(tmp_path / "a"), export_dir=str(tmp_path / "m"),
                         **kw))
     T.train(TrainConfig(steps=2, out_dir=str(tmp_path / "b"), checkpoint_dir=str(tmp_path / "ck"),
@@ -274,14 +274,14 @@ def test_a_quantized_base_needs_lora_and_gguf_a_gguf_file(tmp_path):
     from _tiny import make_tiny_model
     from zo2_jax.train import trainer as T
     from zo2_jax.train.config import TrainConfig
-    with pytest.raises(ValueError, match="lora_base='Q8_0' keeps a frozen base quantised"):
-        TrainConfig(lora_base="Q8_0")
-    with pytest.raises(ValueError, match="lora_base must be one of|is not allowed"):
-        TrainConfig(adapter="lora", lora_base="Q4_K")
+    with pytest.raises(ValueError, match="base_format='Q8_0' keeps a frozen base quantised"):
+        TrainConfig(base_format="Q8_0")
+    with pytest.raises(ValueError, match="base_format must be one of|is not allowed"):
+        TrainConfig(adapter="lora", base_format="Q4_K")
     folder = make_tiny_model(tmp_path / "base")
-    with pytest.raises(ValueError, match="lora_base='gguf' keeps a .gguf model's own"):
-        T.load_model(TrainConfig(model=folder, adapter="lora", lora_base="gguf"))
-    model, params, _ = T.load_model(TrainConfig(model=folder, adapter="lora", lora_base="Q8_0"))
+    with pytest.raises(ValueError, match="base_format='gguf' keeps a .gguf model's own"):
+        T.load_model(TrainConfig(model=folder, adapter="lora", base_format="gguf"))
+    model, params, _ = T.load_model(TrainConfig(model=folder, adapter="lora", base_format="Q8_0"))
     blk = params["blocks"][0]()
     assert {x.qtype for x in _qarrays(blk["base"])} == {"Q8_0"}
 

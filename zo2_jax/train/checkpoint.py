@@ -488,7 +488,7 @@ class Checkpointer:
             raise ValueError(f"{self.directory}/{step}: its adapters were trained over a base "
                              f"with SHA-256 {saved['sha256'][:16]}..., this engine's base has "
                              f"{digest[:16]}...: load the model (and its base format, "
-                             f"--lora-base) the run was saved with")
+                             f"--base-format) the run was saved with")
         return f
 
     @staticmethod

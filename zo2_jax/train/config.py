@@ -84,15 +84,19 @@ class TrainConfig:
                                    "stream")
     adapter: AdapterKind = _choice("none", AdapterKind, "none: train every weight; lora: train "
                                    "LoRA adapters on the attention projections and MLP "
-                                   "matrices, the base weights frozen (read, never written)")
+                                   "matrices; prefix: train MeZO's prefix (num_prefix virtual "
+                                   "tokens' keys and values in every layer); with either the "
+                                   "base weights are frozen (read, never written)")
     lora_rank: int = option(8, "adapter=lora: the adapters' rank r", "int")
     lora_alpha: float = option(16.0, "adapter=lora: the delta is (alpha / r) A B", "float")
-    lora_base: BaseFormat = _choice("storage", BaseFormat, "adapter=lora: how the frozen base's "
-                                    "block matrices are kept and uploaded: storage (as the "
-                                    "run's storage keeps weights), gguf (a .gguf model's own "
-                                    "block formats, the file's bytes), or a GGUF block format "
-                                    "made at load (Q8_0, Q4_0 on the device; Q4_1, Q5_0, Q5_1 "
-                                    "on the host); dequantised on the device where a block runs")
+    num_prefix: int = option(5, "adapter=prefix: virtual tokens per layer", "int")
+    base_format: BaseFormat = _choice("storage", BaseFormat, "adapter=lora or prefix: how the "
+                                      "frozen base's block matrices are kept and uploaded: "
+                                      "storage (as the run's storage keeps weights), gguf (a "
+                                      ".gguf model's own block formats, the file's bytes), or a "
+                                      "GGUF block format made at load (Q8_0, Q4_0 on the "
+                                      "device; Q4_1, Q5_0, Q5_1 on the host); dequantised on "
+                                      "the device where a block runs")
     optimizer: Optimizer = _choice("sgd", Optimizer, "the update: sgd is MeZO's (weight decay "
                                    "skips biases and norm scales); momentum, adam, adamw are "
                                    "optax's", _TRAIN)
@@ -139,10 +143,13 @@ class TrainConfig:
                 raise TypeError(f"TrainConfig.{name} must be a {cls.__name__}, got "
                                 f"{type(getattr(self, name)).__name__}")
         check_rank_alpha(self.lora_rank, self.lora_alpha, "lora_")
-        if self.lora_base != "storage" and self.adapter != "lora":
-            raise ValueError(f"lora_base={self.lora_base!r} keeps a frozen base quantised: it "
-                             f"needs adapter='lora' (a model that trains every weight keeps "
-                             f"them in its storage)")
+        if not (isinstance(self.num_prefix, int) and not isinstance(self.num_prefix, bool)
+                and self.num_prefix >= 1):
+            raise ValueError(f"num_prefix must be an integer >= 1, got {self.num_prefix!r}")
+        if self.base_format != "storage" and self.adapter == "none":
+            raise ValueError(f"base_format={self.base_format!r} keeps a frozen base quantised: "
+                             f"it needs adapter='lora' or 'prefix' (a model that trains every "
+                             f"weight keeps them in its storage)")
         for name, allowed in _LITERALS.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not allowed; expected one "
@@ -300,7 +307,10 @@ _LITERALS = {f.name: f.metadata["choices"] for f in dataclasses.fields(TrainConf
 MODEL_FIELDS = ("model", "engine", "storage_dtype", "rounding", "compute_dtype", "optimizer",
                 "lr", "schedule", "warmup_steps", "weight_decay", "momentum", "eps",
                 "num_directions", "directions", "estimator", "sparse_fraction",
-                "hessian_smooth")
+                "hessian_smooth", "adapter", "lora_rank", "lora_alpha", "num_prefix",
+                "base_format")
+# Settings renamed since a checkpoint may have been saved: {old name: new name}.
+RENAMED = {"lora_base": "base_format"}
 # What a resumed run's data and schedule are: these cannot differ on resume either.
 RESUME_FIELDS = ("task", "train_file", "template", "label_words", "k_shot", "batch_size",
                  "max_len", "seq_len", "seed")
@@ -327,6 +337,7 @@ def against_checkpoint(saved: dict, given: dict, command: str, where: str
       FileNotFoundError: the saved model is gone and no --model says where it is now.
     """
     fields = {name: f for name, (_, f) in flat_fields().items()}
+    saved = {RENAMED.get(k, k): v for k, v in saved.items()}
     base = {k: v for k, v in saved.items() if k in fields}  # a newer version's keys are dropped
     out, notes = dict(base), []
     fixed = set(MODEL_FIELDS) | (set(RESUME_FIELDS) if command == "train" else set())

@@ -49,17 +49,17 @@ def load_model(cfg: TrainConfig, lazy_blocks: bool = True):
     memory, so the full-precision model is never held whole. Such params are for an engine
     only; `lazy_blocks=False` gives arrays on the default device (for `zm.logits`, `generate`)."""
     path = resolve_model_path(cfg.model)
-    if cfg.lora_base == "gguf" and not (os.path.isfile(path) and path.endswith(".gguf")):
-        raise ValueError(f"lora_base='gguf' keeps a .gguf model's own block formats; {path} is "
+    if cfg.base_format == "gguf" and not (os.path.isfile(path) and path.endswith(".gguf")):
+        raise ValueError(f"base_format='gguf' keeps a .gguf model's own block formats; {path} is "
                          f"not a .gguf file (use Q8_0 or Q4_0 to quantise its blocks at load)")
     model, params = zm.load(path, jnp.float32, compute_dtype=_DTYPES[cfg.zo.compute_dtype],
-                            lazy_blocks=lazy_blocks, keep_quantized=cfg.lora_base == "gguf")
+                            lazy_blocks=lazy_blocks, keep_quantized=cfg.base_format == "gguf")
     if cfg.adapter == "lora":
         # new adapters (B = 0: the base model's outputs), seeded by the run's seed
         model = lora(model, cfg.lora_rank, cfg.lora_alpha)
         params = model.adapt(params, jax.random.fold_in(jax.random.key(cfg.seed), 0x10A))
-        if cfg.lora_base not in ("storage", "gguf"):
-            params = model.quantize_base(params, cfg.lora_base)
+        if cfg.base_format not in ("storage", "gguf"):
+            params = model.quantize_base(params, cfg.base_format)
     return model, params, zm.load_tokenizer(path)
 
 
