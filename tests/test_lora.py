@@ -70,8 +70,9 @@ def test_merge_is_the_lora_forward():
         np.testing.assert_allclose(x @ mw["kernel"], x @ w["kernel"] + 1.5 * (x @ a) @ b,
                                    rtol=1e-5, atol=1e-5)
     batch = batches(1)[0]
-    np.testing.assert_array_equal(np.asarray(model.apply(ap, batch)[1]),
-                                  np.asarray(base.apply(merged, batch)[1]))
+    # the adapted model runs the LoRA forward, the merged one x (W + s A B): float32 rounding
+    np.testing.assert_allclose(np.asarray(model.apply(ap, batch)[1]),
+                               np.asarray(base.apply(merged, batch)[1]), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("estimator", ["mezo", pytest.param("fzoo", marks=pytest.mark.slow)])

@@ -42,6 +42,7 @@ import optax
 from zo2_jax.core.estimators import Estimator
 from zo2_jax.core.noise import OUTER_PART, gram, part_noise, rounding_key
 from zo2_jax.core.storage import Storage
+from zo2_jax.models.quant import is_qarray
 from zo2_jax.core.transforms import MeZOSGD, fused_sgd_leaf, learning_rate_at
 
 PyTree = Any
@@ -267,21 +268,27 @@ def perturbed(spec: Spec, part: str, stored, key, part_id, dirs=None, state=None
     The perturbation is added in float32 to the decoded weights and only then cast, so the d of
     the branches is exactly the d of the update (also with bfloat16 compute). `state`: the
     part's estimator state (`estimator_state`: HiZOO's H, Sparse-MeZO's thresholds), or None."""
-    whole = spec.storage_of(part).decode(stored)
-    theta = trained(spec, whole)
+    st = spec.storage_of(part)
+    theta = trained(spec, st.decode(stored))
     zs = directions(spec, key, directions_of(spec, dirs), part_id, theta, state)
     ws = [_branch_weights(spec, theta, None if i is None else zs[i], sign)
           for i, sign in branches_of(spec, dirs)]
-    return [_with_frozen(spec, w, whole) for w in ws], zs
+    return [_with_frozen(spec, st, w, stored) for w in ws], zs
 
 
-def _with_frozen(spec: Spec, w: PyTree, whole: PyTree) -> PyTree:
-    """A branch's weights with the frozen subtree of `whole` (decoded) put back, in the
-    compute dtype."""
+def compute_weights(spec: Spec, storage: Storage, stored: PyTree) -> PyTree:
+    """`stored` decoded to the compute dtype; QArray leaves (a quantised frozen base) stay as
+    they are: the model dequantises each matrix where it is used, so a block's dequantised
+    weights never exist all at once."""
+    return jax.tree.map(lambda t: t if is_qarray(t) else t.astype(spec.compute_dtype),
+                        storage.decode(stored, keep_quantized=True), is_leaf=is_qarray)
+
+
+def _with_frozen(spec: Spec, storage: Storage, w: PyTree, stored: PyTree) -> PyTree:
+    """A branch's weights with the frozen subtree of `stored` put back (`compute_weights`)."""
     if spec.frozen is None:
         return w
-    return {**w, spec.frozen: jax.tree.map(lambda t: t.astype(spec.compute_dtype),
-                                           whole[spec.frozen])}
+    return {**w, spec.frozen: compute_weights(spec, storage, stored[spec.frozen])}
 
 
 def _gram(spec: Spec, part: str, stored, key, part_id, zs, dirs, state=None):
@@ -334,10 +341,9 @@ def _sequential_branches(spec: Spec, stored, part_id, key, hs, ctx, gram_acc, di
     src, k, out = stored, key, []
     js = list(directions_of(spec, dirs))
     for b, (i, sign) in enumerate(branches_of(spec, dirs)):
-        whole = st.decode(src)
-        theta = trained(spec, whole)
+        theta = trained(spec, st.decode(src))
         z = None if i is None else directions(spec, k, [js[i]], part_id, theta, state)[0]
-        h = spec.model.block(_with_frozen(spec, _branch_weights(spec, theta, z, sign), whole),
+        h = spec.model.block(_with_frozen(spec, st, _branch_weights(spec, theta, z, sign), src),
                              hs[b], ctx)
         # the next branch's z must not be shared with (CSE'd into) this one's: its key and
         # weights come through the barrier, after this branch's output
@@ -490,8 +496,7 @@ def eval_embed(spec: Spec, stored, batch):
 
 def eval_block(spec: Spec, stored, h, ctx):
     stored, h, ctx = _pin((stored, h, ctx))
-    w = jax.tree.map(lambda t: t.astype(spec.compute_dtype), spec.storage.decode(stored))
-    return _pin(spec.model.block(w, h, ctx))
+    return _pin(spec.model.block(compute_weights(spec, spec.storage, stored), h, ctx))
 
 
 def eval_head(spec: Spec, stored, h, batch):

@@ -161,15 +161,16 @@ class Storage:
 
         return jax.tree_util.tree_map_with_path(enc, tree, is_leaf=is_qarray)
 
-    def decode(self, tree: PyTree) -> PyTree:
-        """Decodes an encoded pytree to float32 (QArray leaves, a quantised frozen base,
-        dequantised)."""
+    def decode(self, tree: PyTree, keep_quantized: bool = False) -> PyTree:
+        """Decodes an encoded pytree to float32. QArray leaves (a quantised frozen base) are
+        dequantised, or with `keep_quantized` left as they are (for a model that dequantises
+        each matrix where it is used)."""
 
         def dec(x):
             if isinstance(x, Int8Leaf):
                 return x.q.astype(jnp.float32) * x.scale
             if is_qarray(x):
-                return x.value(jnp.float32)
+                return x if keep_quantized else x.value(jnp.float32)
             return x.astype(jnp.float32)
 
         return jax.tree.map(dec, tree, is_leaf=_is_encoded_leaf)

@@ -15,6 +15,7 @@ from zo2_jax.models.model import Model
 from zo2_jax.models.model import generate
 from zo2_jax.models.model import logits
 from zo2_jax.models.model import per_example_loss
+from zo2_jax.models.prefix import PrefixModel
 from zo2_jax.models.seam import Seam
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "DecoderConfig",
     "Model",
     "PRESETS",
+    "PrefixModel",
     "Seam",
     "UnsupportedModelError",
     "config_from_hf",

@@ -2,23 +2,67 @@
 
 The modules are the definition; engines never hold them. `model.py` splits them into a graph
 definition and a plain dict of parameters, and merges the two back inside jitted stage functions.
-Shapes in names: B batch, T query length, S key length, D hidden, H heads, G kv heads, K head dim.
+Shapes in names: B batch, T query length, S key length, D hidden, H heads, G kv heads, K head dim,
+P prefix length (keys and values given to every attention layer before the step's own, as a KV
+cache holds them: `with_prefix`).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from zo2_jax.models.config import DecoderConfig
+from zo2_jax.models.quant import is_qarray
 
 _INIT = nnx.initializers.normal(0.02)
 
 
-def _linear(cfg_in: int, cfg_out: int, bias: bool, rngs: nnx.Rngs, dtype) -> nnx.Linear:
-    return nnx.Linear(cfg_in, cfg_out, use_bias=bias, kernel_init=_INIT, param_dtype=dtype,
-                      rngs=rngs)
+class Linear(nnx.Linear):
+    """`nnx.Linear` (y = x W + b, W an [in, out] kernel) that also runs
+
+    - a kernel kept as a `quant.QArray` (a quantised frozen base): dequantised to the input's
+      dtype where it is used, once its input exists (an optimisation barrier orders it), so
+      a block's dequantised matrices are made one at a time, not all up front;
+    - LoRA adapters (`lora=(rank, scale)`): parameters lora_a [in, r] and lora_b [r, out] beside
+      the kernel, and y = x W + b + scale (x A) B, the merged W + scale A B never made.
+    """
+
+    def __init__(self, n_in: int, n_out: int, bias: bool, rngs: nnx.Rngs, dtype, lora=None):
+        super().__init__(n_in, n_out, use_bias=bias, kernel_init=_INIT, param_dtype=dtype,
+                         rngs=rngs)
+        self.lora_scale = None
+        if lora is not None:
+            rank, scale = lora
+            self.lora_a = nnx.Param(jnp.zeros((n_in, rank), dtype))
+            self.lora_b = nnx.Param(jnp.zeros((rank, n_out), dtype))
+            self.lora_scale = float(scale)
+
+    def __call__(self, x):
+        kernel = self.kernel.get_value()
+        if is_qarray(kernel):
+            x, kernel = jax.lax.optimization_barrier((x, kernel))
+            w = kernel.value(x.dtype)
+            y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+            if self.bias is not None:
+                y = y + self.bias[...].astype(y.dtype)
+        else:
+            y = super().__call__(x)
+        if self.lora_scale is not None:
+            a, b = self.lora_a[...].astype(x.dtype), self.lora_b[...].astype(x.dtype)
+            y = y + (jnp.matmul(jnp.matmul(x, a), b) * self.lora_scale).astype(y.dtype)
+        return y
+
+
+def _linear(cfg_in: int, cfg_out: int, bias: bool, rngs: nnx.Rngs, dtype, lora=None,
+            name: str = "") -> Linear:
+    """A Linear, with LoRA adapters when `lora` ({"targets": paths, "rank", "scale"}) names
+    `name` (its path in the block, e.g. "attn.q")."""
+    adapt = lora is not None and name in lora["targets"]
+    return Linear(cfg_in, cfg_out, bias, rngs, dtype,
+                  (lora["rank"], lora["scale"]) if adapt else None)
 
 
 class Norm(nnx.Module):
@@ -84,19 +128,53 @@ def attend(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xTxS, impl: str = "xla"):
     return out.reshape(B, T, H, K)
 
 
+def check_prefix(prefix, num_kv_heads: int, head_dim: int):
+    """(k_PxGK, v_PxGK) from `prefix`, a pair of arrays of one shape [P, G*K] with P >= 1;
+    raises a ValueError naming the expected and the given shapes otherwise (shapes are static,
+    so this runs once, at trace time)."""
+    width = num_kv_heads * head_dim
+    want = (f"a prefix (keys, values) of two arrays [P, {width}] (P >= 1 virtual tokens; "
+            f"{num_kv_heads} kv heads x head dim {head_dim})")
+    if not isinstance(prefix, (tuple, list)) or len(prefix) != 2:
+        raise ValueError(f"expected {want}, got {type(prefix).__name__}")
+    k, v = prefix
+    ks, vs = tuple(np.shape(k)), tuple(np.shape(v))
+    if len(ks) != 2 or ks[0] < 1 or ks[1] != width or vs != ks:
+        raise ValueError(f"expected {want}, got keys {ks} and values {vs}")
+    return k, v
+
+
+def with_prefix(k_BxTxGxK, v_BxTxGxK, mask_Bx1xTxT, prefix):
+    """The step's keys, values and mask with P prefix entries in front: the prefix (k_PxGK, v_PxGK)
+    is broadcast over the batch and always visible (True mask columns, also for padded queries),
+    as if a KV cache already held P tokens. Returns (k_BxSxGxK, v_BxSxGxK, mask_Bx1xTxS), S = P+T."""
+    B, _, G, K = k_BxTxGxK.shape
+    k_PxGK, v_PxGK = check_prefix(prefix, G, K)
+    P = k_PxGK.shape[0]
+
+    def put(x_PxGK, y_BxTxGxK):
+        x = jnp.broadcast_to(x_PxGK.reshape(1, P, G, K).astype(y_BxTxGxK.dtype), (B, P, G, K))
+        return jnp.concatenate([x, y_BxTxGxK], axis=1)
+    seen_Bx1xTxP = jnp.ones(mask_Bx1xTxT.shape[:-1] + (P,), bool)
+    mask_Bx1xTxS = jnp.concatenate([seen_Bx1xTxP, mask_Bx1xTxT.astype(bool)], axis=-1)
+    return put(k_PxGK, k_BxTxGxK), put(v_PxGK, v_BxTxGxK), mask_Bx1xTxS
+
+
 class Attention(nnx.Module):
-    def __init__(self, cfg: DecoderConfig, rngs: nnx.Rngs, dtype):
+    def __init__(self, cfg: DecoderConfig, rngs: nnx.Rngs, dtype, lora=None):
         D, H, G, K = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.cfg = cfg
-        self.q = _linear(D, H * K, cfg.qkv_bias, rngs, dtype)
-        self.k = _linear(D, G * K, cfg.qkv_bias, rngs, dtype)
-        self.v = _linear(D, G * K, cfg.qkv_bias, rngs, dtype)
-        self.o = _linear(H * K, D, cfg.out_bias, rngs, dtype)
+        self.q = _linear(D, H * K, cfg.qkv_bias, rngs, dtype, lora, "attn.q")
+        self.k = _linear(D, G * K, cfg.qkv_bias, rngs, dtype, lora, "attn.k")
+        self.v = _linear(D, G * K, cfg.qkv_bias, rngs, dtype, lora, "attn.v")
+        self.o = _linear(H * K, D, cfg.out_bias, rngs, dtype, lora, "attn.o")
         if cfg.qk_norm:
             self.q_norm = Norm(K, "rmsnorm", cfg.norm_eps, False, dtype)
             self.k_norm = Norm(K, "rmsnorm", cfg.norm_eps, False, dtype)
 
-    def __call__(self, h_BxTxD, ctx, impl: str):
+    def project(self, h_BxTxD, ctx):
+        """(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK): projected, q/k-normed and rotated, i.e. the keys
+        and values a KV cache holds for these tokens."""
         cfg = self.cfg
         B, T, _ = h_BxTxD.shape
         q = self.q(h_BxTxD).reshape(B, T, cfg.num_heads, cfg.head_dim)
@@ -107,21 +185,32 @@ class Attention(nnx.Module):
         if cfg.positions == "rope":
             q = rotate(q, ctx["cos"].astype(q.dtype), ctx["sin"].astype(q.dtype))
             k = rotate(k, ctx["cos"].astype(k.dtype), ctx["sin"].astype(k.dtype))
-        out = attend(q, k, v, ctx["mask"], impl)
+        return q, k, v
+
+    def __call__(self, h_BxTxD, ctx, impl: str, prefix=None):
+        """Self-attention of the step's tokens; with `prefix` (k_PxGK, v_PxGK) they also attend
+        to P prefix entries (`with_prefix`)."""
+        cfg = self.cfg
+        B, T, _ = h_BxTxD.shape
+        q, k, v = self.project(h_BxTxD, ctx)
+        mask = ctx["mask"]
+        if prefix is not None:
+            k, v, mask = with_prefix(k, v, mask, prefix)
+        out = attend(q, k, v, mask, impl)
         return self.o(out.reshape(B, T, cfg.num_heads * cfg.head_dim))
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: DecoderConfig, rngs: nnx.Rngs, dtype):
+    def __init__(self, cfg: DecoderConfig, rngs: nnx.Rngs, dtype, lora=None):
         D, F = cfg.hidden_size, cfg.intermediate_size
         self.activation, self.gated = cfg.activation, cfg.gated_mlp
         if cfg.gated_mlp:
-            self.gate = _linear(D, F, cfg.mlp_bias, rngs, dtype)
-            self.up = _linear(D, F, cfg.mlp_bias, rngs, dtype)
-            self.down = _linear(F, D, cfg.mlp_bias, rngs, dtype)
+            self.gate = _linear(D, F, cfg.mlp_bias, rngs, dtype, lora, "mlp.gate")
+            self.up = _linear(D, F, cfg.mlp_bias, rngs, dtype, lora, "mlp.up")
+            self.down = _linear(F, D, cfg.mlp_bias, rngs, dtype, lora, "mlp.down")
         else:
-            self.fc1 = _linear(D, F, cfg.mlp_bias, rngs, dtype)
-            self.fc2 = _linear(F, D, cfg.mlp_bias, rngs, dtype)
+            self.fc1 = _linear(D, F, cfg.mlp_bias, rngs, dtype, lora, "mlp.fc1")
+            self.fc2 = _linear(F, D, cfg.mlp_bias, rngs, dtype, lora, "mlp.fc2")
 
     def __call__(self, h):
         if self.gated:
@@ -132,19 +221,29 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
     """One transformer layer; pre-norm (GPT-2, LLaMA, most OPT) or post-norm (OPT-350m)."""
 
-    def __init__(self, cfg: DecoderConfig, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(self, cfg: DecoderConfig, rngs: nnx.Rngs, dtype=jnp.float32, lora=None):
+        """`lora`: None, or {"targets": the adapted matrices' paths ("attn.q", "mlp.fc1", ...),
+        "rank", "scale"}: those Linears carry LoRA adapters (`Linear`)."""
         self.pre_norm = cfg.pre_norm
         self.ln_attn = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps, cfg.norm_bias, dtype)
-        self.attn = Attention(cfg, rngs, dtype)
+        self.attn = Attention(cfg, rngs, dtype, lora)
         self.ln_mlp = Norm(cfg.hidden_size, cfg.norm, cfg.norm_eps, cfg.norm_bias, dtype)
-        self.mlp = MLP(cfg, rngs, dtype)
+        self.mlp = MLP(cfg, rngs, dtype, lora)
 
-    def __call__(self, h_BxTxD, ctx, impl: str = "xla"):
+    def __call__(self, h_BxTxD, ctx, impl: str = "xla", prefix=None):
+        """The layer's output; `prefix` (k_PxGK, v_PxGK): keys and values its attention sees
+        before the step's own (see `with_prefix`)."""
         if self.pre_norm:
-            h_BxTxD = h_BxTxD + self.attn(self.ln_attn(h_BxTxD), ctx, impl)
+            h_BxTxD = h_BxTxD + self.attn(self.ln_attn(h_BxTxD), ctx, impl, prefix)
             return h_BxTxD + self.mlp(self.ln_mlp(h_BxTxD))
-        h_BxTxD = self.ln_attn(h_BxTxD + self.attn(h_BxTxD, ctx, impl))
+        h_BxTxD = self.ln_attn(h_BxTxD + self.attn(h_BxTxD, ctx, impl, prefix))
         return self.ln_mlp(h_BxTxD + self.mlp(h_BxTxD))
+
+    def keys_values(self, h_BxTxD, ctx):
+        """(k_BxTxGxK, v_BxTxGxK): what this layer's KV cache holds for the tokens h."""
+        x = self.ln_attn(h_BxTxD) if self.pre_norm else h_BxTxD
+        _, k, v = self.attn.project(x, ctx)
+        return k, v
 
 
 class Outer(nnx.Module):

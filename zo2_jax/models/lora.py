@@ -4,13 +4,16 @@ adapters (trained) beside the base weights (frozen).
 A part's parameters are {"lora": adapters, "base": the base part}; the outer part has no
 adapters ({"base": outer}). `LoRAModel.frozen` names the frozen subtree, and the engines
 (`zo2_jax.core.parts`) perturb, update and keep optimiser state for the rest only: the estimate
-is over the adapters alone, the base is read and never written.
+is over the adapters alone, the base is read and never written. `FrozenBaseModel` holds what
+every such wrapper shares (this one and `prefix.PrefixModel`): the base's config and stages
+outside the blocks, `quantize_base`, the decay mask of the trained part.
 
 For a target matrix with kernel W [in, out] the adapters are A [in, r] and B [r, out], and the
-block runs with W + (alpha / r) A B: the LoRA forward x W + (alpha / r) (x A) B, with the delta
-merged into the weight first (one [in, r] x [r, out] product per matrix per branch, small against
-the batch's). B starts at zero, so a new adapter leaves the base model's outputs unchanged. In the
-PEFT library's terms (torch Linear weights [out, in]) lora_A.weight is A^T and lora_B.weight B^T.
+block runs the LoRA forward x W + (alpha / r) (x A) B (`layers.Linear`: the merged weight is never
+made, so a quantised base matrix is dequantised once per use and nothing of the block's size is
+added); `merge` gives W + (alpha / r) A B for export. B starts at zero, so a new adapter leaves
+the base model's outputs unchanged. In the PEFT library's terms (torch Linear weights [out, in])
+lora_A.weight is A^T and lora_B.weight B^T.
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ from typing import Any, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from zo2_jax.models import quant
+from zo2_jax.models.layers import Block
 
 PyTree = Any
 
@@ -43,6 +48,71 @@ def check_rank_alpha(rank, alpha, prefix: str = "") -> None:
         raise ValueError(f"{prefix}alpha must be a finite number > 0, got {alpha!r}")
 
 
+class FrozenBaseModel:
+    """What a model of trained parameters beside a frozen base (`LoRAModel`, `PrefixModel`)
+    shares: a dataclass field `base` (the wrapped `Model`), every part's parameters a dict with
+    the base's under `frozen` ("base") and the trained ones under the class's `trained` key; the
+    outer part {"base": outer} (nothing trained there)."""
+
+    frozen = FROZEN
+    trained: str  # the key of the trained subtree of a block's parameters
+    base: Any
+
+    @property
+    def config(self):
+        return self.base.config
+
+    @property
+    def dtype(self):
+        return self.base.dtype
+
+    @property
+    def num_blocks(self) -> int:
+        return self.base.num_blocks
+
+    def with_dtype(self, dtype):
+        return dataclasses.replace(self, base=self.base.with_dtype(dtype))
+
+    def with_num_layers(self, n: int):
+        """The same trained parts over `n` blocks of the base's shape (for timing a few blocks)."""
+        return dataclasses.replace(self, base=self.base.with_num_layers(n))
+
+    def init_outer(self, key, dtype=jnp.float32) -> PyTree:
+        return {FROZEN: self.base.init_outer(key, dtype)}
+
+    def quantize_base(self, params: PyTree, qtype: str) -> PyTree:
+        """`params` (from `adapt`) with every block's base matrices kept in the GGUF block
+        format `qtype` (`quant.QArray`: Q8_0 or Q4_0 made on the device, the other
+        `quant.QUANTIZABLE` types on the host), dequantised on the device where a block runs.
+        Biases, norms and the outer part stay as they are; lazy blocks stay lazy."""
+        return quantize_base(params, qtype)
+
+    def decay_mask(self, params: PyTree) -> PyTree:
+        """Weight decay on the trained matrices; the base (never updated) False."""
+        return jax.tree_util.tree_map_with_path(
+            lambda path, x: bool(path and getattr(path[0], "key", None) == self.trained
+                                 and np.ndim(x) >= 2), params)
+
+    def head(self, outer, h, batch):
+        return self.base.head(outer[FROZEN], h, batch)
+
+
+def quantize_base(params: PyTree, qtype: str) -> PyTree:
+    """`params` ({'outer', 'blocks'}, each block a dict with the frozen base under "base") with
+    every block's base matrices kept in the GGUF block format `qtype` (see
+    `FrozenBaseModel.quantize_base`); the other entries of a block as they are, lazy blocks lazy."""
+    if qtype not in quant.QUANTIZABLE:
+        raise ValueError(f"qtype must be one of {list(quant.QUANTIZABLE)}, got {qtype!r}")
+    q = (jax.jit(quant.quantize_kernels, static_argnums=1) if qtype in
+         quant.DEVICE_QUANTIZABLE else quant.quantize_kernels)
+
+    def block(b):
+        if callable(b):
+            return lambda: block(b())
+        return {**b, FROZEN: q(b[FROZEN], qtype)}
+    return {"outer": params["outer"], "blocks": [block(b) for b in params["blocks"]]}
+
+
 def _get(tree, path: str):
     for k in path.split("."):
         tree = tree[k]
@@ -58,7 +128,7 @@ def _set(tree, path: str, value):
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class LoRAModel:
+class LoRAModel(FrozenBaseModel):
     """A `Model` with LoRA adapters on the kernels named by `targets` (paths in a block's
     parameters such as "attn.q" or "mlp.fc1"; default: every attention projection and MLP
     matrix the architecture has).
@@ -75,6 +145,7 @@ class LoRAModel:
     alpha: float = 16.0
     targets: Optional[tuple] = None
     frozen = FROZEN
+    trained = ADAPTERS
 
     def __post_init__(self):
         check_rank_alpha(self.rank, self.alpha)
@@ -92,30 +163,16 @@ class LoRAModel:
                 raise ValueError(f"rank {self.rank} exceeds the smaller side of {t}'s kernel "
                                  f"{tuple(shape)}")
         object.__setattr__(self, "targets", targets)
+        lora = {"targets": targets, "rank": self.rank, "scale": self.scale}
+        cfg = self.base.config
+        object.__setattr__(self, "_block_def", nnx.graphdef(nnx.eval_shape(
+            lambda: Block(cfg, nnx.Rngs(0), lora=lora))))
 
-    # ---- what the engines and the trainer read --------------------------------------------------
-    @property
-    def config(self):
-        return self.base.config
-
-    @property
-    def dtype(self):
-        return self.base.dtype
-
-    @property
-    def num_blocks(self) -> int:
-        return self.base.num_blocks
-
+    # ---- what the engines and the trainer read (config, dtype, num_blocks, with_dtype,
+    # with_num_layers, init_outer, quantize_base, decay_mask, head: FrozenBaseModel) -----------
     @property
     def scale(self) -> float:
         return float(self.alpha) / self.rank
-
-    def with_dtype(self, dtype) -> "LoRAModel":
-        return dataclasses.replace(self, base=self.base.with_dtype(dtype))
-
-    def with_num_layers(self, n: int) -> "LoRAModel":
-        """The same adapters over `n` blocks of the base's shape (for timing a few blocks)."""
-        return dataclasses.replace(self, base=self.base.with_num_layers(n))
 
     def adapter_shapes(self) -> dict:
         """{target: {"A": (in, r), "B": (r, out)}} of one block."""
@@ -141,9 +198,6 @@ class LoRAModel:
         return {ADAPTERS: self.init_adapters(jax.random.fold_in(key, 1), dtype),
                 FROZEN: self.base.init_block(key, dtype)}
 
-    def init_outer(self, key, dtype=jnp.float32) -> PyTree:
-        return {FROZEN: self.base.init_outer(key, dtype)}
-
     def adapt(self, base_params: PyTree, key, dtype=jnp.float32) -> PyTree:
         """Trainable parameters for the engines from the base model's {'outer', 'blocks'}: each
         block {"lora": new adapters, "base": the block}, outer {"base": outer}. Blocks given as
@@ -154,22 +208,6 @@ class LoRAModel:
             return {ADAPTERS: self.init_adapters(jax.random.fold_in(key, i), dtype), FROZEN: b}
         return {"outer": {FROZEN: base_params["outer"]},
                 "blocks": [block(i, b) for i, b in enumerate(base_params["blocks"])]}
-
-    def quantize_base(self, params: PyTree, qtype: str) -> PyTree:
-        """`params` (from `adapt`) with every block's base matrices kept in the GGUF block
-        format `qtype` (`quant.QArray`: Q8_0 or Q4_0 made on the device, the other
-        `quant.QUANTIZABLE` types on the host), dequantised on the device where a block runs.
-        Biases, norms and the outer part stay as they are; lazy blocks stay lazy."""
-        if qtype not in quant.QUANTIZABLE:
-            raise ValueError(f"qtype must be one of {list(quant.QUANTIZABLE)}, got {qtype!r}")
-        q = (jax.jit(quant.quantize_kernels, static_argnums=1) if qtype in
-             quant.DEVICE_QUANTIZABLE else quant.quantize_kernels)
-
-        def block(b):
-            if callable(b):
-                return lambda: block(b())
-            return {**b, FROZEN: q(b[FROZEN], qtype)}
-        return {"outer": params["outer"], "blocks": [block(b) for b in params["blocks"]]}
 
     def merged_block(self, params: PyTree) -> PyTree:
         """The base block (quantised matrices dequantised) with each target kernel W replaced
@@ -188,12 +226,6 @@ class LoRAModel:
         return {"outer": params["outer"][FROZEN],
                 "blocks": [self.merged_block(b) for b in params["blocks"]]}
 
-    def decay_mask(self, params: PyTree) -> PyTree:
-        """Weight decay on the adapter matrices; the base (never updated) False."""
-        return jax.tree_util.tree_map_with_path(
-            lambda path, x: bool(path and getattr(path[0], "key", None) == ADAPTERS
-                                 and np.ndim(x) >= 2), params)
-
     # ---- the seam ------------------------------------------------------------------------------
     def context(self, batch) -> dict:
         return self.base.context(batch)
@@ -202,13 +234,21 @@ class LoRAModel:
         return self.base.embed(outer[FROZEN], batch, ctx)
 
     def block(self, block_params, h, ctx):
-        return self.base.block(self.merged_block(block_params), h, ctx)
-
-    def head(self, outer, h, batch):
-        return self.base.head(outer[FROZEN], h, batch)
+        """The LoRA forward x W + (alpha / r) (x A) B on every target (`layers.Linear`; the
+        merged weights are never made, quantised base matrices are dequantised one at a time
+        where they are used)."""
+        w = block_params[FROZEN]
+        for t, ab in block_params[ADAPTERS].items():
+            w = _set(w, t, {**_get(w, t), "lora_a": ab["A"], "lora_b": ab["B"]})
+        return self.base.block(w, h, ctx, module_def=self._block_def)
 
     def apply(self, params, batch):
-        return self.base.apply(self.merge(params), batch)
+        """Full forward pass through the seam: (per-example loss [B], logits [B, T, V])."""
+        ctx = self.context(batch)
+        h = self.embed(params["outer"], batch, ctx)
+        for bp in params["blocks"]:
+            h = self.block(bp, h, ctx)
+        return self.head(params["outer"], h, batch)
 
 
 def _has(shapes, path: str) -> bool:

@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from zo2_jax.models.config import DecoderConfig, rope_inv_freq
-from zo2_jax.models.layers import Block, Outer
+from zo2_jax.models.layers import Block, Outer, check_prefix
 
 PyTree = Any
 
@@ -105,14 +105,22 @@ class Model:
         return jax.tree.map(
             lambda x: x.astype(self.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
-    def context(self, batch) -> dict:
-        """Per-step tensors every block needs: positions, the attention mask, rope tables."""
+    def context(self, batch, offset: int = 0) -> dict:
+        """Per-step tensors every block needs: positions, the attention mask, rope tables.
+
+        The real tokens of each row are at positions offset, offset + 1, ... (`offset` tokens,
+        e.g. a prefix, come before them, as in a KV cache); padding is at -1. The mask [B, 1, T, T]
+        is causal over the real tokens; rope tables follow the positions."""
+        if not (isinstance(offset, (int, np.integer)) and not isinstance(offset, bool)
+                and offset >= 0):
+            raise ValueError(f"offset must be an integer >= 0, got {offset!r}")
         ids = batch["input_ids"]
         mask = batch.get("attention_mask")
         if mask is None:
             mask = jnp.ones_like(ids)
         mask = mask.astype(jnp.int32)
-        positions = jnp.cumsum(mask, axis=1) * mask - 1  # padding gets -1, as OPT does
+        # padding gets -1, as OPT does
+        positions = (jnp.cumsum(mask, axis=1) + int(offset)) * mask - 1
         T = ids.shape[1]
         causal = jnp.tril(jnp.ones((T, T), bool))
         att_mask = causal[None, None] & (mask[:, None, None, :] > 0)
@@ -129,9 +137,25 @@ class Model:
         module = nnx.merge(self._outer_def, nnx.State(self._cast(outer)))
         return module.embed_tokens(batch["input_ids"], ctx["positions"]).astype(self.dtype)
 
-    def block(self, block_params, h, ctx):
+    def block(self, block_params, h, ctx, prefix=None, module_def=None):
+        """One block's output; `prefix` (k_PxGK, v_PxGK), cast to the compute dtype: keys and
+        values its attention sees before the step's own, always visible (a KV cache holding P
+        tokens; the context's positions should then start at P: `context(batch, offset=P)`).
+        `module_def`: the graph definition the parameters are merged into, for a block with
+        parameters of its own in its modules (`LoRAModel`'s adapters); default the plain
+        block's."""
+        module = nnx.merge(module_def or self._block_def, nnx.State(self._cast(block_params)))
+        if prefix is not None:
+            cfg = self.config
+            prefix = self._cast(check_prefix(prefix, cfg.num_kv_heads, cfg.head_dim))
+        return module(h, ctx, self.attn_impl, prefix)
+
+    def keys_values(self, block_params, h, ctx):
+        """(k_BxTxGK, v_BxTxGK): what one block's KV cache holds for the tokens h (projected,
+        q/k-normed, rotated), heads flattened as in the projections' outputs."""
         module = nnx.merge(self._block_def, nnx.State(self._cast(block_params)))
-        return module(h, ctx, self.attn_impl)
+        k, v = module.keys_values(h, ctx)
+        return k.reshape(k.shape[:2] + (-1,)), v.reshape(v.shape[:2] + (-1,))
 
     def head(self, outer, h, batch):
         """Per-example mean NLL over `loss_mask`ed targets, and float32 logits [B, T, V]."""
