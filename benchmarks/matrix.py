@@ -70,8 +70,10 @@ ROW_KEYS = {  # key -> parser of its value
     "estimator": lambda v: _choice(v, ("mezo", "fzoo", "sparse", "hizoo")),
     "directions": lambda v: _choice(v, ("gaussian", "rademacher")),
     # LoRA adapters (rank lora_rank) on every attention and MLP matrix over a frozen base
-    "adapter": lambda v: _choice(v, ("none", "lora")),
+    # or (prefix) num_prefix virtual tokens' keys and values per layer (MeZO-prefix)
+    "adapter": lambda v: _choice(v, ("none", "lora", "prefix")),
     "lora_rank": int,
+    "num_prefix": int,
     # adapter=lora: the frozen base's block matrices in a GGUF block format (made on the device)
     "base": lambda v: _choice(v, ("storage", "Q8_0", "Q4_0")),
 }
@@ -337,18 +339,24 @@ def measure(row: dict, save, say) -> dict:
     row.update(layers=cfg.num_layers, vocab=cfg.vocab_size, params=cfg.num_params, attn=attn)
     init_dtype = jnp.float32 if row["storage"] == "float32" else jnp.bfloat16
     make_params = lambda: lazy_params(model, init_dtype)  # noqa: E731
-    if row.get("adapter", "none") == "lora":
+    if row.get("adapter", "none") in ("lora", "prefix"):
         from zo2_jax.models.lora import lora
+        from zo2_jax.models.prefix import PrefixModel
 
         base = model
-        model = lora(base, row.get("lora_rank", 8))
-        make_params = lambda: model.adapt(lazy_params(base, init_dtype),  # noqa: E731
-                                          jax.random.key(1), init_dtype)
+        if row["adapter"] == "lora":
+            model = lora(base, row.get("lora_rank", 8))
+            make_params = lambda: model.adapt(lazy_params(base, init_dtype),  # noqa: E731
+                                              jax.random.key(1), init_dtype)
+        else:  # random prefixes: the real-activation init would read every block once more
+            model = PrefixModel(base, row.get("num_prefix", 5))
+            make_params = lambda: model.adapt(lazy_params(base, init_dtype),  # noqa: E731
+                                              jax.random.key(1), init_dtype, init="random")
         if row.get("base", "storage") != "storage":
             adapted = make_params
             make_params = lambda: model.quantize_base(adapted(), row["base"])  # noqa: E731
     elif row.get("base", "storage") != "storage":
-        raise ValueError("base= quantises a frozen base: it needs adapter=lora")
+        raise ValueError("base= quantises a frozen base: it needs adapter=lora or prefix")
     batch = make_batch(cfg, row["batch"], row["seq"])
     common = dict(eps=1e-3, compute_dtype=compute,
                   storage=Storage(row["storage"], rounding=row["rounding"]),

@@ -124,14 +124,14 @@ def estimate(r) -> tuple:
 
 
 def adapter(r) -> str:
-    """A matrix row's adapter: "none" (every weight trained) or e.g. "lora r8"."""
+    """A matrix row's adapter: "none" (every weight trained) or e.g. "lora r8", "prefix 5"."""
     a = r.get("adapter", "none")
     if a == "none":
         return a
     base = r.get("base", "storage")
     asked = "".join(f", {k}={v}" for k, v in sorted((r.get("engine_asked") or {}).items()))
-    return (f"{a} r{r.get('lora_rank', 8)}" + ("" if base == "storage" else f", base {base}")
-            + asked)
+    size = f"r{r.get('lora_rank', 8)}" if a == "lora" else str(r.get("num_prefix", 5))
+    return f"{a} {size}" + ("" if base == "storage" else f", base {base}") + asked
 
 
 def key(r) -> tuple:
@@ -481,8 +481,8 @@ def adapter_table(rows) -> Table:
     adapters; on the same card, as every call is)."""
     mine = [r for r in rows if r.get("impl") == "zo2_jax" and r.get("kind", "speed") == "speed"]
     calls = {r["call"] for r in mine if adapter(r) != "none"}
-    t = Table("Adapters: LoRA over a frozen, read-only base",
-              "ZO2 with LoRA adapters over a frozen base (bf16, or kept in a GGUF block format "
+    t = Table("Adapters: LoRA and prefix tuning over a frozen, read-only base",
+              "ZO2 with LoRA adapters or a prefix over a frozen base (bf16, or kept in a GGUF block format "
               "and dequantised on the device), which is uploaded every step and never written "
               "back (P_up up, P_down down: the adapters and their optimiser state), against "
               "full-parameter ZO2 (the row of the same model and shape). T_bus = max(P_up / "

@@ -164,7 +164,7 @@ def test_adapter_table_against_full_parameter_zo2(tmp_path):
               written_bytes=99_000_000, **call)]
     proc = table(write(tmp_path / "r.jsonl", rows))
     assert proc.returncode == 0, proc.stderr
-    text = section(proc.stdout, "Adapters: LoRA over a frozen, read-only base")
+    text = section(proc.stdout, "Adapters: LoRA and prefix tuning over a frozen, read-only base")
     lines = [x for x in text.splitlines() if x.startswith("| opt_30b")]
     assert len(lines) == 2
     assert "| none | 1658.0 | 59.20 | 59.20 | 1219.5 | - | **1.36** | - |" in lines[0]

@@ -363,3 +363,34 @@ def test_export_refuses_lazy_blocks_and_other_models(tmp_path):
     with pytest.raises(ValueError, match="needs a PrefixModel, got Model"):
         save_peft_prefix(base, params, str(tmp_path / "b"))
     assert set(HF_CONFIGS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("base_format", ["storage", "Q8_0"])
+def test_trainer_trains_exports_and_resumes_a_prefix(tmp_path, base_format):
+    """`--adapter prefix` through the trainer: the export is the PEFT prefix alone, it changed
+    from the init, and a resumed run (a checkpoint of the prefixes alone) equals an
+    uninterrupted one."""
+    from safetensors.numpy import load_file
+
+    from _tiny import make_tiny_model
+    from zo2_jax.train import trainer as T
+    from zo2_jax.train.config import TrainConfig
+    folder = make_tiny_model(tmp_path / "base")
+    kw = dict(model=folder, adapter="prefix", num_prefix=3, engine="zo2", batch_size=4,
+              eval_examples=8, lr=1e-2, progress=False, base_format=base_format)
+    T.train(TrainConfig(steps=4, out_dir=str(tmp_path / "a"), export_dir=str(tmp_path / "m"),
+                        **kw))
+    T.train(TrainConfig(steps=2, out_dir=str(tmp_path / "b"), checkpoint_dir=str(tmp_path / "ck"),
+                        **kw))
+    T.train(TrainConfig(steps=4, out_dir=str(tmp_path / "b"), checkpoint_dir=str(tmp_path / "ck"),
+                        export_dir=str(tmp_path / "r"), **kw))
+    straight = load_file(str(tmp_path / "m" / "adapter_model.safetensors"))
+    resumed = load_file(str(tmp_path / "r" / "adapter_model.safetensors"))
+    assert list(straight) == ["prompt_embeddings"]
+    np.testing.assert_array_equal(straight["prompt_embeddings"], resumed["prompt_embeddings"])
+    config = json.loads((tmp_path / "m" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "PREFIX_TUNING" and config["num_virtual_tokens"] == 3
+    model, params, _ = T.load_model(TrainConfig(**{**kw, "model": folder}), lazy_blocks=False)
+    init = prompt_embeddings(model, params)
+    assert not np.array_equal(init, straight["prompt_embeddings"])  # trained

