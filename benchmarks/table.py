@@ -521,8 +521,8 @@ def adapter_table(rows) -> Table:
 
 
 def time_to_accuracy_table(rows) -> Table:
-    """Per task, the latest time_to_accuracy call of each question (estimators, or LoRA
-    adapters: a call with a lora method): one row per method."""
+    """Per task, the latest time_to_accuracy call of each question (estimators, or adapters: a
+    call with a lora or prefix method): one row per method."""
     mine = [r for r in rows if r.get("probe") == "time_to_accuracy" and r.get("kind") == "summary"]
     t = Table("Time to accuracy against MeZO-SGD: estimators and adapters",
               "benchmarks/time_to_accuracy.py: every method the same budget of forward passes; the "
@@ -540,7 +540,8 @@ def time_to_accuracy_table(rows) -> Table:
                 by_call.setdefault(r["call"], []).append(r)
         latest = {}  # question -> its latest call
         for call in sorted(by_call, key=lambda c: ORDER.get(c, 0)):
-            latest[any("lora" in r["method"] for r in by_call[call])] = call
+            latest[any(a in r["method"] for a in ("lora", "prefix")
+                       for r in by_call[call])] = call
         for call in sorted(latest.values(), key=lambda c: ORDER.get(c, 0)):
             for r in by_call[call]:
                 p, c = r.get("passes_to_target_mean"), r.get("mean_curve_passes_to_target")

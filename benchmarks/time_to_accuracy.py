@@ -14,8 +14,9 @@ Tasks (the model: the shipped SmolLM2-135M-Instruct GGUF unless `--model`):
 A method is `NAME:key=value:...` with NAME an estimator (mezo, fzoo, sparse, hizoo) and keys
 q (directions), lr, fraction (sparse), smooth (hizoo), eps, directions (gaussian / rademacher,
 default rademacher), decay (none / cosine: the lr decays to 0 over the run's steps), lora (the
-rank of LoRA adapters over a frozen base; 0, the default: every weight trained) and base
-(lora's base: storage, gguf (a GGUF model's own blocks), Q8_0, Q4_0). Several
+rank of LoRA adapters over a frozen base; 0, the default: every weight trained), prefix (the
+virtual tokens of a MeZO prefix over a frozen base, initialised from real activations; 0: none)
+and base (the adapters' base: storage, gguf (a GGUF model's own blocks), Q8_0, Q4_0). Several
 comma-separated lrs (`lr=1e-7,3e-7,1e-6`) are swept first: each
 runs the first seed on `--sweep-budget` forward passes, and the best final value picks the lr
 the seeds run with (sweep rows have kind "sweep"; the choice is a row of kind "sweep_choice").
@@ -65,7 +66,8 @@ def _base(text: str) -> str:
 
 
 METHOD_KEYS = {"q": int, "lr": _lrs, "fraction": float, "smooth": float, "eps": float,
-               "directions": str, "decay": _decay, "lora": int, "base": _base}
+               "directions": str, "decay": _decay, "lora": int, "prefix": int,
+               "base": _base}
 
 
 def parse_method(text: str) -> dict:
@@ -77,7 +79,8 @@ def parse_method(text: str) -> dict:
         raise argparse.ArgumentTypeError(f"method {text!r}: the estimator must be one of "
                                          f"{ESTIMATORS}")
     m = {"name": name, "q": 1, "lr": None, "fraction": 0.25, "smooth": 1e-8, "eps": 1e-3,
-         "directions": "rademacher", "decay": "none", "lora": 0, "base": "storage"}
+         "directions": "rademacher", "decay": "none", "lora": 0, "prefix": 0,
+         "base": "storage"}
     for item in rest:
         key, sep, value = item.partition("=")
         if not sep or key not in METHOD_KEYS:
@@ -89,9 +92,11 @@ def parse_method(text: str) -> dict:
             raise argparse.ArgumentTypeError(f"method {text!r}: bad value for {key}: {value!r}")
     if m["lr"] is None:
         raise argparse.ArgumentTypeError(f"method {text!r}: give its lr=...")
-    if m["lora"] < 0 or (m["base"] != "storage" and not m["lora"]):
-        raise argparse.ArgumentTypeError(f"method {text!r}: lora is the adapters' rank (0: "
-                                         f"every weight trained); base= needs lora=R")
+    if m["lora"] < 0 or m["prefix"] < 0 or (m["lora"] and m["prefix"]) or (
+            m["base"] != "storage" and not (m["lora"] or m["prefix"])):
+        raise argparse.ArgumentTypeError(f"method {text!r}: lora is the adapters' rank, prefix "
+                                         f"the prefix's tokens (0: every weight trained; one of "
+                                         f"them at most); base= needs lora=R or prefix=P")
     m["lrs"], m["lr"] = m["lr"], m["lr"][0]
     return m
 
@@ -100,8 +105,9 @@ def label(m: dict) -> str:
     extra = (f",f={m['fraction']:g}" if m["name"] == "sparse" else
              f",a={m['smooth']:g}" if m["name"] == "hizoo" else "")
     extra += ",cosine" if m.get("decay") == "cosine" else ""
-    if m.get("lora"):
-        extra += f",lora r{m['lora']}" + ("" if m["base"] == "storage" else f" {m['base']}")
+    if m.get("lora") or m.get("prefix"):
+        extra += (f",lora r{m['lora']}" if m.get("lora") else f",prefix {m['prefix']}") + (
+            "" if m["base"] == "storage" else f" {m['base']}")
     return f"{m['name']}(q={m['q']},lr={m['lr']:g}{extra})"
 
 
@@ -199,10 +205,11 @@ def run_method(a, model, load_params, m, tx, loader_of, eval_batches, task, seed
               estimator=Estimator(m["name"], m["fraction"], m["smooth"]),
               compute_dtype=a.compute_dtype)
     cls = MeZOEngine if a.engine == "mezo" else ZO2Engine
-    if m.get("lora"):  # LoRA adapters (new, seeded by the run's seed) over a frozen base
+    if m.get("lora") or m.get("prefix"):  # adapters (seeded by the run's seed), frozen base
         from zo2_jax.models.lora import lora
+        from zo2_jax.models.prefix import PrefixModel
 
-        model = lora(model, m["lora"])
+        model = lora(model, m["lora"]) if m.get("lora") else PrefixModel(model, m["prefix"])
         params = model.adapt(load_params(m["base"] == "gguf"), jax.random.key(seed))
         if m["base"] in ("Q8_0", "Q4_0"):
             params = model.quantize_base(params, m["base"])
