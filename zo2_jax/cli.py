@@ -176,7 +176,11 @@ def _cmd_train(args) -> int:
                       "skipped_steps": res.skipped, "metrics": res.metrics_path,
                       "plot": res.plot_path, "model": res.export_path}))
     cfg = res.config
-    if res.export_path:
+    if res.export_path and cfg.adapter == "prefix":  # no weights hold a prefix: no model
+        print(f"\nThe trained prefix is in {res.export_path}: PEFT's PREFIX_TUNING adapter for "
+              f"the base model {cfg.model} (peft.PeftModel.from_pretrained loads it onto it); "
+              f"evaluate or generate with it through a checkpoint (--checkpoint-dir).")
+    elif res.export_path:
         print(f"\nThe fine-tuned model is in {res.export_path} (Hugging Face safetensors and "
               f"tokenizer). Try it:\n"
               f"  {_command('zo2-jax', 'generate', '--model', res.export_path, '--prompt', 'The movie was')}\n"

@@ -32,7 +32,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zo2_jax.models import quant
 from zo2_jax.models.lora import FROZEN, FrozenBaseModel
 
 PyTree = Any
@@ -107,8 +106,8 @@ class PrefixModel(FrozenBaseModel):
 
         The blocks are taken one at a time, in order (each needs the previous block's output),
         holding only the hidden states of the P tokens in between: a block given as a
-        zero-argument callable is called once here and not kept; QArray matrices are dequantised
-        and blocks in host memory copied to the device for the computation.
+        zero-argument callable is called once here and not kept; blocks in host memory are copied
+        to the device for the computation (QArray matrices dequantised where used, as in a step).
         """
         base = self.base
         batch = {"input_ids": self.init_tokens(key)[None]}
@@ -118,7 +117,6 @@ class PrefixModel(FrozenBaseModel):
 
         @jax.jit
         def step(block, h, ctx):
-            block = quant.dense(block)
             k, v = base.keys_values(block, h, ctx)
             return {"k": k[0].astype(dtype), "v": v[0].astype(dtype)}, base.block(block, h, ctx)
 
