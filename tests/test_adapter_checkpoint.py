@@ -59,7 +59,7 @@ SLOW = pytest.mark.slow
 
 
 @pytest.mark.parametrize("src,dst", [
-    ("zo2-packed", "zo2-packed"), ("zo2-unpacked-resident", "mezo"),
+    ("zo2-packed", "zo2-packed"), pytest.param("zo2-unpacked-resident", "mezo", marks=SLOW),
     pytest.param("zo2-packed", "zo2-unpacked-resident", marks=SLOW),
     pytest.param("mezo", "mezo", marks=SLOW)])
 def test_adapters_alone_are_saved_and_resume_exactly(tmp_path, src, dst):

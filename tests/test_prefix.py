@@ -45,8 +45,14 @@ def _padded(kind):
     return batch, mask
 
 
-@pytest.mark.parametrize("name", ["opt-pre-ln-proj", "llama-gqa-rope-scaling", "qwen3"])
-@pytest.mark.parametrize("padding", ["none", "right", "left"])
+# each architecture with one padding in the default run, the other paddings in the slow one
+_FAST = {("opt-pre-ln-proj", "right"), ("llama-gqa-rope-scaling", "left"), ("qwen3", "none")}
+
+
+@pytest.mark.parametrize("name,padding", [
+    pytest.param(n, p, marks=() if (n, p) in _FAST else pytest.mark.slow)
+    for n in ("opt-pre-ln-proj", "llama-gqa-rope-scaling", "qwen3")
+    for p in ("none", "right", "left")])
 def test_real_init_is_the_base_model_on_the_init_tokens_then_the_batch(name, padding):
     """Learned positions (OPT), rope with grouped-query heads (LLaMA), q/k norms (Qwen3): the
     prefix model's logits of the real tokens against the base model's on [P init tokens] + batch
@@ -137,7 +143,7 @@ def test_decay_mask_is_the_prefix_matrices_only():
     assert not any(jax.tree.leaves(model.decay_mask(ap["outer"])))
 
 
-@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("packed", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_zo2_matches_mezo_and_the_base_is_never_written(packed):
     """Bit for bit over 3 steps (bf16 storage, adam); afterwards the base is the encoded initial
     weights and the prefixes moved."""
