@@ -460,7 +460,7 @@ class Checkpointer:
             if f is not None:  # each block around the engine's own base, read as it is placed
                 state["outer"] = _rejoin(state["outer"], engine.state(blocks=False)["outer"], f)
                 read = lambda i: _rejoin_pair(reader.read(i, likes[i]),  # noqa: E731
-                                              engine.block_state(i)[0], f)
+                                              _own_base(engine, i, f), f)
             engine.restore(state, read_block=read)
         else:
             pairs = [reader.read(i, likes[i]) for i in range(engine.num_blocks)]
@@ -610,6 +610,12 @@ def _drop(tree: dict, f: str) -> dict:
 
 def _rejoin(tree: dict, whole: dict, f: str) -> dict:
     return {**tree, f: whole[f]}
+
+
+def _own_base(engine, i: int, f: str) -> dict:
+    """{f: block i's frozen base}, copied to memory of its own: `block_state` may return views
+    of the engine's buffers (the CPU backend), which placing block i frees."""
+    return {f: jax.tree.map(np.array, engine.block_state(i)[0][f])}
 
 
 def _rejoin_pair(pair: tuple, whole: dict, f: str) -> tuple:
