@@ -15,9 +15,8 @@ import pytest
 
 import zo2_jax.models as zm
 from test_exactness_archs import HF_CONFIGS, V, batches, make_model
-from test_lora import _qarrays, _steps_match
+from test_lora import _qarrays, _steps_match, estimate_and_directional_derivative
 from test_offload_exactness import assert_trees_identical
-from zo2_jax.core.noise import part_noise
 from zo2_jax.models.prefix import PrefixModel, prompt_embeddings, save_peft_prefix
 from zo2_jax.offload import Storage, ZO2Engine
 from zo2_jax.zo import MeZOEngine, mezo_sgd
@@ -180,17 +179,7 @@ def test_the_estimate_is_the_directional_derivative_over_the_prefix():
     over its {"prefix": ...}); the base gets no z."""
     base, params, model, ap = _adapted()
     batch = batches(1, seed=5)[0]
-    key = jax.random.key(9)
-    e = MeZOEngine(model, ap, mezo_sgd(0.0), eps=1e-3, num_directions=1)
-    g = float(e.step(batch, key)["projected_grad"])
-    zs = [part_noise(key, 0, i, {"prefix": b["prefix"]})["prefix"]
-          for i, b in enumerate(ap["blocks"])]
-
-    def loss(prefixes):
-        p = {"outer": ap["outer"], "blocks": [dict(b, prefix=q) for b, q in
-                                              zip(ap["blocks"], prefixes)]}
-        return jnp.mean(model.apply(p, batch)[0])
-    _, exact = jax.jvp(loss, ([b["prefix"] for b in ap["blocks"]],), (zs,))
+    g, exact = estimate_and_directional_derivative(model, ap, batch, "prefix")
     assert abs(float(exact)) > 1e-2
     # float32 losses near 4.1, differences of about 5e-5: g is known to about 1e-3
     np.testing.assert_allclose(g, float(exact), rtol=0.05, atol=1e-3)
